@@ -1,0 +1,25 @@
+# The two set-up commands of the README: `make serve` and `make test`. Each builds its own virtual environment.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: serve test venv services lint openapi
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[mongodb,test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+serve: $(BIN)/.installed
+	$(BIN)/stompgate serve
+
+# Installs what the tests need beyond Python (FerretDB, Chromium, the npm client), then runs the whole suite.
+test: $(BIN)/.installed
+	bash .ci/services.sh
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+openapi: $(BIN)/.installed
+	$(BIN)/stompgate openapi

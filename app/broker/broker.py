@@ -1,0 +1,262 @@
+"""The broker: sessions, subscriptions and delivery over one datasource. Transports and REST call into it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import time
+from collections import defaultdict
+from collections.abc import Coroutine, Mapping
+from typing import Any, Literal
+
+from app.broker.auth import AllowAll, Authorizer
+from app.broker.batching import Batcher
+from app.broker.config import BrokerConfig
+from app.broker.destinations import parse_destination
+from app.broker.messages import new_message
+from app.broker.metrics import BrokerMetrics
+from app.broker.session import Session
+from app.broker.subscriptions import TopicSubscription
+from app.datasources.interface import (
+    Datasource,
+    DatasourceUnavailable,
+    NewMessage,
+    Published,
+    Release,
+    StoredMessage,
+)
+
+__all__ = ["Broker"]
+
+log = logging.getLogger("stompgate.broker")
+
+
+class Broker:
+    def __init__(
+        self,
+        datasource: Datasource,
+        config: BrokerConfig | None = None,
+        *,
+        authorizer: Authorizer | None = None,
+        metrics: BrokerMetrics | None = None,
+    ) -> None:
+        self.datasource = datasource
+        self.config = config or BrokerConfig()
+        self.authorizer: Authorizer = authorizer or AllowAll()
+        self.metrics = metrics or BrokerMetrics()
+        # Unique per process start: message ids are "<gateway>-<n>", unique across gateways sharing a database.
+        self.gateway_id = secrets.token_hex(6)
+        self._message_counter = itertools.count(1)
+        self._session_counter = itertools.count(1)
+        self.sessions: dict[str, Session] = {}
+        self.topic_subscriptions: dict[str, set[TopicSubscription]] = defaultdict(set)
+        self.durable_in_use: set[str] = set()
+        self._queue_writer: Batcher[NewMessage] = Batcher(datasource.queues.put)
+        self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
+        self._acker: Batcher[str] = Batcher(datasource.queues.ack)
+        self._cursor_saves: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._background: list[asyncio.Task[None]] = []
+        self.accepting = True
+        self.started_at = time.time()
+
+    # ---- lifecycle ----
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._background = [
+            loop.create_task(self._follow_topics(), name="topic follower"),
+            loop.create_task(self._tick(), name="heart-beats and timeouts"),
+            loop.create_task(self._renew_leases(), name="lease renewal"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop accepting, tell every client with an ERROR, release what they held, finish writes in flight."""
+        self.accepting = False
+        for session in list(self.sessions.values()):
+            session.close_with_error("Server shutting down", "the gateway is stopping; reconnect to another")
+        for session in list(self.sessions.values()):
+            session.connection_lost()
+            await session.wait_ended()
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        await self._queue_writer.close()
+        await self._topic_writer.close()
+        await self._acker.close()
+        await self._flush_cursors()
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    # ---- sessions ----
+
+    def new_session_id(self) -> str:
+        return f"{self.gateway_id}-s{next(self._session_counter)}"
+
+    def open_session(self, transport: Any, *, peer: str, kind: str) -> Session | None:
+        """A new connection; None when the gateway is full or stopping (the transport then closes it)."""
+        if not self.accepting or len(self.sessions) >= self.config.max_connections:
+            self.metrics.error("connection limit" if self.accepting else "shutting down")
+            return None
+        session = Session(self, transport, peer=peer, kind=kind)
+        self.sessions[session.id] = session
+        self.metrics.connections.labels(kind).inc()
+        return session
+
+    def forget_session(self, session: Session) -> None:
+        if self.sessions.pop(session.id, None) is not None:
+            self.metrics.connections.labels(session.kind).dec()
+
+    # ---- publishing ----
+
+    def new_message_id(self) -> str:
+        return f"{self.gateway_id}-{next(self._message_counter)}"
+
+    @staticmethod
+    def now_ms() -> int:
+        return int(time.time() * 1000)
+
+    def build_message(self, destination: str, headers: Mapping[str, str], body: bytes) -> NewMessage:
+        return new_message(
+            message_id=self.new_message_id(), destination=destination, headers=headers, body=body, now_ms=self.now_ms()
+        )
+
+    def publish_nowait(self, messages: list[NewMessage], kind: Literal["queue", "topic"]) -> asyncio.Future[None]:
+        """Queue ``messages`` (all of one kind) for the next group write; the future completes once durable."""
+        writer = self._queue_writer if kind == "queue" else self._topic_writer
+        self.metrics.published(kind, len(messages))
+        return writer.submit(messages)
+
+    async def publish(self, destination: str, headers: Mapping[str, str], body: bytes) -> NewMessage:
+        """Publish one message (REST uses this); returns once it is durably stored."""
+        parsed = parse_destination(destination)
+        message = self.build_message(destination, headers, body)
+        await self.publish_nowait([message], parsed.kind)
+        return message
+
+    async def _publish_topics(self, messages: list[NewMessage]) -> None:
+        await self.datasource.topics.publish(messages)
+
+    # ---- acknowledgements ----
+
+    def ack_nowait(self, message_ids: list[str]) -> asyncio.Future[None]:
+        return self._acker.submit(message_ids)
+
+    def ack_in_background(self, message_ids: list[str]) -> None:
+        future = self._acker.submit(message_ids)
+        future.add_done_callback(_log_failure)
+
+    async def release(self, message_ids: list[str], how: Release) -> None:
+        if message_ids:
+            await self.datasource.queues.release(message_ids, how)
+            if how is Release.REQUEUE:
+                self.metrics.redelivered(len(message_ids))
+            else:
+                self.metrics.dead_lettered(len(message_ids))
+
+    def release_claim_result(self, claim: asyncio.Future[list[StoredMessage]]) -> None:
+        """Done-callback for a claim whose subscriber went away mid-flight: give its messages back."""
+        if claim.cancelled() or claim.exception() is not None:
+            return
+        ids = [m.message_id for m in claim.result()]
+        if ids:
+            self.spawn(self.release(ids, Release.REQUEUE))
+
+    def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(_log_failure)
+
+    def metrics_delivered(self, destination: str, count: int) -> None:
+        self.metrics.delivered(destination, count)
+
+    # ---- topics ----
+
+    def add_topic_subscription(self, sub: TopicSubscription) -> None:
+        self.topic_subscriptions[sub.destination_text].add(sub)
+
+    def remove_topic_subscription(self, sub: TopicSubscription) -> None:
+        subs = self.topic_subscriptions.get(sub.destination_text)
+        if subs is not None:
+            subs.discard(sub)
+            if not subs:
+                del self.topic_subscriptions[sub.destination_text]
+
+    async def _follow_topics(self) -> None:
+        """One follower per gateway: every topic message, from wherever it was published, fans out locally."""
+        after: int | None = None
+        while True:
+            try:
+                if after is None:
+                    after = await self.datasource.topics.last_position()
+                async for event in self.datasource.topics.follow(after=after):
+                    if not isinstance(event, Published):
+                        log.warning("topic follower: messages %d..%d were lost", event.expected, event.oldest - 1)
+                        continue
+                    after = event.position
+                    subs = self.topic_subscriptions.get(event.message.destination)
+                    if subs:
+                        touched = []
+                        for sub in list(subs):
+                            sub.offer(event)
+                            touched.append(sub.session)
+                        for session in touched:
+                            session.flush()
+                        self.metrics.delivered(event.message.destination, len(touched))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep fanning out after a database hiccup, from where we were
+                log.warning("topic follower restarting after: %r", exc)
+                await asyncio.sleep(0.5)
+
+    def save_cursor_soon(self, name: str, position: int) -> None:
+        first = not self._cursor_saves
+        self._cursor_saves[name] = position
+        if first:
+            asyncio.get_running_loop().call_later(0.05, lambda: self.spawn(self._flush_cursors()))
+
+    async def _flush_cursors(self) -> None:
+        saves, self._cursor_saves = self._cursor_saves, {}
+        for name, position in saves.items():
+            await self.datasource.topics.save_cursor(name, position)
+
+    # ---- timers ----
+
+    async def _tick(self) -> None:
+        """Heart-beats both ways and the login timeout, for every session, from one timer."""
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if session.finished:
+                    continue
+                plan = session.heartbeat
+                if plan is None:
+                    if now - session.opened_at > self.config.login_timeout:
+                        session.close_with_error(
+                            "Login timeout", f"no CONNECT within login_timeout={self.config.login_timeout}s"
+                        )
+                    continue
+                if plan.peer_dead(session.last_received, now):
+                    self.metrics.error("heart-beat timeout")
+                    session.close_with_error("Heart-beat timeout", "no frame or heart-beat received in time")
+                elif plan.send_due(session.last_sent, now):
+                    session.send_heartbeat()
+
+    async def _renew_leases(self) -> None:
+        """Keep the leases of our in-flight messages alive, so only a dead gateway's messages come back."""
+        interval = max(self.config.lease_ms / 3000, 0.5)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.datasource.queues.renew(self.gateway_id, lease_ms=self.config.lease_ms, now_ms=self.now_ms())
+            except DatasourceUnavailable as exc:
+                log.warning("lease renewal failed: %s", exc)
+
+
+def _log_failure(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and (exc := future.exception()) is not None:
+        log.error("background operation failed: %r", exc)

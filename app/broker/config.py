@@ -1,0 +1,33 @@
+"""Broker settings: the delivery rules' numbers and the per-connection limits, in one frozen value."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from stomp_core import DEFAULT_LIMITS, Limits
+
+__all__ = ["BrokerConfig"]
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    limits: Limits = field(default_factory=lambda: DEFAULT_LIMITS)
+    # What we offer in CONNECTED: we can send a beat every sx ms, and want one from the client every sy ms.
+    heartbeat_send_ms: int = 10_000
+    heartbeat_receive_ms: int = 10_000
+    login_timeout: float = 10.0  # seconds a connection may stay without a CONNECT (RabbitMQ uses 10 s)
+    max_connections: int = 10_000  # STOMP connections over TCP and WebSocket together
+    max_subscriptions_per_connection: int = 256
+    max_transactions_per_connection: int = 16
+    max_frames_per_transaction: int = 10_000
+    default_prefetch: int = 100  # unacked messages per subscription when the client does not say
+    max_prefetch: int = 10_000  # a client cannot ask for more: "never unlimited"
+    max_deliveries: int = 5  # deliveries before a queue message moves to its .DLQ
+    lease_ms: int = 60_000  # how long another gateway waits before redelivering a crashed gateway's messages
+    poll_interval: float = 0.25  # seconds: the longest another gateway's new work waits before a consumer sees it
+    # Receipted work a single connection may have in flight before we stop reading from it (back-pressure).
+    max_inflight_per_session: int = 2_000
+    # Bytes queued for a slow client before it is disconnected with an ERROR naming the limit.
+    max_session_buffer: int = 16 * 1024 * 1024
+    claim_batch: int = 256  # most messages one claim round trip may take for one subscription
+    server_name: str = "stompgate/0.1.0"

@@ -1,0 +1,48 @@
+"""Prometheus counters the broker keeps, in a registry of its own (no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+__all__ = ["BrokerMetrics"]
+
+
+class BrokerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge("stompgate_connections", "Open STOMP connections", ["transport"], registry=r)
+        self.frames_in = Counter("stompgate_frames_received_total", "STOMP frames received", ["transport"], registry=r)
+        self.bytes_received = Counter("stompgate_bytes_received_total", "Bytes received", ["transport"], registry=r)
+        self.bytes_sent = Counter("stompgate_bytes_sent_total", "Bytes sent", ["transport"], registry=r)
+        self.messages_published = Counter(
+            "stompgate_messages_published_total", "Messages stored by SEND or REST", ["kind"], registry=r
+        )
+        self.messages_delivered = Counter(
+            "stompgate_messages_delivered_total", "MESSAGE frames sent", ["destination"], registry=r
+        )
+        self.redeliveries = Counter("stompgate_redeliveries_total", "Messages requeued for redelivery", registry=r)
+        self.dead_letters = Counter("stompgate_dead_letters_total", "Messages moved to a dead-letter queue", registry=r)
+        self.errors = Counter("stompgate_errors_total", "ERROR frames and failures by kind", ["kind"], registry=r)
+
+    def bytes_out(self, transport: str, count: int) -> None:
+        self.bytes_sent.labels(transport).inc(count)
+
+    def bytes_in(self, transport: str, count: int) -> None:
+        self.bytes_received.labels(transport).inc(count)
+
+    def published(self, kind: str, count: int) -> None:
+        self.messages_published.labels(kind).inc(count)
+
+    def delivered(self, destination: str, count: int) -> None:
+        if count:
+            self.messages_delivered.labels(destination).inc(count)
+
+    def redelivered(self, count: int) -> None:
+        self.redeliveries.inc(count)
+
+    def dead_lettered(self, count: int) -> None:
+        self.dead_letters.inc(count)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind).inc()

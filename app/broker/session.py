@@ -1,0 +1,504 @@
+"""One STOMP connection, whatever carries its bytes: frames in, broker calls out, frames back.
+
+The transport calls ``receive`` with bytes and ``connection_lost`` at the end; the session writes through the small
+``Transport`` protocol. ``receive`` never awaits: work that must reach the database returns a future, and the
+``Completions`` queue sends each RECEIPT (or ERROR) in frame order once the work it confirms is durable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from app.broker.auth import Principal
+from app.broker.destinations import InvalidDestination, parse_destination
+from app.broker.messages import HeaderError, delivery_headers
+from app.broker.selectors import SelectorError, compile_selector
+from app.broker.subscriptions import (
+    DurableTopicSubscription,
+    QueueSubscription,
+    Subscription,
+    TopicSubscription,
+)
+from app.datasources.interface import NewMessage, Release, StoredMessage
+from stomp_core import (
+    Abort,
+    Ack,
+    Begin,
+    Commit,
+    ConnectRequested,
+    Disconnect,
+    HeartbeatPlan,
+    Nack,
+    ProtocolViolation,
+    Send,
+    ServerConnection,
+    ServerEvent,
+    State,
+    Subscribe,
+    Unsubscribe,
+)
+
+if TYPE_CHECKING:
+    from app.broker.broker import Broker
+
+__all__ = ["Session", "Transport"]
+
+log = logging.getLogger("stompgate.session")
+
+
+class Transport(Protocol):
+    """What a session needs from TCP or WebSocket: buffered writes, close, and read flow control."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def write_backlog(self) -> int:
+        """Bytes written but not yet handed to the network."""
+
+    async def drained(self) -> None:
+        """Return once the write backlog is small again."""
+
+
+class SessionError(Exception):
+    """A broker-level rule was broken by the client: becomes an ERROR frame, then close."""
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.detail = detail
+
+
+@dataclass(slots=True)
+class Transaction:
+    sends: list[NewMessage] = field(default_factory=list)
+    settlements: list[tuple[Subscription, list[str], Release | None]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.sends) + len(self.settlements)
+
+
+class Completions:
+    """Runs completion callbacks in the order their frames arrived, each once its future (if any) is done."""
+
+    def __init__(self, on_drain: Callable[[], None]) -> None:
+        self._queue: deque[tuple[asyncio.Future[None] | None, Callable[[BaseException | None], None]]] = deque()
+        self._on_drain = on_drain
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def push(self, future: asyncio.Future[None] | None, done: Callable[[BaseException | None], None]) -> None:
+        if not self._queue and (future is None or future.done()):
+            done(_exception_of(future))
+            return
+        self._queue.append((future, done))
+        if future is not None:
+            future.add_done_callback(self._pump)
+
+    def _pump(self, _: object = None) -> None:
+        queue = self._queue
+        while queue and (queue[0][0] is None or queue[0][0].done()):  # type: ignore[union-attr]
+            future, done = queue.popleft()
+            done(_exception_of(future))
+        self._on_drain()
+
+    def cancel_all(self) -> None:
+        self._queue.clear()
+
+
+def _exception_of(future: asyncio.Future[None] | None) -> BaseException | None:
+    if future is None:
+        return None
+    if future.cancelled():
+        return asyncio.CancelledError()
+    return future.exception()
+
+
+class Session:
+    def __init__(self, broker: Broker, transport: Transport, *, peer: str, kind: str) -> None:
+        self.broker = broker
+        self.transport = transport
+        self.peer = peer
+        self.kind = kind  # "tcp" or "websocket"
+        self.id = broker.new_session_id()
+        self.conn = ServerConnection(limits=broker.config.limits, server=broker.config.server_name)
+        self.principal: Principal | None = None
+        self.client_id: str | None = None
+        self.subscriptions: dict[str, Subscription] = {}
+        self.transactions: dict[str, Transaction] = {}
+        self.heartbeat: HeartbeatPlan | None = None
+        now = time.monotonic()
+        self.opened_at = now
+        self.last_received = now
+        self.last_sent = now
+        self.frames_in = 0
+        self.messages_out = 0
+        self.finished = False
+        self._paused = False
+        self._completions = Completions(self._maybe_resume)
+        self._ending: asyncio.Task[None] | None = None
+
+    # ---- from the transport ----
+
+    def receive(self, data: bytes) -> None:
+        self.last_received = time.monotonic()
+        if self.finished:
+            return
+        events = self.conn.receive_data(data)
+        for event in events:
+            if self.conn.closed or self.finished:
+                break
+            self.frames_in += 1
+            try:
+                self._dispatch(event)
+            except SessionError as exc:
+                self._fail(exc.message, exc.detail, _receipt_of(event))
+        self.flush()
+        if len(self._completions) > self.broker.config.max_inflight_per_session and not self._paused:
+            self._paused = True
+            self.transport.pause_reading()
+
+    def connection_lost(self) -> None:
+        """The peer went away (or we closed): release what it held. Safe to call more than once."""
+        if self._ending is None:
+            self.finished = True
+            self._ending = asyncio.get_running_loop().create_task(self._end())
+
+    async def wait_ended(self) -> None:
+        if self._ending is not None:
+            await self._ending
+
+    # ---- to the transport ----
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.last_sent = time.monotonic()
+            self.transport.write(data)
+            self.broker.metrics.bytes_out(self.kind, len(data))
+        if self.conn.closed and not self.finished:
+            self.finished = True
+            self.transport.close()
+            self.connection_lost()
+
+    def write_backlog(self) -> int:
+        return self.transport.write_backlog()
+
+    async def drained(self) -> None:
+        await self.transport.drained()
+
+    def deliver(self, subscription: Subscription, message: StoredMessage) -> None:
+        headers = delivery_headers(message)
+        if isinstance(subscription, DurableTopicSubscription) and subscription.pending_gap is not None:
+            headers = {**headers, **dict(subscription.gap_headers())}
+        self.conn.send_message(
+            destination=message.destination,
+            subscription=subscription.id,
+            message_id=message.message_id,
+            ack=f"{message.message_id}@{subscription.id}" if subscription.needs_ack else None,
+            headers=headers,
+            body=message.body,
+        )
+        self.messages_out += 1
+        if self.transport.write_backlog() > self.broker.config.max_session_buffer:
+            self._fail(
+                "Slow consumer",
+                f"more than max_session_buffer={self.broker.config.max_session_buffer} bytes are waiting to be read",
+                None,
+            )
+
+    def send_heartbeat(self) -> None:
+        self.conn.send_heartbeat()
+        self.flush()
+
+    def close_with_error(self, message: str, detail: str = "") -> None:
+        """Used by the broker (shutdown, heart-beat timeout, login timeout)."""
+        self._fail(message, detail, None)
+
+    # ---- frames ----
+
+    def _dispatch(self, event: ServerEvent) -> None:
+        match event:
+            case Send():
+                self._on_send(event)
+            case Ack():
+                self._on_settle(event.ack_id, event.subscription, event.transaction, event.receipt, None)
+            case Nack():
+                how = Release.REQUEUE if event.requeue else Release.DEAD_LETTER
+                self._on_settle(event.ack_id, event.subscription, event.transaction, event.receipt, how)
+            case Subscribe():
+                self._on_subscribe(event)
+            case Unsubscribe():
+                self._on_unsubscribe(event)
+            case Begin():
+                self._on_begin(event)
+            case Commit():
+                self._on_commit(event)
+            case Abort():
+                if self.transactions.pop(event.transaction, None) is None:
+                    raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
+                self._receipt_after(None, event.receipt)
+            case ConnectRequested():
+                self._on_connect(event)
+            case Disconnect():
+                self._on_disconnect(event)
+            case ProtocolViolation():
+                self.broker.metrics.error("limit" if event.limit else "protocol")
+                log.info("session %s from %s: protocol violation: %s (%s)", self.id, self.peer, event.message, event.detail)
+
+    def _on_connect(self, event: ConnectRequested) -> None:
+        principal = self.broker.authorizer.authenticate(event.login, event.passcode)
+        if principal is None:
+            self.broker.metrics.error("auth")
+            log.warning("session %s from %s: login failed for user %r", self.id, self.peer, event.login)
+            raise SessionError("Access refused", "login or passcode not accepted")
+        self.principal = principal
+        self.client_id = event.headers.get("client-id") or (event.login or None)
+        self.heartbeat = self.conn.accept(
+            session=self.id,
+            heartbeat=(self.broker.config.heartbeat_send_ms, self.broker.config.heartbeat_receive_ms),
+        )
+
+    def _check_write(self, destination: str) -> None:
+        assert self.principal is not None
+        if not self.broker.authorizer.can_write(self.principal, destination):
+            raise SessionError("Access refused", f"user {self.principal.name!r} may not write to {destination}")
+
+    def _on_send(self, event: Send) -> None:
+        try:
+            destination = parse_destination(event.destination)
+        except InvalidDestination as exc:
+            raise SessionError("Invalid destination", str(exc)) from None
+        self._check_write(event.destination)
+        try:
+            message = self.broker.build_message(event.destination, event.headers, event.body)
+        except HeaderError as exc:
+            raise SessionError("Invalid header", str(exc)) from None
+        if event.transaction is not None:
+            tx = self._transaction(event.transaction)
+            tx.sends.append(message)
+            self._receipt_after(None, event.receipt)
+            return
+        future = self.broker.publish_nowait([message], destination.kind)
+        self._receipt_after(future, event.receipt)
+
+    def _transaction(self, name: str) -> Transaction:
+        tx = self.transactions.get(name)
+        if tx is None:
+            raise SessionError("Bad transaction", f"transaction {name!r} is not open")
+        if len(tx) >= self.broker.config.max_frames_per_transaction:
+            raise SessionError(
+                "Transaction too large",
+                f"limit max_frames_per_transaction={self.broker.config.max_frames_per_transaction}",
+            )
+        return tx
+
+    def _find_unacked(self, ack_id: str, subscription_id: str | None) -> tuple[Subscription, list[str]]:
+        message_id, _, sub_from_ack = ack_id.partition("@")
+        candidates: list[Subscription]
+        sub_id = sub_from_ack or subscription_id
+        if sub_id is not None:
+            sub = self.subscriptions.get(sub_id)
+            candidates = [sub] if sub is not None else []
+        else:  # STOMP 1.0: only the message id; search this connection's subscriptions
+            candidates = list(self.subscriptions.values())
+        for sub in candidates:
+            covered = sub.take_for_ack(message_id)
+            if covered is not None:
+                return sub, covered
+        raise SessionError("Invalid ack", f"no unacknowledged message {ack_id!r} on this connection")
+
+    def _on_settle(
+        self, ack_id: str, subscription_id: str | None, transaction: str | None, receipt: str | None, how: Release | None
+    ) -> None:
+        sub, message_ids = self._find_unacked(ack_id, subscription_id)
+        if transaction is not None:
+            self._transaction(transaction).settlements.append((sub, message_ids, how))
+            self._receipt_after(None, receipt)
+            return
+        self._receipt_after(self._settle(sub, message_ids, how), receipt)
+
+    def _settle(self, sub: Subscription, message_ids: list[str], how: Release | None) -> asyncio.Future[None] | None:
+        settled = sub.settle(message_ids)
+        if not isinstance(sub, QueueSubscription):
+            return None  # topic deliveries have nothing to delete; durable ones moved their cursor in settle()
+        ids = [d.message.message_id for d in settled]
+        if not ids:
+            return None
+        if how is None:
+            return self.broker.ack_nowait(ids)
+        return asyncio.ensure_future(self.broker.release(ids, how))
+
+    def _on_subscribe(self, event: Subscribe) -> None:
+        if event.id in self.subscriptions:
+            raise SessionError("Duplicated subscription identifier", f"subscription id {event.id!r} is already in use")
+        if len(self.subscriptions) >= self.broker.config.max_subscriptions_per_connection:
+            raise SessionError(
+                "Too many subscriptions",
+                f"limit max_subscriptions_per_connection={self.broker.config.max_subscriptions_per_connection}",
+            )
+        try:
+            destination = parse_destination(event.destination)
+        except InvalidDestination as exc:
+            raise SessionError("Invalid destination", str(exc)) from None
+        assert self.principal is not None
+        if not self.broker.authorizer.can_read(self.principal, event.destination):
+            raise SessionError("Access refused", f"user {self.principal.name!r} may not read {event.destination}")
+        prefetch = self._prefetch(event)
+        selector = None
+        if (text := event.headers.get("selector")) is not None:
+            try:
+                selector = compile_selector(text)
+            except SelectorError as exc:
+                raise SessionError("Invalid selector", str(exc)) from None
+        common = dict(id=event.id, destination=destination, ack=event.ack, prefetch=prefetch, selector=selector)
+        sub: Subscription
+        if destination.kind == "queue":
+            sub = QueueSubscription(self, **common)  # type: ignore[arg-type]
+        elif event.headers.get("durable", event.headers.get("persistent")) == "true":
+            owner = self.client_id or (self.principal.name if self.principal else "anonymous")
+            cursor = f"{owner}/{event.id}"
+            if cursor in self.broker.durable_in_use:
+                raise SessionError("Durable subscription in use", f"{cursor!r} is already consumed by another connection")
+            sub = DurableTopicSubscription(self, cursor_name=cursor, **common)
+            self.broker.durable_in_use.add(cursor)
+        else:
+            sub = TopicSubscription(self, **common)  # type: ignore[arg-type]
+            self.broker.add_topic_subscription(sub)  # type: ignore[arg-type]
+        self.subscriptions[event.id] = sub
+        sub.start()
+        self._receipt_after(None, event.receipt)
+
+    def _prefetch(self, event: Subscribe) -> int:
+        raw = event.headers.get("prefetch-count") or event.headers.get("activemq.prefetchSize")
+        config = self.broker.config
+        if raw is None:
+            return config.default_prefetch
+        try:
+            value = int(raw)
+        except ValueError:
+            raise SessionError("Invalid header", f"prefetch-count must be an integer, got {raw!r}") from None
+        if value <= 0:  # RabbitMQ reads 0 as "unlimited"; we never allow unlimited, so it means the maximum
+            return config.max_prefetch
+        return min(value, config.max_prefetch)
+
+    def _on_unsubscribe(self, event: Unsubscribe) -> None:
+        sub = self.subscriptions.pop(event.id, None)
+        if sub is None:
+            raise SessionError("Bad subscription", f"no subscription with id {event.id!r}")
+        future = asyncio.ensure_future(self._close_subscription(sub))
+        self._receipt_after(future, event.receipt)
+
+    async def _close_subscription(self, sub: Subscription) -> None:
+        if isinstance(sub, TopicSubscription):
+            self.broker.remove_topic_subscription(sub)
+        unacked = await sub.close()
+        if isinstance(sub, DurableTopicSubscription):
+            self.broker.durable_in_use.discard(sub.cursor_name)
+        if unacked:
+            await self.broker.release(unacked, Release.REQUEUE)
+
+    def _on_begin(self, event: Begin) -> None:
+        if event.transaction in self.transactions:
+            raise SessionError("Bad transaction", f"transaction {event.transaction!r} is already open")
+        if len(self.transactions) >= self.broker.config.max_transactions_per_connection:
+            raise SessionError(
+                "Too many transactions",
+                f"limit max_transactions_per_connection={self.broker.config.max_transactions_per_connection}",
+            )
+        self.transactions[event.transaction] = Transaction()
+        self._receipt_after(None, event.receipt)
+
+    def _on_commit(self, event: Commit) -> None:
+        tx = self.transactions.pop(event.transaction, None)
+        if tx is None:
+            raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
+        futures: list[asyncio.Future[None]] = []
+        queue_sends = [m for m in tx.sends if m.destination.startswith("/queue/")]
+        topic_sends = [m for m in tx.sends if not m.destination.startswith("/queue/")]
+        if queue_sends:
+            futures.append(self.broker.publish_nowait(queue_sends, "queue"))
+        if topic_sends:
+            futures.append(self.broker.publish_nowait(topic_sends, "topic"))
+        for sub, message_ids, how in tx.settlements:
+            if (future := self._settle(sub, message_ids, how)) is not None:
+                futures.append(future)
+        combined = asyncio.ensure_future(_all(futures)) if futures else None
+        self._receipt_after(combined, event.receipt)
+
+    def _on_disconnect(self, event: Disconnect) -> None:
+        def finish(_: BaseException | None) -> None:
+            if event.receipt is not None:
+                self.conn.send_receipt(event.receipt)
+            self.conn.close()
+            self.flush()
+
+        self.transactions.clear()  # DISCONNECT aborts open transactions
+        self._completions.push(None, finish)
+
+    # ---- completions ----
+
+    def _receipt_after(self, future: asyncio.Future[None] | None, receipt: str | None) -> None:
+        if future is None and receipt is None:
+            return
+
+        def done(exc: BaseException | None) -> None:
+            if self.finished:
+                return
+            if exc is not None:
+                log.error("session %s: operation failed: %s", self.id, exc)
+                self._fail("Not stored", f"the datasource did not confirm the operation: {exc}", receipt)
+                return
+            if receipt is not None:
+                self.conn.send_receipt(receipt)
+                self.flush()
+
+        self._completions.push(future, done)
+
+    def _maybe_resume(self) -> None:
+        if self._paused and len(self._completions) < self.broker.config.max_inflight_per_session // 2:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def _fail(self, message: str, detail: str, receipt: str | None) -> None:
+        if self.conn.closed:
+            return
+        self.broker.metrics.error(message)
+        log.info("session %s from %s: ERROR %s: %s", self.id, self.peer, message, detail)
+        self.conn.send_error(message, body=detail, receipt_id=receipt)
+        self.flush()
+
+    async def _end(self) -> None:
+        self._completions.cancel_all()
+        self.transactions.clear()
+        subs = list(self.subscriptions.values())
+        self.subscriptions.clear()
+        for sub in subs:
+            try:
+                await self._close_subscription(sub)
+            except Exception:
+                log.exception("session %s: releasing subscription %s failed", self.id, sub.id)
+        self.broker.forget_session(self)
+
+    @property
+    def connected(self) -> bool:
+        return self.conn.state is State.OPEN
+
+
+async def _all(futures: list[asyncio.Future[None]]) -> None:
+    await asyncio.gather(*futures)
+
+
+def _receipt_of(event: ServerEvent) -> str | None:
+    return getattr(event, "receipt", None)

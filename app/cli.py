@@ -1,0 +1,174 @@
+"""The ``stompgate`` command: ``serve``, ``bench`` and ``openapi``.
+
+Every setting of ``app.settings.Settings`` is a flag of ``serve`` (``--stomp-port``, ``--max-frame-bytes``, ...) with
+its description as help, so the CLI, the environment (``STOMPGATE_...``) and the config file never drift apart.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import inspect
+from typing import Optional
+
+import typer
+from pydantic import ValidationError
+
+from app.datasources.registry import BACKENDS
+from app.settings import Settings, load_settings
+
+__all__ = ["main", "cli"]
+
+cli = typer.Typer(help="stompgate: a STOMP gateway that keeps its messages in a database you already run.", no_args_is_help=True)
+
+
+@cli.callback()
+def _group() -> None:
+    """stompgate: a STOMP gateway that keeps its messages in a database you already run."""
+
+
+class StartupError(Exception):
+    """One clear sentence for the operator; printed without a traceback."""
+
+
+def _check_store(url: str) -> None:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in BACKENDS:
+        known = ", ".join(f"{s}://" for s in sorted(BACKENDS))
+        raise StartupError(f"the store URL {url!r} is not one stompgate knows; use one of {known}")
+    if scheme == "sqlite":
+        if not url.startswith("sqlite:///"):
+            raise StartupError(f"a SQLite store URL looks like sqlite:///relative/path.db or sqlite:////abs/path.db, not {url!r}")
+        path = Path(url[len("sqlite:///") :])
+        directory = path.parent if str(path.parent) else Path(".")
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StartupError(f"cannot create the data directory {directory}: {exc.strerror}") from None
+        if not os.access(directory, os.W_OK):
+            raise StartupError(f"the data directory {directory} is not writable by this user")
+
+
+def _check_port(host: str, port: int, what: str) -> None:
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise StartupError(f"the {what} port {host}:{port} is already in use; choose another with --{what}-port") from None
+            raise StartupError(f"cannot listen on {host}:{port} for {what}: {exc.strerror}") from None
+
+
+def serve_with(settings: Settings) -> None:
+    import logging
+
+    import uvicorn
+
+    from app.main import create_app
+
+    _check_store(settings.store)
+    _check_port(settings.host, settings.stomp_port, "stomp")
+    _check_port(settings.host, settings.http_port, "http")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+    )
+    config = uvicorn.Config(
+        create_app(settings),
+        host=settings.host,
+        port=settings.http_port,
+        lifespan="on",
+        log_level=settings.log_level,
+        ws="websockets-sansio" if _has_sansio_ws() else "auto",
+        timeout_graceful_shutdown=10,
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if not server.started:
+        raise StartupError("the gateway did not start; the log above says why")
+
+
+def _has_sansio_ws() -> bool:
+    try:
+        import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _serve(config: Path | None = None, **values: Any) -> None:
+    """Run the gateway: STOMP over TCP, STOMP over WebSocket and REST, on one broker and one datasource."""
+    try:
+        settings = load_settings(config, **values)
+        serve_with(settings)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        typer.echo(f"stompgate: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", err=True)
+        raise typer.Exit(2) from None
+    except StartupError as exc:
+        typer.echo(f"stompgate: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+def _serve_signature() -> inspect.Signature:
+    """One ``--flag`` per setting, generated from the Settings model so help, env and file never drift apart."""
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", help="TOML file whose 'stompgate' table holds settings.", dir_okay=False, exists=True),
+            annotation=Optional[Path],
+        )
+    ]
+    for name, field in Settings.model_fields.items():
+        kind = field.annotation if field.annotation in (int, float) else str
+        params.append(
+            inspect.Parameter(
+                name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(
+                    None,
+                    f"--{name.replace('_', '-')}",
+                    help=f"{field.description} (env STOMPGATE_{name.upper()}, default {field.default!r})",
+                    show_default=False,
+                ),
+                annotation=Optional[kind],
+            )
+        )
+    return inspect.Signature(params)
+
+
+_serve.__signature__ = _serve_signature()  # type: ignore[attr-defined]
+cli.command("serve")(_serve)
+
+
+@cli.command()
+def openapi(
+    output: Path = typer.Option(Path("openapi/openapi.json"), help="Where to write the OpenAPI document."),
+) -> None:
+    """Regenerate the committed OpenAPI document from the app."""
+    import json
+
+    from app.main import create_app
+
+    spec = create_app(Settings()).openapi()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
+    typer.echo(f"wrote {output}")
+
+
+def main() -> None:
+    cli(prog_name="stompgate")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""The datasource contract: two small interfaces every backend provides, and the values they exchange.
+
+A backend module imports only this module and its own driver. The broker imports only this module.
+
+Positions and times are plain integers: ``now_ms`` is milliseconds since the epoch, passed in by the broker so that
+tests can control time and so that every gateway sharing a database uses the same arithmetic.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+__all__ = [
+    "NewMessage",
+    "StoredMessage",
+    "QueueStats",
+    "Release",
+    "Published",
+    "Gap",
+    "TailEvent",
+    "HeaderFilter",
+    "PollQueue",
+    "TailQueue",
+    "Datasource",
+    "DatasourceOptions",
+    "WrappedCollection",
+    "DatasourceUnavailable",
+    "DatasourceError",
+]
+
+# A selector compiled by the broker: a predicate over a message's headers. Backends that can evaluate a query in the
+# database (MongoDB) may also receive the original query document through ``Datasource.native_selector``.
+HeaderFilter = Callable[[Mapping[str, str]], bool]
+
+
+class DatasourceError(Exception):
+    """A backend failed in a way the caller should report (bad URL, bad configuration, corrupt data)."""
+
+
+class DatasourceUnavailable(DatasourceError):
+    """The database cannot be reached right now. The operation did not take effect (or is safe to retry)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """A message on its way in. ``message_id`` is assigned by the broker and unique across gateways."""
+
+    message_id: str
+    destination: str
+    headers: Mapping[str, str]  # application headers, already stripped of the STOMP control headers
+    body: bytes
+    priority: int = 4  # 0-9; higher is delivered first on queues
+    expires_at: int | None = None  # epoch ms; an expired message is never delivered
+    published_at: int = 0  # epoch ms
+
+
+@dataclass(frozen=True, slots=True)
+class StoredMessage:
+    """A message as a backend returns it from ``claim``, ``peek`` or ``follow``."""
+
+    message_id: str
+    destination: str
+    headers: Mapping[str, str]
+    body: bytes
+    priority: int = 4
+    expires_at: int | None = None
+    published_at: int = 0
+    seq: int = 0  # queue: FIFO order within a priority; topic: the position in the log
+    deliveries: int = 0  # times handed to a consumer, counting this claim; > 1 means redelivered
+    original_destination: str | None = None  # set when dead-lettered
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    ready: int  # waiting to be delivered (not expired, not leased)
+    unacked: int  # leased by a consumer, not yet acknowledged
+
+
+class Release(Enum):
+    REQUEUE = "requeue"  # back to ready, keeping its place (priority, seq) and its delivery count
+    DEAD_LETTER = "dead-letter"  # atomically move to ``<destination>.DLQ``, ready, deliveries reset
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    position: int
+    message: StoredMessage
+
+
+@dataclass(frozen=True, slots=True)
+class Gap:
+    """``follow`` could not reach back to ``after``: messages ``expected`` .. ``oldest - 1`` are gone."""
+
+    expected: int
+    oldest: int
+
+
+TailEvent = Published | Gap
+
+
+class PollQueue(abc.ABC):
+    """Queues: each message goes to exactly one consumer. Leases make a claimed message come back if its holder
+    disappears without releasing it."""
+
+    @abc.abstractmethod
+    async def put(self, messages: Sequence[NewMessage]) -> None:
+        """Store all of ``messages`` durably, in order. Returns only once they would survive a crash. A single
+        call is all or nothing where the database allows it (the docstring of each backend says)."""
+
+    @abc.abstractmethod
+    async def claim(
+        self,
+        destination: str,
+        *,
+        owner: str,
+        limit: int,
+        lease_ms: int,
+        now_ms: int,
+        selector: HeaderFilter | None = None,
+        native_selector: Mapping[str, object] | None = None,
+    ) -> list[StoredMessage]:
+        """Atomically take up to ``limit`` ready messages (highest priority first, then FIFO), leasing them to
+        ``owner`` until ``now_ms + lease_ms``. A message whose lease expired is ready again. Expired messages
+        (``expires_at <= now_ms``) are never returned. Each returned message has ``deliveries`` incremented.
+        No two concurrent claims, in this process or another gateway, ever return the same message."""
+
+    @abc.abstractmethod
+    async def ack(self, message_ids: Sequence[str]) -> None:
+        """Delete acknowledged messages. Unknown ids are ignored (already acked or dead-lettered)."""
+
+    @abc.abstractmethod
+    async def release(self, message_ids: Sequence[str], how: Release) -> None:
+        """Give leased messages back: requeue them, or move them to their dead-letter queue, atomically each."""
+
+    @abc.abstractmethod
+    async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
+        """Extend every lease held by ``owner`` (a live gateway keeps its in-flight messages)."""
+
+    @abc.abstractmethod
+    async def wait(self, destination: str, timeout: float) -> None:
+        """Return when new work may be ready on ``destination`` or after ``timeout`` seconds, without busy polling.
+        Local puts wake waiters at once; another gateway's puts are seen within ``timeout``."""
+
+    @abc.abstractmethod
+    async def stats(self, destination: str, *, now_ms: int) -> QueueStats: ...
+
+    @abc.abstractmethod
+    async def peek(
+        self, destination: str, *, limit: int, offset: int = 0, now_ms: int, selector: HeaderFilter | None = None
+    ) -> list[StoredMessage]:
+        """The backlog in delivery order, without claiming anything."""
+
+    @abc.abstractmethod
+    async def destinations(self) -> list[str]:
+        """Every queue destination that holds at least one message (ready or leased)."""
+
+    @abc.abstractmethod
+    async def purge(self, destination: str) -> int:
+        """Delete every message of ``destination``; return how many."""
+
+
+class TailQueue(abc.ABC):
+    """Topics: an append-only log with a bounded retained window; every follower sees every message in order."""
+
+    @abc.abstractmethod
+    async def publish(self, messages: Sequence[NewMessage]) -> list[int]:
+        """Append durably, in order; return the positions assigned (strictly increasing)."""
+
+    @abc.abstractmethod
+    def follow(self, *, after: int | None) -> AsyncIterator[TailEvent]:
+        """Yield every message with position > ``after`` in order, then wait for new ones, forever. ``after=None``
+        starts at the current end (live only). When the retained window no longer reaches ``after + 1``, yield one
+        ``Gap`` first. Survives reconnects to the database by resuming from the last position it yielded."""
+
+    @abc.abstractmethod
+    async def last_position(self) -> int:
+        """The position of the newest message, 0 when empty."""
+
+    @abc.abstractmethod
+    async def save_cursor(self, name: str, position: int) -> None:
+        """Remember a durable subscription's position (``name`` is unique per client and subscription)."""
+
+    @abc.abstractmethod
+    async def load_cursor(self, name: str) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class WrappedCollection:
+    """An existing MongoDB collection exposed as a queue destination: its documents matching ``filter`` are
+    delivered as JSON bodies and consumed with the usual ack rules."""
+
+    destination: str  # e.g. "/queue/jobs.video"
+    collection: str  # e.g. "jobs"
+    filter: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class DatasourceOptions:
+    """Settings every backend understands; a backend ignores what does not apply to it (its docstring says)."""
+
+    topic_retention: int = 100_000  # messages kept in the topic log (a capped collection's ``max`` on MongoDB)
+    topic_retention_bytes: int = 256 * 1024 * 1024  # bytes kept in the topic log (a capped collection's ``size``)
+    poll_interval: float = 0.25  # seconds: the longest another gateway's new work waits before it is seen
+    write_concern: str = "majority"  # MongoDB ``w``
+    server_selection_timeout_ms: int = 5_000  # MongoDB: how long an operation waits for a primary
+    failover_buffer: int = 10_000  # MongoDB: messages held in memory while no primary is reachable
+    sqlite_synchronous: str = "FULL"  # SQLite ``PRAGMA synchronous``: FULL survives power loss, NORMAL a crash
+    wrapped: tuple[WrappedCollection, ...] = ()
+    namespace: str = "stompgate"  # collection / table name prefix
+
+
+class Datasource(abc.ABC):
+    """What the registry opens: the two strategies plus lifecycle and health."""
+
+    url: str
+    queues: PollQueue
+    topics: TailQueue
+    native_selectors: bool = False  # True when claim() can evaluate a MongoDB-style query document itself
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise ``DatasourceUnavailable`` when the database cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...

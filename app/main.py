@@ -1,0 +1,104 @@
+"""The ASGI application: FastAPI's lifespan opens the datasource, builds the broker and starts the TCP listener."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, TypedDict
+
+from fastapi import FastAPI
+
+from app.broker.broker import Broker
+from app.broker.config import BrokerConfig
+from app.datasources.interface import Datasource, DatasourceOptions
+from app.datasources.registry import open_datasource
+from app.settings import Settings
+from app.transports.tcp import start_tcp_listener
+from stomp_core import Limits
+
+__all__ = ["create_app", "AppState", "broker_config", "datasource_options"]
+
+log = logging.getLogger("stompgate")
+
+
+class AppState(TypedDict):
+    settings: Settings
+    broker: Broker
+    datasource: Datasource
+    stomp_port: int
+
+
+def broker_config(settings: Settings) -> BrokerConfig:
+    return BrokerConfig(
+        limits=Limits(
+            max_frame_bytes=settings.max_frame_bytes,
+            max_frame_bytes_before_connect=min(settings.max_frame_bytes_before_connect, settings.max_frame_bytes),
+            max_headers=settings.max_headers,
+            max_header_line_bytes=settings.max_header_line_bytes,
+            max_body_bytes=settings.max_frame_bytes,
+        ),
+        heartbeat_send_ms=settings.heartbeat_ms,
+        heartbeat_receive_ms=settings.heartbeat_ms,
+        login_timeout=settings.login_timeout,
+        max_connections=settings.max_connections,
+        max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
+        max_transactions_per_connection=settings.max_transactions_per_connection,
+        max_frames_per_transaction=settings.max_frames_per_transaction,
+        default_prefetch=min(settings.default_prefetch, settings.max_prefetch),
+        max_prefetch=settings.max_prefetch,
+        max_deliveries=settings.max_deliveries,
+        lease_ms=settings.lease_ms,
+        poll_interval=settings.poll_interval,
+    )
+
+
+def datasource_options(settings: Settings) -> DatasourceOptions:
+    return DatasourceOptions(
+        topic_retention=settings.topic_retention,
+        poll_interval=settings.poll_interval,
+        write_concern=settings.write_concern,
+        server_selection_timeout_ms=settings.server_selection_timeout_ms,
+        failover_buffer=settings.failover_buffer,
+        sqlite_synchronous=settings.sqlite_synchronous,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        datasource = await open_datasource(settings.store, datasource_options(settings))
+        broker = Broker(datasource, broker_config(settings))
+        await broker.start()
+        server = await start_tcp_listener(broker, settings.host, settings.stomp_port)
+        port = server.sockets[0].getsockname()[1]
+        log.info("STOMP over TCP on %s:%d, store %s", settings.host, port, _redact(settings.store))
+        state: AppState = {"settings": settings, "broker": broker, "datasource": datasource, "stomp_port": port}
+        try:
+            yield dict(state)
+        finally:
+            server.close()
+            await broker.stop()
+            await asyncio.wait_for(server.wait_closed(), timeout=5)
+            await datasource.close()
+
+    app = FastAPI(title="stompgate", version="0.1.0", lifespan=lifespan)
+
+    @app.get("/health", tags=["operations"], summary="Liveness: the process is up")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
+
+
+def _redact(url: str) -> str:
+    """Hide a password in a datasource URL before it reaches a log line."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}"
+    return url

@@ -1,0 +1,56 @@
+"""Settings from flags, ``STOMPGATE_...`` environment variables or a TOML file, in that order of precedence."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from app.datasources.registry import DEFAULT_URL
+
+__all__ = ["Settings", "load_settings"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="STOMPGATE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="Address both listeners bind to (loopback unless told otherwise).")
+    stomp_port: int = Field(61613, ge=0, le=65535, description="STOMP over TCP port (0 picks a free one).")
+    http_port: int = Field(8000, ge=0, le=65535, description="HTTP port: WebSocket /stomp, REST, /health, /metrics.")
+    store: str = Field(DEFAULT_URL, description="Datasource URL: sqlite:///path, mongodb://..., memory://")
+    max_connections: int = Field(10_000, ge=1, description="Most STOMP connections at once (TCP + WebSocket).")
+    max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest frame a client may send.")
+    max_frame_bytes_before_connect: int = Field(64 * 1024, ge=256, description="Largest frame before CONNECTED.")
+    max_headers: int = Field(100, ge=1, description="Most headers in one frame.")
+    max_header_line_bytes: int = Field(8 * 1024, ge=64, description="Longest header line.")
+    max_subscriptions_per_connection: int = Field(256, ge=1, description="Subscriptions one connection may hold.")
+    max_transactions_per_connection: int = Field(16, ge=1, description="Open transactions per connection.")
+    max_frames_per_transaction: int = Field(10_000, ge=1, description="SEND/ACK/NACK frames in one transaction.")
+    login_timeout: float = Field(10.0, gt=0, description="Seconds a connection may wait before sending CONNECT.")
+    heartbeat_ms: int = Field(10_000, ge=0, description="Heart-beat period the server offers both ways (ms, 0 = off).")
+    default_prefetch: int = Field(100, ge=1, description="Unacked messages per subscription without prefetch-count.")
+    max_prefetch: int = Field(10_000, ge=1, description="Upper bound on prefetch-count.")
+    max_deliveries: int = Field(5, ge=1, description="Deliveries before a queue message moves to NAME.DLQ.")
+    lease_ms: int = Field(60_000, ge=1000, description="Lease on a delivered message; a dead gateway's come back after it.")
+    poll_interval: float = Field(0.25, gt=0, description="Seconds before work from another gateway is noticed.")
+    topic_retention: int = Field(100_000, ge=10, description="Topic messages retained for durable subscribers.")
+    write_concern: str = Field("majority", description="MongoDB write concern (w).")
+    server_selection_timeout_ms: int = Field(5_000, ge=100, description="MongoDB server selection timeout.")
+    failover_buffer: int = Field(10_000, ge=0, description="SENDs held in memory while MongoDB has no primary.")
+    sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$", description="SQLite PRAGMA synchronous.")
+    log_level: str = Field("info", description="debug, info, warning or error.")
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Flags (``overrides`` that are not None) beat the environment, which beats the file."""
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        with config_file.open("rb") as fh:
+            file_values = tomllib.load(fh).get("stompgate", {})
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    env_settings = Settings(**explicit)  # flags + environment + defaults
+    merged = {**file_values, **{k: v for k, v in env_settings.model_dump().items() if k in env_settings.model_fields_set}}
+    return Settings(**merged)

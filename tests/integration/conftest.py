@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.gateway_process import Gateway, run_gateway
+from tests.raw_stomp import RawClient
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """One real gateway process on the embedded SQLite store, shared by a module's tests."""
+    tmp: Path = tmp_path_factory.mktemp("gateway")
+    with run_gateway(tmp, extra=["--heartbeat-ms", "1000", "--lease-ms", "5000"]) as gw:
+        yield gw
+
+
+@pytest.fixture
+def raw(gateway: Gateway) -> Iterator[Callable[[], RawClient]]:
+    """Make raw socket clients to the module's gateway; all are closed after the test."""
+    clients: list[RawClient] = []
+
+    def make() -> RawClient:
+        client = RawClient(gateway.stomp_port)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

@@ -20,6 +20,7 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
+from app.bench.command import bench
 from app.datasources.registry import BACKENDS
 from app.settings import Settings, load_settings
 
@@ -164,6 +165,9 @@ def openapi(
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(spec, indent=2, sort_keys=True) + "\n")
     typer.echo(f"wrote {output}")
+
+
+cli.command("bench")(bench)
 
 
 def main() -> None:

@@ -1,0 +1,102 @@
+"""``stompgate serve`` refuses bad set-ups with one clear sentence and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from tests.gateway_process import free_port
+
+
+def serve(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve", *args],
+        capture_output=True, text=True, timeout=30, cwd=cwd, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def assert_clear_failure(result: subprocess.CompletedProcess[str], *phrases: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr + result.stdout
+    for phrase in phrases:
+        assert phrase in result.stderr
+
+
+def test_bad_store_url(tmp_path: Path) -> None:
+    result = serve("--store", "oracle://db", "--stomp-port", str(free_port()), "--http-port", str(free_port()), cwd=tmp_path)
+    assert_clear_failure(result, "oracle://db", "sqlite://")
+
+
+def test_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = serve("--stomp-port", str(port), "--http-port", str(free_port()), cwd=tmp_path)
+    assert_clear_failure(result, f"127.0.0.1:{port}", "already in use")
+
+
+def test_unusable_data_directory(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the data directory should be")
+    result = serve(
+        "--store", f"sqlite:///{blocker}/sub/db.sqlite", "--stomp-port", str(free_port()), "--http-port", str(free_port()),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_clear_failure(result, "data directory")
+
+
+def test_invalid_setting_value(tmp_path: Path) -> None:
+    result = serve("--stomp-port", "70000", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+
+
+def test_environment_variables_configure_the_gateway(tmp_path: Path) -> None:
+    """With no flags at all, STOMPGATE_... variables choose the ports and the store."""
+    stomp_port, http_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "STOMPGATE_STORE": f"sqlite:///{tmp_path}/from-env.db",
+        "STOMPGATE_STOMP_PORT": str(stomp_port),
+        "STOMPGATE_HTTP_PORT": str(http_port),
+    }
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", stomp_port), timeout=0.5):
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "the gateway did not listen on the port from the environment"
+                time.sleep(0.1)
+        assert httpx.get(f"http://127.0.0.1:{http_port}/health").status_code == 200
+        assert (tmp_path / "from-env.db").exists()
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def test_settings_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
+    from app.settings import load_settings
+
+    config = tmp_path / "stompgate.toml"
+    config.write_text('[stompgate]\nmax_deliveries = 7\nheartbeat_ms = 1234\nlogin_timeout = 3.0\n')
+    os.environ["STOMPGATE_HEARTBEAT_MS"] = "2222"
+    try:
+        settings = load_settings(config, login_timeout=9.0)
+    finally:
+        del os.environ["STOMPGATE_HEARTBEAT_MS"]
+    assert settings.max_deliveries == 7  # from the file
+    assert settings.heartbeat_ms == 2222  # the environment beats the file
+    assert settings.login_timeout == 9.0  # a flag beats both

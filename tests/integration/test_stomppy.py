@@ -248,3 +248,41 @@ def test_heartbeats_keep_a_live_client_connected(gateway: Gateway) -> None:
     client.send(dest, "still here")
     assert client.get().body == "still here"
     client.disconnect()
+
+
+@pytest.mark.parametrize(
+    "selector",
+    ["kind = 'order' AND amount > 10", '{"kind": "order", "amount": {"$gt": 10}}'],
+    ids=["sql", "query-document"],
+)
+def test_selector_filters_what_a_subscription_receives(gateway: Gateway, selector: str) -> None:
+    topic = unique("topic")
+    queue = unique("queue")
+    client = connect(gateway.stomp_port)
+    for sub_id, dest in (("t", topic), ("q", queue)):
+        rid = client.receipt()
+        client.conn.subscribe(dest, id=sub_id, headers={"selector": selector, "receipt": rid})
+        client.wait_receipt(rid)
+    producer = connect(gateway.stomp_port)
+    for dest in (topic, queue):
+        producer.send(dest, "small", kind="order", amount="5")
+        producer.send(dest, "other", kind="refund", amount="50")
+        producer.send(dest, "big", kind="order", amount="50")
+    got = [(m.headers["subscription"], m.body) for m in (client.get(), client.get())]
+    assert sorted(got) == [("q", "big"), ("t", "big")]
+    assert client.nothing()
+    client.disconnect()
+    producer.disconnect()
+
+
+def test_bad_selector_is_an_error(gateway: Gateway) -> None:
+    from tests.raw_stomp import RawClient
+
+    raw = RawClient(gateway.stomp_port)
+    try:
+        raw.connect()
+        raw.frame("SUBSCRIBE", {"id": "s", "destination": unique("queue"), "selector": "kind = = 'x'"})
+        err = raw.read()
+        assert err.command == "ERROR" and err.headers["message"] == "Invalid selector"
+    finally:
+        raw.close()

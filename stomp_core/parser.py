@@ -1,0 +1,275 @@
+"""Incremental frame parser: bytes in, :class:`Frame` values out, with every limit enforced.
+
+Rules (any split of the input gives the same frames):
+- Between frames any number of LF, CRLF and stray NUL bytes is noise (heart-beats); a CR not followed by LF is an
+  error. CRLF line endings are accepted in every version.
+- Header lines split on the FIRST colon, so values may hold raw colons. The first of repeated headers wins.
+- Header names and values are unescaped per ``version`` (never in CONNECT/CONNECTED). In 1.0 only, values are
+  trimmed of surrounding spaces and tabs, as RabbitMQ and ActiveMQ Classic do for old clients that write
+  ``destination: /queue/a``; 1.1 and 1.2 keep every byte.
+- ``content-length`` means exactly N bytes (NULs allowed), then a NUL; without it the body runs to the first NUL.
+- Headers must be UTF-8. Errors are :class:`ProtocolError` (``"Invalid frame"``, ``"Invalid header"``,
+  ``"Bad command"``) or :class:`LimitExceeded`, whose message names the limit. After an error the parser is dead.
+
+The parser scans whole frames with ``bytes.find``; when a chunk holds complete frames it slices them straight out of
+the received ``bytes`` without copying into the buffer.
+"""
+
+from __future__ import annotations
+
+from .errors import LimitExceeded, ProtocolError
+from .escaping import RAW_COMMANDS, unescape
+from .frame import CLIENT_COMMANDS, SERVER_COMMANDS, Frame
+from .limits import DEFAULT_LIMITS, Limits
+
+__all__ = ["FrameParser", "ALL_COMMANDS"]
+
+ALL_COMMANDS = CLIENT_COMMANDS | SERVER_COMMANDS
+
+_Pending = tuple[str, dict[str, str], int, int]  # command, headers, body offset from frame start, length or -1
+
+
+class FrameParser:
+    """Feed bytes with :meth:`append`, pull frames with :meth:`next_frame`; or do both with :meth:`feed`.
+
+    ``version`` may be changed between frames (the connection does so once CONNECT negotiated a version), and so
+    may the frame-size limit (:meth:`use_frame_limit`), so that frames pipelined behind a CONNECT are parsed right.
+    """
+
+    __slots__ = (
+        "limits",
+        "version",
+        "commands",
+        "_frame_limit",
+        "_frame_limit_name",
+        "_buf",
+        "_pos",
+        "_scan",
+        "_pending",
+        "_failed",
+    )
+
+    def __init__(
+        self,
+        limits: Limits = DEFAULT_LIMITS,
+        *,
+        version: str = "1.0",
+        commands: frozenset[str] = ALL_COMMANDS,
+        frame_limit: str = "max_frame_bytes",
+    ) -> None:
+        self.limits = limits
+        self.version = version
+        self.commands = commands
+        self._frame_limit_name = frame_limit
+        self._frame_limit: int = getattr(limits, frame_limit)
+        self._buf: bytes | bytearray = b""
+        self._pos = 0  # start of the unconsumed data (the current frame once noise is skipped)
+        self._scan = 0  # offset from _pos where the next search for a terminator resumes
+        self._pending: _Pending | None = None
+        self._failed: ProtocolError | None = None
+
+    def use_frame_limit(self, name: str) -> None:
+        """Switch the frame-size limit to another field of :class:`Limits` (``max_frame_bytes`` after login)."""
+        self._frame_limit = getattr(self.limits, name)
+        self._frame_limit_name = name
+
+    @property
+    def failed(self) -> ProtocolError | None:
+        """The error that stopped the parser, or None."""
+        return self._failed
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet returned as frames."""
+        return len(self._buf) - self._pos
+
+    def append(self, data: bytes) -> None:
+        if not data or self._failed is not None:
+            return
+        buf = self._buf
+        pos = self._pos
+        if pos >= len(buf):
+            self._buf = bytes(data)
+        elif isinstance(buf, bytes):
+            rest = bytearray(memoryview(buf)[pos:])
+            rest += data
+            self._buf = rest
+        else:
+            if pos:
+                del buf[:pos]
+            buf += data
+        self._pos = 0
+
+    def feed(self, data: bytes) -> list[Frame | ProtocolError]:
+        """Append ``data`` and return every complete frame; an error, if any, is the last item."""
+        self.append(data)
+        out: list[Frame | ProtocolError] = []
+        while True:
+            try:
+                frame = self.next_frame()
+            except ProtocolError as exc:
+                out.append(exc)
+                return out
+            if frame is None:
+                return out
+            out.append(frame)
+
+    def next_frame(self) -> Frame | None:
+        """The next complete frame, or None when more bytes are needed. Raises :class:`ProtocolError`."""
+        if self._failed is not None:
+            return None
+        try:
+            return self._next()
+        except ProtocolError as exc:
+            self._failed = exc
+            raise
+
+    # ---- internals ----
+
+    def _too_large(self, receipt: str | None) -> LimitExceeded:
+        name = self._frame_limit_name
+        return LimitExceeded(
+            f"Frame too large: limit {name}={self._frame_limit}",
+            f"A frame may hold at most {self._frame_limit} bytes",
+            receipt_id=receipt,
+        )
+
+    def _body_too_large(self, receipt: str | None) -> LimitExceeded:
+        limit = self.limits.max_body_bytes
+        return LimitExceeded(
+            f"Body too large: limit max_body_bytes={limit}",
+            f"A frame body may hold at most {limit} bytes",
+            receipt_id=receipt,
+        )
+
+    def _next(self) -> Frame | None:
+        buf = self._buf
+        pos = self._pos
+        end = len(buf)
+        pending = self._pending
+        if pending is None:
+            # noise between frames: LF, CRLF, NUL
+            while pos < end:
+                c = buf[pos]
+                if c == 10 or c == 0:
+                    pos += 1
+                elif c == 13:
+                    if pos + 1 == end:
+                        break
+                    if buf[pos + 1] != 10:
+                        raise ProtocolError("Invalid frame", "A CR must be followed by LF")
+                    pos += 2
+                else:
+                    break
+            self._pos = pos
+            if pos >= end or buf[pos] == 13:
+                return None
+            pending = self._parse_head(buf, pos, end)
+            if pending is None:
+                return None
+        command, headers, body_off, length = pending
+        body_start = pos + body_off
+        if length >= 0:
+            stop = body_start + length
+            if stop >= end:
+                self._pending = pending
+                return None
+            if buf[stop] != 0:
+                raise ProtocolError(
+                    "Invalid frame",
+                    f"content-length {length} is not followed by a NUL",
+                    receipt_id=headers.get("receipt"),
+                )
+        else:
+            stop = buf.find(b"\0", max(body_start, pos + self._scan))
+            if stop < 0:
+                if end - pos >= self._frame_limit:
+                    raise self._too_large(headers.get("receipt"))
+                if end - body_start > self.limits.max_body_bytes:
+                    raise self._body_too_large(headers.get("receipt"))
+                self._pending = pending
+                self._scan = end - pos
+                return None
+            if stop - body_start > self.limits.max_body_bytes:
+                raise self._body_too_large(headers.get("receipt"))
+            if stop - pos >= self._frame_limit:
+                raise self._too_large(headers.get("receipt"))
+        self._pos = stop + 1
+        self._pending = None
+        self._scan = 0
+        return Frame(command, headers, bytes(buf[body_start:stop]))
+
+    def _parse_head(self, buf: bytes | bytearray, pos: int, end: int) -> _Pending | None:
+        start = pos + self._scan
+        lf = buf.find(b"\n\n", start)
+        crlf = buf.find(b"\n\r\n", start, end if lf < 0 else lf + 1)
+        if crlf >= 0:
+            block_end, body_start = crlf, crlf + 3
+        elif lf >= 0:
+            block_end, body_start = lf, lf + 2
+        else:
+            if end - pos >= self._frame_limit:
+                raise self._too_large(None)
+            self._scan = max(0, end - pos - 2)
+            return None
+        self._scan = 0
+        limits = self.limits
+        try:
+            text = buf[pos:block_end].decode()
+        except UnicodeDecodeError:
+            raise ProtocolError("Invalid header", "Headers must be UTF-8") from None
+        lines = text.split("\n")
+        if "\r" in text:
+            for i, line in enumerate(lines):
+                if line.endswith("\r"):
+                    line = lines[i] = line[:-1]
+                if "\r" in line:
+                    raise ProtocolError("Invalid frame", "A CR must be followed by LF")
+        command = lines[0]
+        if command not in self.commands:
+            raise ProtocolError("Bad command", f"Could not interpret command {command[:64]!r}")
+        if len(lines) - 1 > limits.max_headers:
+            raise LimitExceeded(
+                f"Too many headers: limit max_headers={limits.max_headers}",
+                f"A frame may hold at most {limits.max_headers} header lines",
+            )
+        max_line = limits.max_header_line_bytes
+        check_lines = block_end - pos > max_line
+        version = self.version
+        escaped = version != "1.0" and command not in RAW_COMMANDS
+        trim = version == "1.0" and command not in RAW_COMMANDS
+        headers: dict[str, str] = {}
+        for i in range(1, len(lines)):
+            line = lines[i]
+            if check_lines and len(line) * 4 > max_line and len(line.encode()) > max_line:
+                raise LimitExceeded(
+                    f"Header too long: limit max_header_line_bytes={max_line}",
+                    f"A header line may hold at most {max_line} bytes",
+                )
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ProtocolError("Invalid header", f"Header line without a colon: {line[:64]!r}")
+            if escaped:
+                if "\\" in line:
+                    name = unescape(name, version)
+                    value = unescape(value, version)
+            elif trim:
+                value = value.strip(" \t")
+            if not name:
+                raise ProtocolError("Invalid header", "Empty header name")
+            if name not in headers:
+                headers[name] = value
+        receipt = headers.get("receipt")
+        length = -1
+        cl = headers.get("content-length")
+        if cl is not None:
+            if not (cl.isascii() and cl.isdigit()):
+                raise ProtocolError(
+                    "Invalid header", f"content-length must be a non-negative integer, not {cl[:32]!r}", receipt_id=receipt
+                )
+            length = int(cl)
+            if length > limits.max_body_bytes:
+                raise self._body_too_large(receipt)
+            if body_start - pos + length >= self._frame_limit:
+                raise self._too_large(receipt)
+        return command, headers, body_start - pos, length

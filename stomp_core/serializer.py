@@ -1,0 +1,82 @@
+"""Frames to bytes: escaping per version (never for CONNECT/CONNECTED) and a ``content-length`` on every body.
+
+``content-length`` is computed here and replaces one the caller passed. It is always written on SEND, MESSAGE and
+ERROR (``content-length:0`` for an empty body) and on any other frame that has a body. Frames end with a bare NUL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+from .errors import UsageError
+from .escaping import RAW_COMMANDS, escape
+from .frame import Frame
+
+__all__ = ["serialize", "encode_frame", "encode_message"]
+
+_BODY_COMMANDS = frozenset({"SEND", "MESSAGE", "ERROR"})
+_MESSAGE_RESERVED = frozenset({"destination", "subscription", "message-id", "ack", "content-length"})
+
+
+def _raw(value: str) -> str:
+    if "\n" in value or "\r" in value:
+        raise UsageError(f"CONNECT/CONNECTED headers cannot carry line breaks: {value!r}")
+    return value
+
+
+def encode_frame(command: str, headers: Iterable[tuple[str, str]], body: bytes, version: str) -> bytes:
+    """Encode one frame from (name, value) pairs, in order; ``content-length`` pairs are dropped and recomputed."""
+    parts = [command]
+    if command in RAW_COMMANDS:
+        for name, value in headers:
+            if name != "content-length":
+                if ":" in name:
+                    raise UsageError(f"CONNECT/CONNECTED header names cannot hold ':': {name!r}")
+                parts.append(f"{_raw(name)}:{_raw(value)}")
+    elif version == "1.0":
+        for name, value in headers:
+            if name != "content-length":
+                if ":" in name:
+                    raise UsageError(f"STOMP 1.0 header names cannot hold ':': {name!r}")
+                parts.append(f"{escape(name, version)}:{escape(value, version)}")
+    else:
+        for name, value in headers:
+            if name != "content-length":
+                parts.append(f"{escape(name, version)}:{escape(value, version)}")
+    if body or command in _BODY_COMMANDS:
+        parts.append(f"content-length:{len(body)}")
+    parts.append("\n")
+    return "\n".join(parts).encode() + body + b"\0"
+
+
+def serialize(frame: Frame, version: str = "1.2") -> bytes:
+    """The wire form of ``frame`` for a connection speaking ``version``."""
+    return encode_frame(frame.command, frame.headers.items(), frame.body, version)
+
+
+def encode_message(
+    destination: str,
+    subscription: str,
+    message_id: str,
+    ack: str | None,
+    headers: Mapping[str, str],
+    body: bytes,
+    version: str,
+) -> bytes:
+    """The MESSAGE hot path. ``ack`` is written only when given and the version is 1.2; extra ``headers`` never
+    override the core ones."""
+    head = (
+        f"MESSAGE\ndestination:{escape(destination, version)}\nmessage-id:{escape(message_id, version)}\n"
+        f"subscription:{escape(subscription, version)}\n"
+    )
+    if ack is not None and version == "1.2":
+        head += f"ack:{escape(ack, version)}\n"
+    if headers:
+        extra = []
+        for name, value in headers.items():
+            if name not in _MESSAGE_RESERVED:
+                if version == "1.0" and ":" in name:
+                    raise UsageError(f"STOMP 1.0 header names cannot hold ':': {name!r}")
+                extra.append(f"{escape(name, version)}:{escape(value, version)}\n")
+        head += "".join(extra)
+    return f"{head}content-length:{len(body)}\n\n".encode() + body + b"\0"

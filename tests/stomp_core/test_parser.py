@@ -1,0 +1,230 @@
+import pytest
+
+from stomp_core.errors import LimitExceeded, ProtocolError
+from stomp_core.frame import CLIENT_COMMANDS, Frame
+from stomp_core.limits import Limits
+from stomp_core.parser import FrameParser
+
+SEND = b"SEND\ndestination:/queue/a\n\nhello\x00"
+
+
+def frames(data: bytes, *, version: str = "1.2", limits: Limits = Limits()) -> list[Frame | ProtocolError]:
+    """Parse whole and byte-at-a-time; both must agree (errors compared by message)."""
+    whole = FrameParser(limits, version=version).feed(data)
+    parser = FrameParser(limits, version=version)
+    split: list[Frame | ProtocolError] = []
+    for i in range(len(data)):
+        split.extend(parser.feed(data[i : i + 1]))
+    key = [x.message if isinstance(x, ProtocolError) else x for x in whole]
+    assert key == [x.message if isinstance(x, ProtocolError) else x for x in split]
+    return whole
+
+
+def error(data: bytes, **kwargs: object) -> ProtocolError:
+    result = frames(data, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(result[-1], ProtocolError), result
+    return result[-1]
+
+
+def test_simple_frame() -> None:
+    assert frames(SEND) == [Frame("SEND", {"destination": "/queue/a"}, b"hello")]
+
+
+def test_several_frames_in_one_chunk_with_heartbeats() -> None:
+    data = b"\n\r\n\x00" + SEND + b"\n" + SEND + b"\r\n\r\n\n" + SEND + b"\n"
+    assert len(frames(data)) == 3
+
+
+def test_crlf_lines_in_every_version() -> None:
+    data = b"SEND\r\ndestination:/q\r\nx:y\r\n\r\nbody\x00"
+    for version in ("1.0", "1.1", "1.2"):
+        assert frames(data, version=version) == [Frame("SEND", {"destination": "/q", "x": "y"}, b"body")]
+
+
+def test_mixed_line_endings() -> None:
+    data = b"SEND\r\ndestination:/q\n\r\n\x00SEND\ndestination:/r\r\n\n\x00"
+    assert [f.headers["destination"] for f in frames(data)] == ["/q", "/r"]  # type: ignore[union-attr]
+
+
+def test_frame_without_headers() -> None:
+    assert frames(b"DISCONNECT\n\n\x00") == [Frame("DISCONNECT", {}, b"")]
+
+
+def test_colon_in_value_and_first_header_wins() -> None:
+    data = b"SEND\ndestination:/q:a:b\nx:1\nx:2\n\n\x00"
+    assert frames(data, version="1.0")[0] == Frame("SEND", {"destination": "/q:a:b", "x": "1"}, b"")
+
+
+def test_content_length_body_may_hold_nuls() -> None:
+    data = b"SEND\ndestination:/q\ncontent-length:5\n\na\x00b\x00c\x00" + SEND
+    result = frames(data)
+    assert result[0] == Frame("SEND", {"destination": "/q", "content-length": "5"}, b"a\x00b\x00c")
+    assert len(result) == 2
+
+
+def test_content_length_zero() -> None:
+    assert frames(b"SEND\ncontent-length:0\n\n\x00")[0] == Frame("SEND", {"content-length": "0"}, b"")
+
+
+def test_content_length_not_followed_by_nul() -> None:
+    exc = error(b"SEND\ncontent-length:2\nreceipt:r9\n\nabc\x00")
+    assert exc.message == "Invalid frame"
+    assert exc.receipt_id == "r9"
+
+
+@pytest.mark.parametrize("value", [b"-1", b"abc", b"1.5", b" 3", b"", b"\xd9\xa1"])
+def test_bad_content_length(value: bytes) -> None:
+    exc = error(b"SEND\ncontent-length:" + value + b"\nreceipt:r\n\n\x00")
+    assert exc.message == "Invalid header"
+    assert exc.receipt_id == "r"
+
+
+def test_1_0_trims_values_but_not_connect() -> None:
+    data = b"SEND\ndestination: /q \t\n\n\x00CONNECT\nlogin: me \n\n\x00"
+    result = frames(data, version="1.0")
+    assert result[0].headers == {"destination": "/q"}  # type: ignore[union-attr]
+    assert result[1].headers == {"login": " me "}  # type: ignore[union-attr]
+    assert frames(b"SEND\ndestination: /q \n\n\x00", version="1.1")[0].headers == {"destination": " /q "}  # type: ignore[union-attr]
+
+
+def test_unescaping_per_version_and_never_in_connect() -> None:
+    data = b"SEND\nd\\cx:a\\nb\\\\\n\n\x00"
+    assert frames(data, version="1.0")[0].headers == {"d\\cx": "a\\nb\\\\"}  # type: ignore[union-attr]
+    assert frames(data, version="1.1")[0].headers == {"d:x": "a\nb\\"}  # type: ignore[union-attr]
+    assert frames(b"SEND\nx:\\r\n\n\x00", version="1.2")[0].headers == {"x": "\r"}  # type: ignore[union-attr]
+    assert error(b"SEND\nx:\\r\n\n\x00", version="1.1").message == "Invalid header"
+    assert error(b"SEND\nx:\\t\n\n\x00", version="1.2").message == "Invalid header"
+    connect = b"CONNECT\npasscode:a\\cb\\\n\n\x00"
+    assert frames(connect, version="1.2")[0].headers == {"passcode": "a\\cb\\"}  # type: ignore[union-attr]
+    connected = b"CONNECTED\nserver:x\\y\n\n\x00"
+    assert frames(connected, version="1.2")[0].headers == {"server": "x\\y"}  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"\rSEND\n\n\x00", "Invalid frame"),  # stray CR between frames
+        (b"SEND\rX\n\n\x00", "Invalid frame"),  # CR inside the command line
+        (b"SEND\nx:a\rb\n\n\x00", "Invalid frame"),
+        (b"FOO\n\n\x00", "Bad command"),
+        (b"send\n\n\x00", "Bad command"),
+        (b"SEND\nnocolon\n\n\x00", "Invalid header"),
+        (b"SEND\n:value\n\n\x00", "Invalid header"),
+        (b"SEND\nx:\xff\xfe\n\n\x00", "Invalid header"),
+    ],
+)
+def test_syntax_errors(data: bytes, message: str) -> None:
+    assert error(data).message == message
+
+
+def test_errors_follow_good_frames_and_kill_the_parser() -> None:
+    parser = FrameParser()
+    result = parser.feed(SEND + b"FOO\n\n\x00" + SEND)
+    assert result[0] == Frame("SEND", {"destination": "/queue/a"}, b"hello")
+    assert isinstance(result[1], ProtocolError) and len(result) == 2
+    assert parser.failed is result[1]
+    assert parser.feed(SEND) == []
+    assert parser.next_frame() is None
+
+
+def test_command_set_is_configurable() -> None:
+    parser = FrameParser(commands=CLIENT_COMMANDS)
+    result = parser.feed(b"MESSAGE\n\n\x00")
+    assert isinstance(result[0], ProtocolError) and result[0].message == "Bad command"
+
+
+def test_buffered_and_partial_frames() -> None:
+    parser = FrameParser()
+    assert parser.feed(SEND[:10]) == []
+    assert parser.buffered == 10
+    assert parser.feed(b"") == []
+    assert parser.feed(SEND[10:] + SEND[:3]) == [Frame("SEND", {"destination": "/queue/a"}, b"hello")]
+    assert parser.buffered == 3
+    assert parser.feed(SEND[3:-1]) == []
+    assert len(parser.feed(SEND[-1:] + SEND)) == 2
+    assert parser.buffered == 0
+
+
+def test_content_length_body_in_pieces() -> None:
+    body = bytes(range(256)) * 4
+    data = b"SEND\ncontent-length:1024\n\n" + body + b"\x00"
+    parser = FrameParser()
+    out: list[Frame | ProtocolError] = []
+    for i in range(0, len(data), 100):
+        out.extend(parser.feed(data[i : i + 100]))
+    assert out == [Frame("SEND", {"content-length": "1024"}, body)]
+
+
+# ---- limits ----
+
+
+def test_frame_limit_boundary_with_nul_terminated_body() -> None:
+    head = b"SEND\n\n"
+    limits = Limits(max_frame_bytes=20)
+    ok = head + b"x" * (20 - len(head) - 1) + b"\x00"
+    assert len(ok) == 20
+    assert frames(ok, limits=limits)[0] == Frame("SEND", {}, b"x" * 13)
+    exc = error(head + b"x" * 14 + b"\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded)
+    assert exc.message == "Frame too large: limit max_frame_bytes=20"
+
+
+def test_frame_limit_while_incomplete() -> None:
+    parser = FrameParser(Limits(max_frame_bytes=20))
+    result = parser.feed(b"SEND\nreceipt:r1\n\n" + b"x" * 10)
+    assert isinstance(result[0], LimitExceeded) and result[0].receipt_id == "r1"
+    parser = FrameParser(Limits(max_frame_bytes=20))
+    result = parser.feed(b"SEND\n" + b"x:y\n" * 10)
+    assert isinstance(result[0], LimitExceeded) and result[0].message.startswith("Frame too large")
+
+
+def test_frame_limit_by_content_length() -> None:
+    limits = Limits(max_frame_bytes=30)
+    head = b"SEND\ncontent-length:13\n\n"  # 25 bytes + 13 + NUL = 39
+    exc = error(head + b"x" * 13 + b"\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded)
+    ok = b"SEND\ncontent-length:6\n\n" + b"x" * 6 + b"\x00"
+    assert len(ok) == 30
+    assert frames(ok, limits=limits)[0].body == b"xxxxxx"  # type: ignore[union-attr]
+    exc = error(b"SEND\ncontent-length:7\n\n" + b"x" * 7 + b"\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded)
+
+
+def test_body_limit() -> None:
+    limits = Limits(max_body_bytes=5)
+    assert frames(b"SEND\n\n12345\x00", limits=limits)[0].body == b"12345"  # type: ignore[union-attr]
+    exc = error(b"SEND\n\n123456\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded) and exc.message == "Body too large: limit max_body_bytes=5"
+    exc = error(b"SEND\ncontent-length:6\n\n123456\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded) and exc.message == "Body too large: limit max_body_bytes=5"
+    result = FrameParser(limits).feed(b"SEND\n\n" + b"x" * 6)  # incomplete and already too large
+    assert isinstance(result[0], LimitExceeded) and result[0].message.startswith("Body too large")
+
+
+def test_header_count_limit() -> None:
+    limits = Limits(max_headers=3)
+    assert len(frames(b"SEND\na:1\nb:2\nc:3\n\n\x00", limits=limits)[0].headers) == 3  # type: ignore[union-attr]
+    exc = error(b"SEND\na:1\nb:2\nc:3\nd:4\n\n\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded) and exc.message == "Too many headers: limit max_headers=3"
+
+
+def test_header_line_limit() -> None:
+    limits = Limits(max_header_line_bytes=12)
+    assert frames(b"SEND\nabc:12345678\nd:e\n\n\x00", limits=limits)[0].headers["abc"] == "12345678"  # type: ignore[union-attr]
+    exc = error(b"SEND\nabc:123456789\n\n\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded) and exc.message == "Header too long: limit max_header_line_bytes=12"
+    # counted in bytes, not characters: 4 chars * 4 bytes = 16 > 12
+    exc = error("SEND\nx:\U0001f600\U0001f600\U0001f600\n\n\x00".encode(), limits=limits)
+    assert isinstance(exc, LimitExceeded)
+    # 5 characters may be up to 20 bytes, but these are 7: allowed
+    assert frames("SEND\nx:ééé\n\n\x00".encode(), limits=limits)[0].headers == {"x": "ééé"}  # type: ignore[union-attr]
+
+
+def test_switching_the_frame_limit() -> None:
+    limits = Limits(max_frame_bytes_before_connect=10)
+    parser = FrameParser(limits, frame_limit="max_frame_bytes_before_connect")
+    parser.use_frame_limit("max_frame_bytes")
+    assert parser.feed(SEND)[0] == Frame("SEND", {"destination": "/queue/a"}, b"hello")
+    parser = FrameParser(limits, frame_limit="max_frame_bytes_before_connect")
+    exc = parser.feed(SEND)[0]
+    assert isinstance(exc, LimitExceeded) and exc.message == "Frame too large: limit max_frame_bytes_before_connect=10"

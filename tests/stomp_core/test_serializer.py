@@ -1,0 +1,76 @@
+import pytest
+
+from stomp_core.errors import UsageError
+from stomp_core.frame import Frame
+from stomp_core.parser import FrameParser
+from stomp_core.serializer import encode_message, serialize
+
+
+def test_send_always_has_content_length() -> None:
+    assert serialize(Frame("SEND", {"destination": "/q"}, b"")) == b"SEND\ndestination:/q\ncontent-length:0\n\n\x00"
+    assert serialize(Frame("ERROR", {"message": "x"}, b"ab")) == b"ERROR\nmessage:x\ncontent-length:2\n\nab\x00"
+
+
+def test_other_frames_only_with_a_body() -> None:
+    assert serialize(Frame("RECEIPT", {"receipt-id": "1"})) == b"RECEIPT\nreceipt-id:1\n\n\x00"
+    assert serialize(Frame("BEGIN", {"transaction": "t"}, b"z")) == b"BEGIN\ntransaction:t\ncontent-length:1\n\nz\x00"
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+def test_callers_content_length_is_replaced(version: str) -> None:
+    frame = Frame("SEND", {"content-length": "99", "destination": "/q"}, b"abc")
+    assert serialize(frame, version) == b"SEND\ndestination:/q\ncontent-length:3\n\nabc\x00"
+
+
+@pytest.mark.parametrize(
+    ("version", "wire"),
+    [
+        ("1.0", b"SEND\nx:a:b\\c\ncontent-length:0\n\n\x00"),
+        ("1.1", b"SEND\nx:a\\cb\\\\c\ncontent-length:0\n\n\x00"),
+        ("1.2", b"SEND\nx:a\\cb\\\\c\ncontent-length:0\n\n\x00"),
+    ],
+)
+def test_escaping_per_version(version: str, wire: bytes) -> None:
+    assert serialize(Frame("SEND", {"x": "a:b\\c"}), version) == wire
+
+
+@pytest.mark.parametrize("command", ["CONNECT", "CONNECTED"])
+def test_connect_and_connected_are_never_escaped(command: str) -> None:
+    wire = serialize(Frame(command, {"passcode": "a:b\\c", "content-length": "5"}), "1.2")
+    assert wire == command.encode() + b"\npasscode:a:b\\c\n\n\x00"
+
+
+@pytest.mark.parametrize(
+    ("frame", "version"),
+    [
+        (Frame("CONNECT", {"login": "a\nb"}), "1.2"),
+        (Frame("CONNECT", {"a:b": "x"}), "1.2"),
+        (Frame("SEND", {"a:b": "x"}), "1.0"),
+        (Frame("SEND", {"x": "a\rb"}), "1.1"),
+    ],
+)
+def test_unrepresentable_headers(frame: Frame, version: str) -> None:
+    with pytest.raises(UsageError):
+        serialize(frame, version)
+
+
+def test_encode_message() -> None:
+    wire = encode_message("/queue/a", "s1", "m:1", "ack-1", {"content-type": "text/plain", "ack": "no"}, b"hi", "1.2")
+    assert wire == (
+        b"MESSAGE\ndestination:/queue/a\nmessage-id:m\\c1\nsubscription:s1\nack:ack-1\ncontent-type:text/plain\n"
+        b"content-length:2\n\nhi\x00"
+    )
+    parsed = FrameParser(version="1.2").feed(wire)[0]
+    assert isinstance(parsed, Frame) and parsed.headers["message-id"] == "m:1"
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_encode_message_without_ack_header_before_12(version: str) -> None:
+    wire = encode_message("/q", "s", "m", "ack-1", {}, b"", version)
+    assert wire == b"MESSAGE\ndestination:/q\nmessage-id:m\nsubscription:s\ncontent-length:0\n\n\x00"
+
+
+def test_encode_message_rejects_colon_names_in_10() -> None:
+    with pytest.raises(UsageError):
+        encode_message("/q", "s", "m", None, {"a:b": "1"}, b"", "1.0")
+    assert b"\na:b:1\n" in encode_message("/q", "s", "m", None, {"x": "1", "a": "b:1"}, b"", "1.0")

@@ -19,7 +19,7 @@ serve: $(BIN)/.installed
 # Installs what the tests need beyond Python (FerretDB, Chromium, the npm client), then runs the whole suite.
 test: $(BIN)/.installed
 	bash .ci/services.sh
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --cov=stomp_core --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=100
 
 openapi: $(BIN)/.installed
 	$(BIN)/stompgate openapi

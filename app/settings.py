@@ -42,6 +42,20 @@ class Settings(BaseSettings):
     failover_buffer: int = Field(10_000, ge=0, description="SENDs held in memory while MongoDB has no primary.")
     sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$", description="SQLite PRAGMA synchronous.")
     log_level: str = Field("info", description="debug, info, warning or error.")
+    users_file: str | None = Field(
+        None, description="TOML file of users (bcrypt-hashed passcodes and tokens, roles) and per-role permissions."
+    )
+    allow_anonymous: bool = Field(
+        False, description="Allow listening on a non-loopback address with no users configured (anyone may do anything)."
+    )
+    tls_certfile: str | None = Field(None, description="PEM certificate chain: the STOMP TCP listener speaks TLS.")
+    tls_keyfile: str | None = Field(None, description="PEM private key for tls_certfile (omit when the chain file holds it).")
+    login_failures_before_lockout: int = Field(
+        5, ge=1, description="Failed logins (per login name, or per peer for REST tokens) before a lockout."
+    )
+    login_lockout_seconds: float = Field(
+        2.0, gt=0, description="First lockout after too many failed logins; each further failure doubles it (max 15 min)."
+    )
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:

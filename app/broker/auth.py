@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["Principal", "Authorizer", "AllowAll", "ANONYMOUS"]
+__all__ = ["Principal", "Authorizer", "TokenAuthorizer", "AllowAll", "ANONYMOUS", "ADMIN_ROLE", "is_admin"]
+
+# The role that may do anything: read and write every destination, purge queues, list connections.
+ADMIN_ROLE = "admin"
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,7 +17,7 @@ class Principal:
     roles: frozenset[str] = frozenset()
 
 
-ANONYMOUS = Principal("anonymous", frozenset({"admin"}))
+ANONYMOUS = Principal("anonymous", frozenset({ADMIN_ROLE}))
 
 
 class Authorizer(Protocol):
@@ -26,11 +29,24 @@ class Authorizer(Protocol):
     def can_write(self, principal: Principal, destination: str) -> bool: ...
 
 
+class TokenAuthorizer(Authorizer, Protocol):
+    """An authorizer that also accepts REST bearer tokens; ``peer`` (the client address) keys failed-login throttling."""
+
+    def authenticate_token(self, token: str | None, peer: str) -> Principal | None: ...
+
+
+def is_admin(principal: Principal) -> bool:
+    return ADMIN_ROLE in principal.roles
+
+
 class AllowAll:
     """No users configured: everyone is anonymous and may do anything (only allowed on loopback by the CLI)."""
 
     def authenticate(self, login: str | None, passcode: str | None) -> Principal | None:
-        return ANONYMOUS if not login else Principal(login, frozenset({"admin"}))
+        return ANONYMOUS if not login else Principal(login, frozenset({ADMIN_ROLE}))
+
+    def authenticate_token(self, token: str | None, peer: str) -> Principal | None:
+        return ANONYMOUS
 
     def can_read(self, principal: Principal, destination: str) -> bool:
         return True

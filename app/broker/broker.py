@@ -199,13 +199,10 @@ class Broker:
                     after = event.position
                     subs = self.topic_subscriptions.get(event.message.destination)
                     if subs:
-                        touched = []
                         for sub in list(subs):
                             sub.offer(event)
-                            touched.append(sub.session)
-                        for session in touched:
-                            session.flush()
-                        self.metrics.delivered(event.message.destination, len(touched))
+                            sub.session.flush_soon()
+                        self.metrics.delivered(event.message.destination, len(subs))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep fanning out after a database hiccup, from where we were

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 __all__ = ["BrokerMetrics"]
@@ -25,18 +27,28 @@ class BrokerMetrics:
         self.dead_letters = Counter("stompgate_dead_letters_total", "Messages moved to a dead-letter queue", registry=r)
         self.errors = Counter("stompgate_errors_total", "ERROR frames and failures by kind", ["kind"], registry=r)
 
+        # Label children cached by value: ``labels()`` costs a lock and a dict build, and these run per message.
+        self._children: dict[tuple[int, str], Any] = {}
+
+    def _child(self, metric: Counter, value: str) -> Any:
+        key = (id(metric), value)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(value)
+        return child
+
     def bytes_out(self, transport: str, count: int) -> None:
-        self.bytes_sent.labels(transport).inc(count)
+        self._child(self.bytes_sent, transport).inc(count)
 
     def bytes_in(self, transport: str, count: int) -> None:
-        self.bytes_received.labels(transport).inc(count)
+        self._child(self.bytes_received, transport).inc(count)
 
     def published(self, kind: str, count: int) -> None:
-        self.messages_published.labels(kind).inc(count)
+        self._child(self.messages_published, kind).inc(count)
 
     def delivered(self, destination: str, count: int) -> None:
         if count:
-            self.messages_delivered.labels(destination).inc(count)
+            self._child(self.messages_delivered, destination).inc(count)
 
     def redelivered(self, count: int) -> None:
         self.redeliveries.inc(count)

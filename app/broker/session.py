@@ -148,6 +148,7 @@ class Session:
         self._paused = False
         self._completions = Completions(self._maybe_resume)
         self._ending: asyncio.Task[None] | None = None
+        self._flush_scheduled = False
 
     # ---- from the transport ----
 
@@ -191,6 +192,16 @@ class Session:
             self.finished = True
             self.transport.close()
             self.connection_lost()
+
+    def flush_soon(self) -> None:
+        """Flush once at the end of this event-loop turn: many deliveries become one socket write."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._scheduled_flush)
+
+    def _scheduled_flush(self) -> None:
+        self._flush_scheduled = False
+        self.flush()
 
     def write_backlog(self) -> int:
         return self.transport.write_backlog()

@@ -169,7 +169,7 @@ class QueueSubscription(Subscription):
             self._deliver(message)
             if not self.needs_ack:
                 auto.append(message.message_id)
-        self.session.flush()
+        self.session.flush_soon()
         broker.metrics_delivered(self.destination_text, len(messages) - len(dead))
         if dead:
             broker.spawn(broker.release(dead, Release.DEAD_LETTER))
@@ -249,7 +249,7 @@ class DurableTopicSubscription(Subscription):
                 return
             if event.message.destination == self.destination_text and self.matches(event.message):
                 self._deliver(event.message, event.position)
-                self.session.flush()
+                self.session.flush_soon()
             self.position = event.position
             if not self.needs_ack:
                 broker.save_cursor_soon(self.cursor_name, self.position)

@@ -53,7 +53,10 @@ class Broker:
         self.sessions: dict[str, Session] = {}
         self.topic_subscriptions: dict[str, set[TopicSubscription]] = defaultdict(set)
         self.durable_in_use: set[str] = set()
-        self._queue_writer: Batcher[NewMessage] = Batcher(datasource.queues.put)
+        # Bumped whenever queue work became ready through this gateway (a put or a requeue): a consumer whose claim
+        # came back empty re-claims at once instead of sleeping when it sees the number moved meanwhile.
+        self.queue_generation = 0
+        self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[str] = Batcher(datasource.queues.ack)
         self._cursor_saves: dict[str, int] = {}
@@ -136,6 +139,10 @@ class Broker:
         await self.publish_nowait([message], parsed.kind)
         return message
 
+    async def _put_queues(self, messages: list[NewMessage]) -> None:
+        await self.datasource.queues.put(messages)
+        self.queue_generation += 1
+
     async def _publish_topics(self, messages: list[NewMessage]) -> None:
         await self.datasource.topics.publish(messages)
 
@@ -151,6 +158,7 @@ class Broker:
     async def release(self, message_ids: list[str], how: Release) -> None:
         if message_ids:
             await self.datasource.queues.release(message_ids, how)
+            self.queue_generation += 1
             if how is Release.REQUEUE:
                 self.metrics.redelivered(len(message_ids))
             else:

@@ -122,6 +122,7 @@ class QueueSubscription(Subscription):
             if self.session.write_backlog() > config.max_session_buffer // 2:
                 await self.session.drained()
                 continue
+            generation = broker.queue_generation
             claim = asyncio.ensure_future(
                 queues.claim(
                     self.destination_text,
@@ -150,7 +151,8 @@ class QueueSubscription(Subscription):
                 self._claiming = None
             backoff = 0.05
             if not messages:
-                await queues.wait(self.destination_text, config.poll_interval)
+                if generation == broker.queue_generation:
+                    await queues.wait(self.destination_text, config.poll_interval)
                 continue
             if self.closed:
                 await broker.release([m.message_id for m in messages], Release.REQUEUE)

@@ -1,0 +1,382 @@
+"""In-process datasource for tests and demos: ``memory://`` (anything after the scheme is ignored).
+
+Supports: every PollQueue and TailQueue operation, leases with expiry, dead-lettering to ``<destination>.DLQ``,
+selectors (evaluated in Python), a bounded topic log with ``Gap`` reporting, durable cursors.
+
+Atomicity: every operation runs to completion on the event loop without awaiting, so each call is all or nothing and
+no two claims can return the same message. Nothing survives the process: ``put`` is "durable" only in memory.
+Options used: ``topic_retention`` (exact: the log never holds more). Everything else is ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+from collections import deque
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from app.datasources.interface import (
+    Datasource,
+    DatasourceError,
+    DatasourceOptions,
+    Gap,
+    HeaderFilter,
+    NewMessage,
+    PollQueue,
+    Published,
+    QueueStats,
+    Release,
+    StoredMessage,
+    TailEvent,
+    TailQueue,
+)
+
+__all__ = ["MemoryDatasource", "MemoryPollQueue", "MemoryTailQueue", "open_datasource"]
+
+
+@dataclass(slots=True)
+class _Record:
+    message_id: str
+    destination: str
+    headers: Mapping[str, str]
+    body: bytes
+    priority: int
+    expires_at: int | None
+    published_at: int
+    seq: int
+    deliveries: int = 0
+    original_destination: str | None = None
+    owner: str | None = None  # None means ready
+    lease_until: int = 0
+    version: int = 0  # bumped on every state change; stale heap entries carry an old version
+
+    def stored(self) -> StoredMessage:
+        return StoredMessage(
+            message_id=self.message_id,
+            destination=self.destination,
+            headers=self.headers,
+            body=self.body,
+            priority=self.priority,
+            expires_at=self.expires_at,
+            published_at=self.published_at,
+            seq=self.seq,
+            deliveries=self.deliveries,
+            original_destination=self.original_destination,
+        )
+
+    def available(self, now_ms: int) -> bool:
+        """Ready, or leased with the lease lapsed (without changing anything: inspection must not mutate)."""
+        return self.owner is None or self.lease_until <= now_ms
+
+    def expired(self, now_ms: int) -> bool:
+        return self.expires_at is not None and self.expires_at <= now_ms
+
+
+_ReadyEntry = tuple[int, int, int, str]  # (-priority, seq, version, message_id)
+_LeaseEntry = tuple[int, int, str]  # (lease_until, version, message_id)
+
+
+class _Signals:
+    """One asyncio.Event per key, replaced after it fires, so a waiter only sees notifications made after it began."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, key: str) -> asyncio.Event:
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = asyncio.Event()
+        return event
+
+    def notify(self, key: str) -> None:
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def notify_all(self) -> None:
+        for key in list(self._events):
+            self.notify(key)
+
+
+class MemoryPollQueue(PollQueue):
+    def __init__(self) -> None:
+        self._records: dict[str, _Record] = {}
+        self._ready: dict[str, list[_ReadyEntry]] = {}
+        self._leases: list[_LeaseEntry] = []
+        self._owners: dict[str, set[str]] = {}
+        self._seq = 0
+        self._signals = _Signals()
+
+    # -- internal helpers ---------------------------------------------------------------------------------------
+    def _make_ready(self, record: _Record) -> None:
+        if record.owner is not None:
+            owned = self._owners.get(record.owner)
+            if owned is not None:
+                owned.discard(record.message_id)
+                if not owned:
+                    del self._owners[record.owner]
+        record.owner = None
+        record.lease_until = 0
+        record.version += 1
+        heap = self._ready.setdefault(record.destination, [])
+        heapq.heappush(heap, (-record.priority, record.seq, record.version, record.message_id))
+
+    def _expire_leases(self, now_ms: int) -> None:
+        leases = self._leases
+        while leases and leases[0][0] <= now_ms:
+            _, version, message_id = heapq.heappop(leases)
+            record = self._records.get(message_id)
+            if record is not None and record.owner is not None and record.version == version:
+                self._make_ready(record)
+
+    def _live(self, entry: _ReadyEntry, destination: str) -> _Record | None:
+        record = self._records.get(entry[3])
+        if record is None or record.owner is not None or record.version != entry[2]:
+            return None
+        if record.destination != destination:
+            return None
+        return record
+
+    def _remove(self, record: _Record) -> None:
+        del self._records[record.message_id]
+        if record.owner is not None:
+            owned = self._owners.get(record.owner)
+            if owned is not None:
+                owned.discard(record.message_id)
+                if not owned:
+                    del self._owners[record.owner]
+
+    def _backlog(self, destination: str, now_ms: int) -> list[_Record]:
+        out = [
+            r
+            for r in self._records.values()
+            if r.destination == destination and r.available(now_ms) and not r.expired(now_ms)
+        ]
+        out.sort(key=lambda r: (-r.priority, r.seq))
+        return out
+
+    # -- PollQueue ----------------------------------------------------------------------------------------------
+    async def put(self, messages: Sequence[NewMessage]) -> None:
+        ids = [m.message_id for m in messages]
+        if len(set(ids)) != len(ids) or any(i in self._records for i in ids):
+            raise DatasourceError("put: a message with the same message_id is already stored")
+        for message in messages:
+            self._seq += 1
+            record = _Record(
+                message_id=message.message_id,
+                destination=message.destination,
+                headers=dict(message.headers),
+                body=message.body,
+                priority=message.priority,
+                expires_at=message.expires_at,
+                published_at=message.published_at,
+                seq=self._seq,
+            )
+            self._records[message.message_id] = record
+            heap = self._ready.setdefault(message.destination, [])
+            heapq.heappush(heap, (-record.priority, record.seq, record.version, record.message_id))
+        for destination in {m.destination for m in messages}:
+            self._signals.notify(destination)
+
+    async def claim(
+        self,
+        destination: str,
+        *,
+        owner: str,
+        limit: int,
+        lease_ms: int,
+        now_ms: int,
+        selector: HeaderFilter | None = None,
+        native_selector: Mapping[str, object] | None = None,
+    ) -> list[StoredMessage]:
+        self._expire_leases(now_ms)
+        heap = self._ready.get(destination)
+        if not heap or limit <= 0:
+            return []
+        taken: list[StoredMessage] = []
+        skipped: list[_ReadyEntry] = []
+        lease_until = now_ms + lease_ms
+        while heap and len(taken) < limit:
+            entry = heapq.heappop(heap)
+            record = self._live(entry, destination)
+            if record is None:
+                continue
+            if record.expired(now_ms):
+                self._remove(record)
+                continue
+            if selector is not None and not selector(record.headers):
+                skipped.append(entry)
+                continue
+            record.owner = owner
+            record.lease_until = lease_until
+            record.deliveries += 1
+            record.version += 1
+            self._owners.setdefault(owner, set()).add(record.message_id)
+            heapq.heappush(self._leases, (lease_until, record.version, record.message_id))
+            taken.append(record.stored())
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        if not heap:
+            del self._ready[destination]
+        return taken
+
+    async def ack(self, message_ids: Sequence[str]) -> None:
+        for message_id in message_ids:
+            record = self._records.get(message_id)
+            if record is not None:
+                self._remove(record)
+
+    async def release(self, message_ids: Sequence[str], how: Release) -> None:
+        woken: set[str] = set()
+        for message_id in message_ids:
+            record = self._records.get(message_id)
+            if record is None or record.owner is None:  # unknown, or not leased (already released)
+                continue
+            if how is Release.DEAD_LETTER:
+                if record.original_destination is None:
+                    record.original_destination = record.destination
+                record.destination = record.destination + ".DLQ"
+                record.deliveries = 0
+            self._make_ready(record)
+            woken.add(record.destination)
+        for destination in woken:
+            self._signals.notify(destination)
+
+    async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
+        lease_until = now_ms + lease_ms
+        for message_id in self._owners.get(owner, ()):
+            record = self._records[message_id]
+            record.lease_until = lease_until
+            record.version += 1
+            heapq.heappush(self._leases, (lease_until, record.version, message_id))
+
+    async def wait(self, destination: str, timeout: float) -> None:
+        event = self._signals.event(destination)
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    async def stats(self, destination: str, *, now_ms: int) -> QueueStats:
+        ready = unacked = 0
+        for record in self._records.values():
+            if record.destination != destination:
+                continue
+            if not record.available(now_ms):
+                unacked += 1
+            elif not record.expired(now_ms):
+                ready += 1
+        return QueueStats(ready=ready, unacked=unacked)
+
+    async def peek(
+        self, destination: str, *, limit: int, offset: int = 0, now_ms: int, selector: HeaderFilter | None = None
+    ) -> list[StoredMessage]:
+        backlog = self._backlog(destination, now_ms)
+        if selector is not None:
+            backlog = [r for r in backlog if selector(r.headers)]
+        return [r.stored() for r in backlog[offset : offset + limit]]
+
+    async def destinations(self) -> list[str]:
+        return sorted({r.destination for r in self._records.values()})
+
+    async def purge(self, destination: str) -> int:
+        doomed = [r for r in self._records.values() if r.destination == destination]
+        for record in doomed:
+            self._remove(record)
+        self._ready.pop(destination, None)
+        return len(doomed)
+
+    def close(self) -> None:
+        self._signals.notify_all()
+
+
+class MemoryTailQueue(TailQueue):
+    """The log is a deque of exactly ``topic_retention`` entries; positions start at 1 and are contiguous."""
+
+    def __init__(self, retention: int) -> None:
+        if retention < 1:
+            raise DatasourceError("topic_retention must be at least 1")
+        self._log: deque[Published] = deque(maxlen=retention)
+        self._last = 0
+        self._cursors: dict[str, int] = {}
+        self._signals = _Signals()
+        self._closed = False
+
+    async def publish(self, messages: Sequence[NewMessage]) -> list[int]:
+        positions: list[int] = []
+        for message in messages:
+            self._last += 1
+            stored = StoredMessage(
+                message_id=message.message_id,
+                destination=message.destination,
+                headers=dict(message.headers),
+                body=message.body,
+                priority=message.priority,
+                expires_at=message.expires_at,
+                published_at=message.published_at,
+                seq=self._last,
+            )
+            self._log.append(Published(position=self._last, message=stored))
+            positions.append(self._last)
+        if positions:
+            self._signals.notify("log")
+        return positions
+
+    def _oldest(self) -> int:
+        return self._log[0].position if self._log else self._last + 1
+
+    def follow(self, *, after: int | None) -> AsyncIterator[TailEvent]:
+        # "the current end" is the end when follow() is called, not when the iterator first runs
+        return self._follow(self._last if after is None else after)
+
+    async def _follow(self, position: int) -> AsyncIterator[TailEvent]:
+        while not self._closed:
+            if position < self._last:
+                oldest = self._oldest()
+                if oldest > position + 1:
+                    yield Gap(expected=position + 1, oldest=oldest)
+                    position = oldest - 1
+                    continue
+                entry = self._log[position + 1 - oldest]
+                position = entry.position
+                yield entry
+                continue
+            await self._signals.event("log").wait()
+
+    async def last_position(self) -> int:
+        return self._last
+
+    async def save_cursor(self, name: str, position: int) -> None:
+        self._cursors[name] = position
+
+    async def load_cursor(self, name: str) -> int | None:
+        return self._cursors.get(name)
+
+    async def trim(self) -> None:
+        """The memory log trims on every publish; nothing to do (kept so tests can call it on any backend)."""
+
+    def close(self) -> None:
+        self._closed = True
+        self._signals.notify_all()
+
+
+class MemoryDatasource(Datasource):
+    def __init__(self, url: str, options: DatasourceOptions) -> None:
+        self.url = url
+        self._queues = MemoryPollQueue()
+        self._topics = MemoryTailQueue(options.topic_retention)
+        self.queues = self._queues
+        self.topics = self._topics
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._queues.close()
+        self._topics.close()
+
+
+async def open_datasource(url: str, options: DatasourceOptions) -> Datasource:
+    return MemoryDatasource(url, options)

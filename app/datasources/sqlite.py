@@ -1,0 +1,859 @@
+"""Embedded datasource on SQLite (the default): ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``
+(SQLAlchemy's form: three slashes then the path; the default is ``sqlite:///./data/stompgate.db``). The parent
+directory is created when missing. One gateway process per database file.
+
+Supports: every PollQueue and TailQueue operation; leases with expiry; dead-lettering to ``<destination>.DLQ``;
+selectors evaluated in Python while scanning the backlog in delivery order; a topic log with ``Gap`` reporting;
+durable cursors. No native (MongoDB-style) selectors.
+
+How it writes: WAL mode and ONE writer thread that owns the write connection. Every write (put, claim, ack, release,
+renew, publish, cursor save) is queued; the writer takes everything pending, runs it in one transaction, commits
+once (group commit) and only then resolves each caller. So ``put`` returns after the COMMIT that contains it, and
+with ``PRAGMA synchronous`` FULL (``DatasourceOptions.sqlite_synchronous``) that commit is on disk; NORMAL survives
+a killed process but not a power cut. Inspection (stats, peek, destinations, cursors, topic catch-up) uses a second,
+read-only connection on its own thread and sees committed data only.
+
+Atomicity: each call is all or nothing (a failing call is retried alone in its own transaction, so it cannot spoil
+the batch it was grouped with); ``release`` with DEAD_LETTER is one UPDATE per message. A claim runs inside the
+single writer, so no two claims ever return the same message.
+
+Leases: a claim first requeues leases that expired before ``now_ms`` on its destination (the writer remembers the
+earliest lease it granted, so this costs nothing on the hot path). On open, every lease of a previous process is
+released (delivery counts kept): that process is gone.
+
+Topics: ``topic_log`` holds at least ``topic_retention`` messages; the writer trims it every
+``max(1, min(1000, topic_retention // 10))`` publishes, or when ``SqliteTailQueue.trim()`` is awaited.
+Followers read backlogs from the database in batches, then follow an in-memory tail of recently committed messages.
+Options used: ``topic_retention``, ``sqlite_synchronous``, ``namespace`` (table name prefix). Others are ignored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import sqlite3
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from app.datasources.interface import (
+    Datasource,
+    DatasourceError,
+    DatasourceOptions,
+    DatasourceUnavailable,
+    Gap,
+    HeaderFilter,
+    NewMessage,
+    PollQueue,
+    Published,
+    QueueStats,
+    Release,
+    StoredMessage,
+    TailEvent,
+    TailQueue,
+)
+
+__all__ = ["SqliteDatasource", "SqlitePollQueue", "SqliteTailQueue", "open_datasource", "database_path"]
+
+T = TypeVar("T")
+
+MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
+MAX_BATCH_OPS = 2_000  # operations grouped into one transaction at most (bounds one commit's latency)
+IN_CHUNK = 500  # ids per "IN (...)" statement, well under SQLITE_MAX_VARIABLE_NUMBER
+SCAN_BATCH = 256  # rows fetched at a time while scanning with a selector or catching up a follower
+TAIL_SIZE = 4_096  # recently committed topic messages kept in memory for followers
+EXPIRED_SWEEP_S = 1.0  # how often a destination's expired messages are deleted (wall clock, at claim time)
+_NO_LEASE = 1 << 62
+_SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA", "0", "1", "2", "3"}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_MSG_COLUMNS = (
+    "message_id, destination, headers, body, priority, expires_at, published_at, seq, deliveries, original_destination"
+)
+
+# a message a consumer could take now: ready, or leased with its lease lapsed; and not expired
+_READY_OR_LAPSED = "destination = ? AND (state = 0 OR lease_until <= ?) AND (expires_at IS NULL OR expires_at > ?)"
+
+_encode_headers = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_decode_headers = json.JSONDecoder().decode
+
+
+def _headers_text(headers: Mapping[str, str]) -> str:
+    return _encode_headers(headers) if headers else "{}"
+
+
+def _message(row: Sequence[Any]) -> StoredMessage:
+    return StoredMessage(
+        message_id=row[0],
+        destination=row[1],
+        headers=_decode_headers(row[2]),
+        body=row[3],
+        priority=row[4],
+        expires_at=row[5],
+        published_at=row[6],
+        seq=row[7],
+        deliveries=row[8],
+        original_destination=row[9],
+    )
+
+
+def database_path(url: str) -> str:
+    """The file path in a ``sqlite:///...`` URL (``sqlite:////abs`` is absolute, ``sqlite:///rel`` relative)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite":
+        raise DatasourceError(f"not a sqlite:// URL: {url!r}")
+    if parts.netloc:
+        raise DatasourceError(f"a sqlite URL has no host; write sqlite:///path/to/file.db, not {url!r}")
+    if parts.query or parts.fragment:
+        raise DatasourceError(f"a sqlite URL takes no query string; use DatasourceOptions instead ({url!r})")
+    path = unquote(parts.path)[1:]  # drop the slash that separates the (empty) host from the path
+    if not path or path == ":memory:":
+        raise DatasourceError(f"a sqlite URL needs a database file path, e.g. sqlite:///./data/stompgate.db ({url!r})")
+    return path
+
+
+def _chunks(items: Sequence[T], size: int = IN_CHUNK) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class _Op(Generic[T]):
+    """One queued write: ``run`` executes in the writer thread inside the batch transaction; ``after`` runs on the
+    event loop once the commit succeeded."""
+
+    __slots__ = ("run", "future", "after")
+
+    def __init__(
+        self, run: Callable[[sqlite3.Connection], T], future: asyncio.Future[T], after: Callable[[T], None] | None
+    ) -> None:
+        self.run = run
+        self.future = future
+        self.after = after
+
+
+class _Store:
+    """The two connections, the writer loop and the group commit. Shared by the queue and topic halves."""
+
+    def __init__(self, path: str, options: DatasourceOptions) -> None:
+        self.path = path
+        self.options = options
+        ns = options.namespace
+        if not _NAME.match(ns):
+            raise DatasourceError(f"namespace {ns!r} is not a valid SQLite table name prefix (letters, digits, _)")
+        synchronous = options.sqlite_synchronous.upper()
+        if synchronous not in _SYNCHRONOUS:
+            raise DatasourceError(f"sqlite_synchronous must be one of OFF, NORMAL, FULL, EXTRA, not {synchronous!r}")
+        self.synchronous = synchronous
+        self.messages = f"{ns}_messages"
+        self.topic_log = f"{ns}_topic_log"
+        self.cursors = f"{ns}_cursors"
+        self.commits = 0  # committed write transactions; tests use it to see group commit at work
+        self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._pending: deque[_Op[Any]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        # writer-thread state (only touched by the writer thread)
+        self.lease_floor: dict[str, int] = {}  # destination -> a lower bound of its earliest lease_until
+        self.swept_at: dict[str, float] = {}  # destination -> monotonic time of the last expired-message sweep
+        # owner -> destinations it claimed from since it last renewed nothing there; lets renew use the claim index
+        # (destination, state) instead of an owner index that every claim and ack would have to maintain
+        self.owner_destinations: dict[str, set[str]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            self._shutdown_pools()
+            raise DatasourceError(
+                f"cannot create the directory {directory!r} for the SQLite database: {exc.strerror or exc}"
+            ) from exc
+        loop = asyncio.get_running_loop()
+        try:
+            self._writer = await loop.run_in_executor(self._writer_pool, self._open_writer)
+            self._reader = await loop.run_in_executor(self._reader_pool, self._open_reader)
+        except Exception as exc:
+            await self._close_connections()
+            self._shutdown_pools()
+            if isinstance(exc, DatasourceError):
+                raise
+            raise DatasourceError(
+                f"cannot open the SQLite database {self.path!r} (is the directory {directory!r} writable?): {exc}"
+            ) from exc
+        self._task = loop.create_task(self._writer_loop(), name="sqlite-writer")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise DatasourceError(f"SQLite refused WAL mode for {self.path!r} (journal_mode is {mode})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            m, t, c = self.messages, self.topic_log, self.cursors
+            conn.executescript(
+                f"""
+                BEGIN IMMEDIATE;
+                CREATE TABLE IF NOT EXISTS {m} (
+                    seq INTEGER PRIMARY KEY,
+                    message_id TEXT NOT NULL UNIQUE,
+                    destination TEXT NOT NULL,
+                    state INTEGER NOT NULL DEFAULT 0,          -- 0 ready, 1 leased
+                    priority INTEGER NOT NULL,
+                    expires_at INTEGER,
+                    published_at INTEGER NOT NULL,
+                    deliveries INTEGER NOT NULL DEFAULT 0,
+                    owner TEXT,
+                    lease_until INTEGER,
+                    original_destination TEXT,
+                    headers TEXT NOT NULL,
+                    body BLOB NOT NULL
+                );
+                CREATE INDEX IF NOT EXISTS {m}_claim ON {m} (destination, state, priority DESC, seq);
+                CREATE INDEX IF NOT EXISTS {m}_expiry ON {m} (destination, expires_at) WHERE expires_at IS NOT NULL;
+                CREATE TABLE IF NOT EXISTS {t} (
+                    position INTEGER PRIMARY KEY,
+                    message_id TEXT NOT NULL,
+                    destination TEXT NOT NULL,
+                    headers TEXT NOT NULL,
+                    body BLOB NOT NULL,
+                    priority INTEGER NOT NULL,
+                    expires_at INTEGER,
+                    published_at INTEGER NOT NULL
+                );
+                CREATE TABLE IF NOT EXISTS {c} (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
+                UPDATE {m} SET state = 0, owner = NULL, lease_until = NULL WHERE state = 1;
+                COMMIT;
+                """
+            )
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task  # drains everything already queued
+        await self._close_connections()
+        self._shutdown_pools()
+
+    async def _close_connections(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._writer is not None:
+            await loop.run_in_executor(self._writer_pool, self._writer.close)
+            self._writer = None
+        if self._reader is not None:
+            await loop.run_in_executor(self._reader_pool, self._reader.close)
+            self._reader = None
+
+    def _shutdown_pools(self) -> None:
+        self._writer_pool.shutdown(wait=True)
+        self._reader_pool.shutdown(wait=True)
+
+    # -- writes: the group commit ----------------------------------------------------------------------------------
+    def write(
+        self, run: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None
+    ) -> asyncio.Future[T]:
+        if self._closing:
+            raise DatasourceUnavailable("the SQLite datasource is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Op(run, future, after))
+        self._wakeup.set()
+        return future
+
+    async def _writer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending = self._pending
+        while True:
+            if not pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [pending.popleft() for _ in range(min(len(pending), MAX_BATCH_OPS))]
+            try:
+                results = await loop.run_in_executor(self._writer_pool, self._run_batch, batch)
+            except BaseException as exc:  # the writer thread itself failed: fail the batch, keep serving
+                error = exc if isinstance(exc, Exception) else DatasourceUnavailable("the SQLite writer stopped")
+                results = [(False, error)] * len(batch)
+                if not isinstance(exc, Exception):
+                    for op in batch:
+                        if not op.future.done():
+                            op.future.set_exception(error)
+                    raise
+            for op, (ok, value) in zip(batch, results):
+                if ok and op.after is not None:
+                    try:
+                        op.after(value)
+                    except Exception as exc:  # a bug in a hook must not stop the writer
+                        ok, value = False, exc
+                if op.future.done():  # the caller was cancelled; its write may still have committed
+                    continue
+                if ok:
+                    op.future.set_result(value)
+                else:
+                    op.future.set_exception(value)
+
+    def _run_batch(self, batch: list[_Op[Any]]) -> list[tuple[bool, Any]]:
+        conn = self._writer
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = [op.run(conn) for op in batch]
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.lease_floor.clear()  # may describe rolled-back claims; forgetting it is always safe
+            if len(batch) == 1:
+                return [(False, _translate(exc))]
+            return [result for op in batch for result in self._run_batch([op])]  # isolate the failing call
+        self.commits += 1
+        return [(True, r) for r in results]
+
+    # -- reads -------------------------------------------------------------------------------------------------
+    async def read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closing or self._reader is None:
+            raise DatasourceUnavailable("the SQLite datasource is closed")
+        reader = self._reader
+
+        def call() -> T:
+            try:
+                return run(reader)
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, call)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return DatasourceError(f"SQLite refused the write (a message_id already stored?): {exc}")
+    if isinstance(exc, sqlite3.OperationalError):
+        return DatasourceUnavailable(f"SQLite could not complete the operation: {exc}")
+    if isinstance(exc, sqlite3.Error):
+        return DatasourceError(f"SQLite error: {exc}")
+    return exc
+
+
+class _Signals:
+    """One asyncio.Event per key, replaced after it fires, so a waiter only sees notifications made after it began."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, key: str) -> asyncio.Event:
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = asyncio.Event()
+        return event
+
+    def notify(self, key: str) -> None:
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def notify_all(self) -> None:
+        for key in list(self._events):
+            self.notify(key)
+
+
+class SqlitePollQueue(PollQueue):
+    def __init__(self, store: _Store) -> None:
+        self._store = store
+        self._signals = _Signals()
+        m = store.messages
+        self._sql_put = (
+            f"INSERT INTO {m} (message_id, destination, priority, expires_at, published_at, headers, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)"
+        )
+        ready = "destination = ? AND state = 0 AND (expires_at IS NULL OR expires_at > ?)"
+        self._sql_claim = (
+            f"UPDATE {m} SET state = 1, owner = ?, lease_until = ?, deliveries = deliveries + 1 "
+            f"WHERE seq IN (SELECT seq FROM {m} WHERE {ready} ORDER BY priority DESC, seq LIMIT ?) "
+            f"RETURNING {_MSG_COLUMNS}"
+        )
+        self._sql_scan = f"SELECT seq, headers FROM {m} WHERE {ready} ORDER BY priority DESC, seq"
+        self._sql_expire_leases = (
+            f"UPDATE {m} SET state = 0, owner = NULL, lease_until = NULL "
+            "WHERE destination = ? AND state = 1 AND lease_until <= ?"
+        )
+        self._sql_lease_floor = f"SELECT min(lease_until) FROM {m} WHERE destination = ? AND state = 1"
+        self._sql_sweep = f"DELETE FROM {m} WHERE destination = ? AND state = 0 AND expires_at <= ?"
+        self._sql_peek = f"SELECT {_MSG_COLUMNS} FROM {m} WHERE {_READY_OR_LAPSED} ORDER BY priority DESC, seq"
+
+    # -- writer-thread helpers -------------------------------------------------------------------------------------
+    def _requeue_lapsed(self, conn: sqlite3.Connection, destination: str, now_ms: int) -> None:
+        store = self._store
+        floor = store.lease_floor.get(destination)
+        if floor is not None and floor > now_ms:
+            return
+        conn.execute(self._sql_expire_leases, (destination, now_ms))
+        (earliest,) = conn.execute(self._sql_lease_floor, (destination,)).fetchone()
+        store.lease_floor[destination] = _NO_LEASE if earliest is None else earliest
+
+    def _sweep_expired(self, conn: sqlite3.Connection, destination: str, now_ms: int) -> None:
+        now = time.monotonic()
+        store = self._store
+        if now - store.swept_at.get(destination, 0.0) < EXPIRED_SWEEP_S:
+            return
+        store.swept_at[destination] = now
+        conn.execute(self._sql_sweep, (destination, now_ms))
+
+    # -- PollQueue ----------------------------------------------------------------------------------------------
+    async def put(self, messages: Sequence[NewMessage]) -> None:
+        if not messages:
+            return
+        rows = [
+            (
+                m.message_id,
+                m.destination,
+                m.priority,
+                m.expires_at,
+                m.published_at,
+                _headers_text(m.headers),
+                m.body,
+            )
+            for m in messages
+        ]
+        sql = self._sql_put
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.executemany(sql, rows)
+
+        destinations = {m.destination for m in messages}
+
+        def after(_: None) -> None:
+            for destination in destinations:
+                self._signals.notify(destination)
+
+        await self._store.write(run, after)
+
+    async def claim(
+        self,
+        destination: str,
+        *,
+        owner: str,
+        limit: int,
+        lease_ms: int,
+        now_ms: int,
+        selector: HeaderFilter | None = None,
+        native_selector: Mapping[str, object] | None = None,
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        lease_until = now_ms + lease_ms
+        store = self._store
+
+        def run(conn: sqlite3.Connection) -> list[StoredMessage]:
+            self._requeue_lapsed(conn, destination, now_ms)
+            self._sweep_expired(conn, destination, now_ms)
+            if selector is None:
+                rows = conn.execute(self._sql_claim, (owner, lease_until, destination, now_ms, limit)).fetchall()
+            else:
+                rows = self._claim_matching(conn, destination, owner, lease_until, now_ms, limit, selector)
+            if rows:
+                store.owner_destinations.setdefault(owner, set()).add(destination)
+                floor = store.lease_floor.get(destination, _NO_LEASE)
+                store.lease_floor[destination] = min(floor, lease_until)
+            out = [_message(row) for row in rows]
+            out.sort(key=lambda s: (-s.priority, s.seq))  # RETURNING gives no order
+            return out
+
+        return await store.write(run)
+
+    def _claim_matching(
+        self,
+        conn: sqlite3.Connection,
+        destination: str,
+        owner: str,
+        lease_until: int,
+        now_ms: int,
+        limit: int,
+        selector: HeaderFilter,
+    ) -> list[Any]:
+        chosen: list[int] = []
+        cursor = conn.execute(self._sql_scan, (destination, now_ms))
+        while len(chosen) < limit:
+            batch = cursor.fetchmany(SCAN_BATCH)
+            if not batch:
+                break
+            for seq, headers in batch:
+                if selector(_decode_headers(headers)):
+                    chosen.append(seq)
+                    if len(chosen) == limit:
+                        break
+        cursor.close()
+        rows: list[Any] = []
+        m = self._store.messages
+        for chunk in _chunks(chosen):
+            marks = ",".join("?" * len(chunk))
+            rows += conn.execute(
+                f"UPDATE {m} SET state = 1, owner = ?, lease_until = ?, deliveries = deliveries + 1 "
+                f"WHERE seq IN ({marks}) RETURNING {_MSG_COLUMNS}",
+                (owner, lease_until, *chunk),
+            ).fetchall()
+        return rows
+
+    async def ack(self, message_ids: Sequence[str]) -> None:
+        if not message_ids:
+            return
+        ids = list(message_ids)
+        m = self._store.messages
+
+        def run(conn: sqlite3.Connection) -> None:
+            for chunk in _chunks(ids):
+                conn.execute(f"DELETE FROM {m} WHERE message_id IN ({','.join('?' * len(chunk))})", chunk)
+
+        await self._store.write(run)
+
+    async def release(self, message_ids: Sequence[str], how: Release) -> None:
+        if not message_ids:
+            return
+        ids = list(message_ids)
+        m = self._store.messages
+        if how is Release.DEAD_LETTER:
+            sql = (
+                f"UPDATE {m} SET destination = destination || '.DLQ', "
+                "original_destination = coalesce(original_destination, destination), "
+                "deliveries = 0, state = 0, owner = NULL, lease_until = NULL "
+                "WHERE state = 1 AND message_id IN ({}) RETURNING destination"
+            )
+        else:
+            sql = (
+                f"UPDATE {m} SET state = 0, owner = NULL, lease_until = NULL "
+                "WHERE state = 1 AND message_id IN ({}) RETURNING destination"
+            )
+
+        def run(conn: sqlite3.Connection) -> set[str]:
+            woken: set[str] = set()
+            for chunk in _chunks(ids):
+                for (destination,) in conn.execute(sql.format(",".join("?" * len(chunk))), chunk):
+                    woken.add(destination)
+            return woken
+
+        def after(woken: set[str]) -> None:
+            for destination in woken:
+                self._signals.notify(destination)
+
+        await self._store.write(run, after)
+
+    async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
+        m = self._store.messages
+        lease_until = now_ms + lease_ms
+
+        store = self._store
+        sql = f"UPDATE {m} SET lease_until = ? WHERE destination = ? AND state = 1 AND owner = ?"
+
+        def run(conn: sqlite3.Connection) -> None:
+            destinations = store.owner_destinations.get(owner)
+            if not destinations:
+                return
+            for destination in list(destinations):
+                if conn.execute(sql, (lease_until, destination, owner)).rowcount == 0:
+                    destinations.discard(destination)  # a rollback re-adds nothing, but claims add it back
+            if not destinations:
+                del store.owner_destinations[owner]
+
+        await store.write(run)
+
+    async def wait(self, destination: str, timeout: float) -> None:
+        event = self._signals.event(destination)
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    async def stats(self, destination: str, *, now_ms: int) -> QueueStats:
+        m = self._store.messages
+
+        def run(conn: sqlite3.Connection) -> QueueStats:
+            ready, unacked = conn.execute(
+                "SELECT "
+                "coalesce(sum((state = 0 OR lease_until <= :now) AND (expires_at IS NULL OR expires_at > :now)), 0), "
+                "coalesce(sum(state = 1 AND lease_until > :now), 0) "
+                f"FROM {m} WHERE destination = :dest",
+                {"now": now_ms, "dest": destination},
+            ).fetchone()
+            return QueueStats(ready=int(ready), unacked=int(unacked))
+
+        return await self._store.read(run)
+
+    async def peek(
+        self, destination: str, *, limit: int, offset: int = 0, now_ms: int, selector: HeaderFilter | None = None
+    ) -> list[StoredMessage]:
+        sql = self._sql_peek
+
+        def run(conn: sqlite3.Connection) -> list[StoredMessage]:
+            if selector is None:
+                rows = conn.execute(sql + " LIMIT ? OFFSET ?", (destination, now_ms, now_ms, limit, offset))
+                return [_message(row) for row in rows]
+            out: list[StoredMessage] = []
+            skip = offset
+            cursor = conn.execute(sql, (destination, now_ms, now_ms))
+            while len(out) < limit:
+                batch = cursor.fetchmany(SCAN_BATCH)
+                if not batch:
+                    break
+                for row in batch:
+                    message = _message(row)
+                    if not selector(message.headers):
+                        continue
+                    if skip:
+                        skip -= 1
+                        continue
+                    out.append(message)
+                    if len(out) == limit:
+                        break
+            cursor.close()
+            return out
+
+        return await self._store.read(run)
+
+    async def destinations(self) -> list[str]:
+        m = self._store.messages
+
+        def run(conn: sqlite3.Connection) -> list[str]:
+            return [row[0] for row in conn.execute(f"SELECT DISTINCT destination FROM {m} ORDER BY destination")]
+
+        return await self._store.read(run)
+
+    async def purge(self, destination: str) -> int:
+        m = self._store.messages
+
+        def run(conn: sqlite3.Connection) -> int:
+            return conn.execute(f"DELETE FROM {m} WHERE destination = ?", (destination,)).rowcount
+
+        return await self._store.write(run)
+
+    def close(self) -> None:
+        self._signals.notify_all()
+
+
+class SqliteTailQueue(TailQueue):
+    def __init__(self, store: _Store) -> None:
+        self._store = store
+        self._retention = store.options.topic_retention
+        if self._retention < 1:
+            raise DatasourceError("topic_retention must be at least 1")
+        self._trim_every = max(1, min(1000, self._retention // 10))
+        # never longer than the retained window, so the tail cannot hide a Gap the database would report
+        self._tail: deque[Published] = deque(maxlen=min(TAIL_SIZE, self._retention))
+        self._last = 0  # newest committed position (event-loop state)
+        self._written = 0  # newest position assigned by the writer (writer-thread state)
+        self._trimmed_at = 0  # writer-thread state
+        self._signals = _Signals()
+        self._closed = False
+        t = store.topic_log
+        self._sql_insert = (
+            f"INSERT INTO {t} (position, message_id, destination, headers, body, priority, expires_at, published_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+        )
+        self._sql_trim = f"DELETE FROM {t} WHERE position <= ?"
+        self._sql_after = (
+            f"SELECT message_id, destination, headers, body, priority, expires_at, published_at, position, 0, NULL "
+            f"FROM {t} WHERE position > ? ORDER BY position LIMIT ?"
+        )
+        self._sql_oldest = f"SELECT min(position) FROM {t}"
+
+    async def start(self) -> None:
+        t = self._store.topic_log
+
+        def run(conn: sqlite3.Connection) -> int:
+            (newest,) = conn.execute(f"SELECT coalesce(max(position), 0) FROM {t}").fetchone()
+            return int(newest)
+
+        self._last = await self._store.read(run)
+        self._written = self._trimmed_at = self._last
+
+    async def publish(self, messages: Sequence[NewMessage]) -> list[int]:
+        if not messages:
+            return []
+        rows = [
+            (
+                m.message_id,
+                m.destination,
+                _headers_text(m.headers),
+                m.body,
+                m.priority,
+                m.expires_at,
+                m.published_at,
+            )
+            for m in messages
+        ]
+
+        def run(conn: sqlite3.Connection) -> int:
+            start = self._newest(conn)
+            conn.executemany(self._sql_insert, [(start + i, *row) for i, row in enumerate(rows, 1)])
+            newest = start + len(rows)
+            if newest - self._trimmed_at >= self._trim_every:
+                conn.execute(self._sql_trim, (newest - self._retention,))
+                self._trimmed_at = newest
+            self._written = newest
+            return start
+
+        def after(start: int) -> None:
+            for i, message in enumerate(messages, 1):
+                position = start + i
+                self._tail.append(
+                    Published(
+                        position=position,
+                        message=StoredMessage(
+                            message_id=message.message_id,
+                            destination=message.destination,
+                            headers=message.headers,
+                            body=message.body,
+                            priority=message.priority,
+                            expires_at=message.expires_at,
+                            published_at=message.published_at,
+                            seq=position,
+                        ),
+                    )
+                )
+            self._last = max(self._last, start + len(messages))
+            self._signals.notify("log")
+
+        start = await self._store.write(run, after)
+        return list(range(start + 1, start + len(messages) + 1))
+
+    def _newest(self, conn: sqlite3.Connection) -> int:
+        # Read in the transaction rather than trusting ``_written``: a rolled-back batch may have advanced it.
+        (newest,) = conn.execute(f"SELECT coalesce(max(position), 0) FROM {self._store.topic_log}").fetchone()
+        return int(newest)
+
+    async def trim(self) -> None:
+        """Trim the log to ``topic_retention`` messages now (the writer otherwise trims every few publishes)."""
+
+        def run(conn: sqlite3.Connection) -> None:
+            newest = self._newest(conn)
+            conn.execute(self._sql_trim, (newest - self._retention,))
+            self._trimmed_at = newest
+
+        await self._store.write(run)
+
+    async def _read_after(self, position: int) -> tuple[int | None, list[Published]]:
+        def run(conn: sqlite3.Connection) -> tuple[int | None, list[Published]]:
+            rows = conn.execute(self._sql_after, (position, SCAN_BATCH)).fetchall()
+            (oldest,) = conn.execute(self._sql_oldest).fetchone()
+            return oldest, [Published(position=row[7], message=_message(row)) for row in rows]
+
+        return await self._store.read(run)
+
+    def follow(self, *, after: int | None) -> AsyncIterator[TailEvent]:
+        # "the current end" is the end when follow() is called, not when the iterator first runs
+        return self._follow(self._last if after is None else after)
+
+    async def _follow(self, position: int) -> AsyncIterator[TailEvent]:
+        while not self._closed:
+            if position >= self._last:
+                await self._signals.event("log").wait()
+                continue
+            tail = self._tail
+            if tail and tail[0].position <= position + 1:
+                index = position + 1 - tail[0].position
+                entry = tail[index]
+                position = entry.position
+                yield entry
+                continue
+            oldest, batch = await self._read_after(position)
+            first = batch[0].position if batch else (oldest if oldest is not None else self._last + 1)
+            if first > position + 1:
+                yield Gap(expected=position + 1, oldest=first)
+                position = first - 1
+            for entry in batch:
+                if entry.position <= position:
+                    continue
+                position = entry.position
+                yield entry
+
+    async def last_position(self) -> int:
+        return self._last
+
+    async def save_cursor(self, name: str, position: int) -> None:
+        c = self._store.cursors
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                f"INSERT INTO {c} (name, position) VALUES (?, ?) "
+                "ON CONFLICT(name) DO UPDATE SET position = excluded.position",
+                (name, position),
+            )
+
+        await self._store.write(run)
+
+    async def load_cursor(self, name: str) -> int | None:
+        c = self._store.cursors
+
+        def run(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(f"SELECT position FROM {c} WHERE name = ?", (name,)).fetchone()
+            return None if row is None else int(row[0])
+
+        return await self._store.read(run)
+
+    def close(self) -> None:
+        self._closed = True
+        self._signals.notify_all()
+
+
+class SqliteDatasource(Datasource):
+    def __init__(self, url: str, store: _Store) -> None:
+        self.url = url
+        self.store = store
+        self._queues = SqlitePollQueue(store)
+        self._topics = SqliteTailQueue(store)
+        self.queues = self._queues
+        self.topics = self._topics
+
+    @property
+    def commits(self) -> int:
+        """Write transactions committed so far (each may hold many calls: group commit)."""
+        return self.store.commits
+
+    async def ping(self) -> None:
+        await self.store.read(lambda conn: conn.execute("SELECT 1").fetchone())
+
+    async def close(self) -> None:
+        self._queues.close()
+        self._topics.close()
+        await self.store.close()
+
+
+async def open_datasource(url: str, options: DatasourceOptions) -> Datasource:
+    if sqlite3.sqlite_version_info < MIN_SQLITE:
+        raise DatasourceError(
+            f"the sqlite:// datasource needs SQLite 3.35 or newer (UPDATE ... RETURNING); "
+            f"this Python links SQLite {sqlite3.sqlite_version}"
+        )
+    store = _Store(database_path(url), options)
+    await store.open()
+    datasource = SqliteDatasource(url, store)
+    try:
+        await datasource._topics.start()
+    except BaseException:
+        await store.close()
+        raise
+    return datasource

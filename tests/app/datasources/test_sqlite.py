@@ -1,0 +1,239 @@
+"""SQLite-only behaviour: durability, restart, kill -9, group commit, URL and directory errors."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from app.datasources.interface import Datasource, DatasourceError, DatasourceOptions, NewMessage, Release
+from app.datasources.registry import open_datasource
+from app.datasources.sqlite import SqliteDatasource, database_path
+
+ROOT = Path(__file__).resolve().parents[3]
+NOW = 1_700_000_000_000
+Q = "/queue/durable"
+
+
+def msg(n: int, destination: str = Q) -> NewMessage:
+    return NewMessage(message_id=f"m{n}", destination=destination, headers={"n": str(n)}, body=b"x" * 256)
+
+
+async def open_db(path: Path, **options: object) -> SqliteDatasource:
+    ds = await open_datasource(f"sqlite:///{path}", DatasourceOptions(**options))  # type: ignore[arg-type]
+    assert isinstance(ds, SqliteDatasource)
+    return ds
+
+
+async def test_messages_survive_close_and_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "d.db"
+    ds = await open_db(db)
+    await ds.queues.put([msg(n) for n in range(10)])
+    await ds.topics.publish([msg(100, "/topic/t"), msg(101, "/topic/t")])
+    await ds.topics.save_cursor("c/s", 2)
+    await ds.close()
+    ds = await open_db(db)
+    try:
+        got = await ds.queues.claim(Q, owner="o", limit=100, lease_ms=1000, now_ms=NOW)
+        assert [m.message_id for m in got] == [f"m{n}" for n in range(10)]
+        assert await ds.topics.last_position() == 2
+        assert await ds.topics.publish([msg(102, "/topic/t")]) == [3]
+        assert await ds.topics.load_cursor("c/s") == 2
+    finally:
+        await ds.close()
+
+
+async def test_leases_of_a_previous_process_are_released_on_open(tmp_path: Path) -> None:
+    db = tmp_path / "d.db"
+    ds = await open_db(db)
+    await ds.queues.put([msg(1), msg(2)])
+    await ds.queues.claim(Q, owner="gone", limit=1, lease_ms=3_600_000, now_ms=NOW)
+    await ds.close()
+    ds = await open_db(db)
+    try:
+        got = await ds.queues.claim(Q, owner="new", limit=10, lease_ms=1000, now_ms=NOW)
+        assert [(m.message_id, m.deliveries) for m in got] == [("m1", 2), ("m2", 1)]
+    finally:
+        await ds.close()
+
+
+async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+    ds = await open_db(tmp_path / "d.db")
+    try:
+        before = ds.commits
+        await asyncio.gather(*(ds.queues.put([msg(n)]) for n in range(300)))
+        assert ds.commits - before < 30  # one commit per pending batch, not one per put
+        assert (await ds.queues.stats(Q, now_ms=NOW)).ready == 300
+    finally:
+        await ds.close()
+
+
+async def test_a_failing_call_does_not_spoil_its_batch(tmp_path: Path) -> None:
+    ds = await open_db(tmp_path / "d.db")
+    try:
+        await ds.queues.put([msg(1)])
+        results = await asyncio.gather(
+            ds.queues.put([msg(2)]), ds.queues.put([msg(3), msg(1)]), ds.queues.put([msg(4)]), return_exceptions=True
+        )
+        assert results[0] is None and results[2] is None
+        assert isinstance(results[1], DatasourceError)
+        peeked = await ds.queues.peek(Q, limit=10, now_ms=NOW)
+        assert [m.message_id for m in peeked] == ["m1", "m2", "m4"]  # the failed put stored nothing
+    finally:
+        await ds.close()
+
+
+async def test_dead_letter_and_requeue_survive_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "d.db"
+    ds = await open_db(db)
+    await ds.queues.put([msg(1), msg(2)])
+    await ds.queues.claim(Q, owner="o", limit=2, lease_ms=1000, now_ms=NOW)
+    await ds.queues.release(["m1"], Release.DEAD_LETTER)
+    await ds.queues.release(["m2"], Release.REQUEUE)
+    await ds.close()
+    ds = await open_db(db)
+    try:
+        [dead] = await ds.queues.peek(Q + ".DLQ", limit=10, now_ms=NOW)
+        assert (dead.message_id, dead.original_destination, dead.deliveries) == ("m1", Q, 0)
+        [again] = await ds.queues.peek(Q, limit=10, now_ms=NOW)
+        assert (again.message_id, again.deliveries) == ("m2", 1)
+    finally:
+        await ds.close()
+
+
+async def test_synchronous_option_is_applied(tmp_path: Path) -> None:
+    ds = await open_db(tmp_path / "d.db", sqlite_synchronous="NORMAL")
+    try:
+        level = await ds.store.write(lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0])
+        assert level == 1  # NORMAL, on the writer connection
+        mode = await ds.store.read(lambda conn: conn.execute("PRAGMA journal_mode").fetchone()[0])
+        assert mode == "wal"
+    finally:
+        await ds.close()
+
+
+async def test_bad_options_and_urls_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(DatasourceError, match="sqlite_synchronous"):
+        await open_db(tmp_path / "d.db", sqlite_synchronous="SOMETIMES")
+    with pytest.raises(DatasourceError, match="namespace"):
+        await open_db(tmp_path / "d.db", namespace="bad-name;")
+    for url in ("sqlite://host/x.db", "sqlite:///", "sqlite:///:memory:", "sqlite:///x.db?mode=ro"):
+        with pytest.raises(DatasourceError):
+            database_path(url)
+    assert database_path("sqlite:///./data/stompgate.db") == "./data/stompgate.db"
+    assert database_path("sqlite:///rel/x.db") == "rel/x.db"
+    assert database_path("sqlite:////abs/x.db") == "/abs/x.db"
+
+
+async def test_parent_directory_is_created(tmp_path: Path) -> None:
+    ds = await open_db(tmp_path / "a" / "b" / "d.db")
+    await ds.close()
+    assert (tmp_path / "a" / "b" / "d.db").exists()
+
+
+async def test_unwritable_directory_is_one_clear_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(DatasourceError, match="cannot create the directory") as info:
+        await open_db(blocker / "sub" / "d.db")
+    assert "\n" not in str(info.value)
+    if os.geteuid() != 0:  # root ignores directory permissions
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(DatasourceError, match="writable"):
+            await open_db(locked / "d.db")
+
+
+async def test_closed_datasource_refuses_work(tmp_path: Path) -> None:
+    ds: Datasource = await open_db(tmp_path / "d.db")
+    await ds.close()
+    await ds.close()  # idempotent
+    with pytest.raises(DatasourceError):
+        await ds.queues.put([msg(1)])
+
+
+CHILD = textwrap.dedent(
+    """
+    import asyncio, sys
+    from app.datasources.interface import DatasourceOptions, NewMessage
+    from app.datasources.registry import open_datasource
+
+    async def main() -> None:
+        ds = await open_datasource(sys.argv[1], DatasourceOptions(sqlite_synchronous=sys.argv[2]))
+        async def producer(p: int) -> None:
+            n = 0
+            while True:
+                batch = [NewMessage(f"p{p}-{n + i}", "/queue/k", {}, b"y" * 256) for i in range(1 + n % 3)]
+                n += len(batch)
+                await ds.queues.put(batch)
+                sys.stdout.write("".join(m.message_id + "\\n" for m in batch))
+                sys.stdout.flush()
+        await asyncio.gather(*(producer(p) for p in range(8)))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
+async def test_nothing_acknowledged_is_lost_after_kill_9(tmp_path: Path, synchronous: str) -> None:
+    db = tmp_path / "k.db"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, f"sqlite:///{db}", synchronous],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    acknowledged: list[str] = []
+    assert child.stdout is not None
+    try:
+        while len(acknowledged) < 2_000:
+            line = child.stdout.readline()
+            assert line, "the child stopped early"
+            acknowledged.append(line.strip())
+        child.send_signal(signal.SIGKILL)
+        for line in child.stdout:  # whatever was printed before the kill counts too
+            if line.endswith("\n"):
+                acknowledged.append(line.strip())
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    stored = {row[0] for row in _rows(db, "SELECT message_id FROM stompgate_messages")}
+    missing = [m for m in acknowledged if m not in stored]
+    assert not missing, f"{len(missing)} acknowledged messages lost, e.g. {missing[:5]}"
+    ds = await open_db(db)  # and the database opens cleanly afterwards
+    try:
+        assert (await ds.queues.stats("/queue/k", now_ms=NOW)).ready == len(stored)
+    finally:
+        await ds.close()
+
+
+def _rows(db: Path, sql: str) -> list[tuple[object, ...]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("url", ["memory://", "sqlite"])
+async def test_follow_from_none_starts_where_follow_was_called(tmp_path: Path, url: str) -> None:
+    ds = await open_datasource(f"sqlite:///{tmp_path}/f.db" if url == "sqlite" else url, DatasourceOptions())
+    try:
+        await ds.topics.publish([msg(1, "/topic/t")])
+        follower = ds.topics.follow(after=None)
+        [position] = await ds.topics.publish([msg(2, "/topic/t")])  # before the first __anext__
+        event = await asyncio.wait_for(anext(follower), 5)
+        assert getattr(event, "position", None) == position
+        await follower.aclose()  # type: ignore[attr-defined]
+    finally:
+        await ds.close()

@@ -15,7 +15,9 @@ from app.broker.config import BrokerConfig
 from app.datasources.interface import Datasource, DatasourceOptions
 from app.datasources.registry import open_datasource
 from app.settings import Settings
+from app.console import router as console_router
 from app.transports.tcp import start_tcp_listener
+from app.transports.websocket import router as websocket_router
 from stomp_core import Limits
 
 __all__ = ["create_app", "AppState", "broker_config", "datasource_options"]
@@ -86,6 +88,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await datasource.close()
 
     app = FastAPI(title="stompgate", version="0.1.0", lifespan=lifespan)
+
+    app.include_router(websocket_router)
+    app.include_router(console_router)
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process is up")
     async def health() -> dict[str, str]:

@@ -1,0 +1,242 @@
+"""STOMP over WebSocket against a real uvicorn, with the real ``websockets`` client (and raw TCP for cross-transport)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+
+from app.transports.websocket import choose_subprotocol, router
+from tests.app.transports.live_app import LiveApp, live_app
+from tests.app.transports.ws_stomp import WsStomp
+from tests.raw_stomp import RawClient
+
+_names = itertools.count(1)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}/ws-test-{next(_names)}"
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
+    # Short server heart-beats (500 ms) so the heart-beat test is quick; clients here mostly ask for none.
+    with live_app(tmp_path_factory.mktemp("ws"), routers=[router], heartbeat_ms=500) as live:
+        yield live
+
+
+@pytest.fixture
+async def clients(gateway: LiveApp) -> object:
+    """Open WebSocket clients to the module's gateway; all are closed after the test."""
+    opened: list[WsStomp] = []
+
+    async def make(path: str = "/stomp", subprotocols: list[str] | None = None) -> WsStomp:
+        client = await WsStomp.open(gateway.ws_url + path, subprotocols)
+        opened.append(client)
+        return client
+
+    yield make
+    for client in opened:
+        await client.close()
+
+
+def test_choose_subprotocol_prefers_the_highest_offered() -> None:
+    assert choose_subprotocol(["v10.stomp", "v11.stomp", "v12.stomp"]) == "v12.stomp"
+    assert choose_subprotocol(["v11.stomp", "v10.stomp"]) == "v11.stomp"
+    assert choose_subprotocol(["mqtt", "v10.stomp"]) == "v10.stomp"
+    assert choose_subprotocol(["mqtt"]) is None
+    assert choose_subprotocol([]) is None
+
+
+@pytest.mark.parametrize(
+    ("offered", "expected"),
+    [
+        (["v10.stomp", "v11.stomp", "v12.stomp"], "v12.stomp"),
+        (["v12.stomp", "v11.stomp", "v10.stomp"], "v12.stomp"),
+        (["v11.stomp"], "v11.stomp"),
+        (["v10.stomp"], "v10.stomp"),
+        ([], None),
+    ],
+)
+async def test_subprotocol_echo(clients: object, offered: list[str], expected: str | None) -> None:
+    client = await clients(subprotocols=offered)  # type: ignore[operator]
+    assert client.ws.subprotocol == expected
+    connected = await client.connect()
+    assert connected.headers["version"] == "1.2"
+
+
+async def test_ws_alias_path(clients: object) -> None:
+    client = await clients("/ws")  # type: ignore[operator]
+    assert client.ws.subprotocol == "v12.stomp"
+    await client.connect()
+
+
+async def test_connect_subscribe_send_receive_ack(clients: object) -> None:
+    queue = unique("/queue")
+    consumer = await clients()  # type: ignore[operator]
+    producer = await clients()  # type: ignore[operator]
+    await consumer.connect()
+    await producer.connect()
+    await consumer.frame("SUBSCRIBE", {"id": "s1", "destination": queue, "ack": "client-individual", "receipt": "r1"})
+    assert (await consumer.read()).headers["receipt-id"] == "r1"
+    await producer.frame("SEND", {"destination": queue, "content-type": "text/plain", "receipt": "p1"}, b"hello ws")
+    assert (await producer.read()).headers["receipt-id"] == "p1"
+    message = await consumer.read()
+    assert message.command == "MESSAGE"
+    assert message.body == b"hello ws"
+    assert message.headers["subscription"] == "s1"
+    assert not message.binary
+    await consumer.frame("ACK", {"id": message.headers["ack"], "receipt": "a1"})
+    receipt = await consumer.read()
+    assert (receipt.command, receipt.headers["receipt-id"]) == ("RECEIPT", "a1")
+
+
+async def test_frame_split_across_messages(clients: object) -> None:
+    queue = unique("/queue")
+    client = await clients()  # type: ignore[operator]
+    await client.send("CONN")
+    await client.send("ECT\naccept-version:1.2\nhost:/\nheart-")
+    await client.send(b"beat:0,0\n\n")
+    await client.send("\x00")
+    assert (await client.read()).command == "CONNECTED"
+    await client.frame("SUBSCRIBE", {"id": "s", "destination": queue})
+    frame = f"SEND\ndestination:{queue}\ncontent-length:5\n\nsplit\x00".encode()
+    for byte in range(len(frame)):
+        await client.send(frame[byte : byte + 1])
+    message = await client.read()
+    assert (message.command, message.body) == ("MESSAGE", b"split")
+
+
+async def test_two_frames_in_one_message(clients: object) -> None:
+    queue = unique("/queue")
+    client = await clients()  # type: ignore[operator]
+    await client.connect()
+    both = (
+        f"SUBSCRIBE\nid:s\ndestination:{queue}\nreceipt:sub\n\n\x00\n"
+        f"SEND\ndestination:{queue}\nreceipt:send\n\nboth\x00"
+    )
+    await client.send(both)
+    frames = [await client.read() for _ in range(3)]
+    receipts = [f.headers["receipt-id"] for f in frames if f.command == "RECEIPT"]
+    messages = [f.body for f in frames if f.command == "MESSAGE"]
+    assert receipts == ["sub", "send"]
+    assert messages == [b"both"]
+
+
+async def test_heartbeat_message_is_accepted(clients: object) -> None:
+    client = await clients()  # type: ignore[operator]
+    await client.connect()
+    await client.send("\n")
+    await client.send(b"\r\n")
+    await client.frame("SEND", {"destination": unique("/queue"), "receipt": "after-beat"}, b"x")
+    reply = await client.read()
+    assert (reply.command, reply.headers["receipt-id"]) == ("RECEIPT", "after-beat")
+
+
+async def test_server_heartbeats_arrive_as_eol_messages(clients: object) -> None:
+    client = await clients()  # type: ignore[operator]
+    await client.frame("CONNECT", {"accept-version": "1.2", "host": "/", "heart-beat": "0,100"})
+    connected = await client.read()
+    server_send = int(connected.headers["heart-beat"].split(",")[0])
+    assert server_send == 500
+    beat = await asyncio.wait_for(client.ws.recv(), timeout=3)
+    assert beat in ("\n", "\r\n", b"\n")
+
+
+async def test_binary_body_travels_in_a_binary_frame(clients: object) -> None:
+    queue = unique("/queue")
+    consumer = await clients()  # type: ignore[operator]
+    producer = await clients()  # type: ignore[operator]
+    await consumer.connect()
+    await producer.connect()
+    await consumer.frame("SUBSCRIBE", {"id": "s", "destination": queue})
+    body = bytes([0xFF, 0x00, 0xFE, 0x80, 0x00, 0x01])
+    head = f"SEND\ndestination:{queue}\ncontent-type:application/octet-stream\ncontent-length:{len(body)}\n\n"
+    await producer.send(head.encode() + body + b"\x00")  # a BINARY WebSocket message
+    message = await consumer.read()
+    assert message.body == body
+    assert message.binary, "a body that is not UTF-8 must arrive in a BINARY WebSocket message"
+    await producer.frame("SEND", {"destination": queue}, "text: é ✓".encode())
+    message = await consumer.read()
+    assert message.body.decode() == "text: é ✓"
+    assert not message.binary
+
+
+async def test_tcp_producer_reaches_websocket_subscriber(gateway: LiveApp, clients: object) -> None:
+    topic = unique("/topic")
+    consumer = await clients()  # type: ignore[operator]
+    await consumer.connect()
+    await consumer.frame("SUBSCRIBE", {"id": "t", "destination": topic, "receipt": "ready"})
+    assert (await consumer.read()).headers["receipt-id"] == "ready"
+    tcp = RawClient(gateway.stomp_port)
+    try:
+        await asyncio.to_thread(tcp.connect)
+        await asyncio.to_thread(tcp.frame, "SEND", {"destination": topic, "receipt": "sent"}, b"from tcp")
+        assert (await asyncio.to_thread(tcp.read)).headers["receipt-id"] == "sent"
+    finally:
+        tcp.close()
+    message = await consumer.read()
+    assert (message.command, message.body, message.headers["destination"]) == ("MESSAGE", b"from tcp", topic)
+
+
+async def test_websocket_producer_reaches_tcp_subscriber(gateway: LiveApp, clients: object) -> None:
+    queue = unique("/queue")
+    tcp = RawClient(gateway.stomp_port)
+    try:
+        await asyncio.to_thread(tcp.connect)
+        await asyncio.to_thread(tcp.frame, "SUBSCRIBE", {"id": "q", "destination": queue, "ack": "client"})
+        producer = await clients()  # type: ignore[operator]
+        await producer.connect()
+        await producer.frame("SEND", {"destination": queue, "receipt": "sent"}, b"from websocket")
+        assert (await producer.read()).headers["receipt-id"] == "sent"
+        message = await asyncio.to_thread(tcp.read)
+        assert (message.command, message.body) == ("MESSAGE", b"from websocket")
+        await asyncio.to_thread(tcp.frame, "ACK", {"id": message.headers["ack"]})
+    finally:
+        tcp.close()
+
+
+async def test_error_is_flushed_then_closed_with_1000(clients: object) -> None:
+    client = await clients()  # type: ignore[operator]
+    await client.connect()
+    await client.frame("SEND", {"destination": "/nowhere/x", "receipt": "bad"}, b"x")
+    error = await client.read()
+    assert error.command == "ERROR"
+    assert error.headers.get("receipt-id") == "bad"
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.ws.recv(), timeout=5)
+    assert client.ws.close_code == 1000
+
+
+async def test_disconnect_receipt_then_close(clients: object) -> None:
+    client = await clients()  # type: ignore[operator]
+    await client.connect()
+    await client.frame("DISCONNECT", {"receipt": "bye"})
+    receipt = await client.read()
+    assert (receipt.command, receipt.headers["receipt-id"]) == ("RECEIPT", "bye")
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.ws.recv(), timeout=5)
+    assert client.ws.close_code == 1000
+
+
+async def test_refused_session_closes_with_1013(tmp_path: Path) -> None:
+    with live_app(tmp_path, routers=[router], max_connections=1) as small:
+        first = await WsStomp.open(small.ws_url + "/stomp")
+        try:
+            await first.connect()
+            second = await WsStomp.open(small.ws_url + "/stomp")
+            try:
+                refusal = await second.read()
+                assert refusal.command == "ERROR"
+                assert "max_connections" in refusal.body.decode()
+                with pytest.raises(ConnectionClosed):
+                    await asyncio.wait_for(second.ws.recv(), timeout=5)
+                assert second.ws.close_code == 1013
+            finally:
+                await second.close()
+        finally:
+            await first.close()

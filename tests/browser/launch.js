@@ -1,0 +1,23 @@
+// Shared by the browser scripts: headless Chromium from the system (no downloaded browser), as DESIGN.md section 6 says.
+'use strict';
+const { chromium } = require('playwright-core');
+
+async function launch() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM || '/usr/bin/chromium',
+    args: [
+      '--headless', '--no-sandbox', '--disable-gpu', '--disable-background-networking',
+      '--disable-component-update', '--no-first-run', '--disable-sync', '--disable-dev-shm-usage',
+    ],
+  });
+}
+
+// Print the JSON report as the last stdout line and exit; any crash becomes a report too.
+function main(fn) {
+  fn().then(
+    (report) => { process.stdout.write(JSON.stringify(report) + '\n'); process.exit(report.ok ? 0 : 1); },
+    (err) => { process.stdout.write(JSON.stringify({ ok: false, error: String(err && err.stack || err) }) + '\n'); process.exit(2); },
+  );
+}
+
+module.exports = { launch, main };

@@ -1,0 +1,578 @@
+"""PollQueue on MongoDB: every queue of a gateway namespace in one collection ``<ns>.queue``.
+
+Document: ``{_id (= message_id), message_id, destination, seq, priority, state ("ready" | "leased"), lease_until,
+owner, deliveries, claims, expires_at, published_at, headers: [{k, v}], body, original_destination}`` (plus ``hdrs``
+on FerretDB, see ``_common.message_doc``). Index ``(destination, state, priority desc, seq)`` serves the claim.
+``claims`` counts every claim and release of the message and is never reset: it is the version the FerretDB claim
+path races on.
+
+Claim atomicity, and why it differs by server:
+
+* MongoDB: ``find_one_and_update`` (findAndModify) is atomic per document, so one round trip per message claims it
+  (sorted ``priority desc, seq asc``; ready = ``state: ready`` or an expired lease; not expired by ``expires_at``).
+* FerretDB v1: findAndModify reads the document, then writes it back by ``_id`` with no compare-and-swap, so two
+  concurrent claimers can both "win" the same message (measured here: duplicates within seconds). What its storage
+  does make atomic is an insert into a unique ``_id`` index. So a claimer reads candidates, then inserts a claim
+  token ``{_id: "q|<message _id>|<claims + 1>"}`` into ``<ns>.claims``: exactly one claimer can insert the token
+  for a given version, a ``DuplicateKeyError`` means another one won. The winner then writes the lease (and
+  ``claims + 1``). Releases take the same kind of token, so a release racing a re-claim of an expired lease has one
+  winner too. A token whose claim lease expired while the document still shows the old version belongs to a
+  claimer that died between token and update; the next version is tried. Tokens carry the gateway time and are
+  pruned after ``TOKEN_KEEP_MS``. Cost per claim call: 4 round trips (read candidates, ``insert_many`` tokens
+  unordered - the duplicate-key indexes are the ones lost -, ``update_many`` the won, re-read them), whatever
+  ``limit`` is. Reads sort in memory on FerretDB, so a claim costs O(backlog of the destination) there.
+
+Wrapped collections (``DatasourceOptions.wrapped``): documents of an existing collection matching a filter are
+claimed in place with the lease fields ``_sg_state``, ``_sg_lease_until``, ``_sg_owner``, ``_sg_deliveries``,
+``_sg_claims`` and delivered as relaxed Extended JSON bodies (``content-type: application/json``); ack deletes the
+document; requeue unsets the lease; dead-lettering copies it into ``<destination>.DLQ`` and then deletes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bson import json_util
+from pymongo import ReturnDocument
+from pymongo.errors import BulkWriteError, DuplicateKeyError
+
+from app.datasources.interface import (
+    DatasourceError,
+    HeaderFilter,
+    NewMessage,
+    PollQueue,
+    QueueStats,
+    Release,
+    StoredMessage,
+    WrappedCollection,
+)
+from app.datasources.mongodb._common import (
+    Collection,
+    Db,
+    Doc,
+    headers_from_list,
+    is_duplicate_only,
+    message_doc,
+    stored_from_doc,
+    translate_selector,
+    unavailable_on_disconnect,
+)
+from app.datasources.mongodb._failover import FailoverWriter
+from app.datasources.mongodb._sequence import SequenceAllocator
+
+__all__ = ["MongoPollQueue", "WRAPPED_PREFIX"]
+
+SORT: list[tuple[str, int]] = [("priority", -1), ("seq", 1)]
+MAX_CLAIM_ROUNDS = 4  # candidate reads per claim call before returning fewer than ``limit``
+# FerretDB claim tokens are pruned when older than this (by the gateway clock, ``at``): far longer than any claimer
+# holds a candidate it read, so no stale claimer can re-insert a pruned token.
+TOKEN_KEEP_MS = 10 * 60 * 1000
+TOKEN_PRUNE_EVERY = 5_000  # tokens taken between two prunes
+WRAPPED_PREFIX = "wrapped:"  # message ids of wrapped documents: wrapped:["<collection>", "<_id as Extended JSON>"]
+_WRAPPED_FIELDS = ("_sg_state", "_sg_lease_until", "_sg_owner", "_sg_deliveries", "_sg_claims")
+
+
+class _Signals:
+    """One asyncio.Event per destination, replaced after it fires (same scheme as the memory backend)."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, key: str) -> asyncio.Event:
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = asyncio.Event()
+        return event
+
+    def notify(self, key: str) -> None:
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def notify_all(self) -> None:
+        for key in list(self._events):
+            self.notify(key)
+
+
+def _ready(now_ms: int) -> Doc:
+    return {"$or": [{"state": "ready"}, {"state": "leased", "lease_until": {"$lte": now_ms}}]}
+
+
+def _wrapped_ready(now_ms: int) -> Doc:
+    return {"$or": [{"_sg_state": {"$ne": "leased"}}, {"_sg_lease_until": {"$lte": now_ms}}]}
+
+
+def _wrapped_id(collection: str, doc_id: object) -> str:
+    return WRAPPED_PREFIX + json.dumps([collection, json_util.dumps(doc_id)])
+
+
+def _parse_wrapped_id(message_id: str) -> tuple[str, object] | None:
+    try:
+        collection, raw = json.loads(message_id[len(WRAPPED_PREFIX) :])
+        return str(collection), json_util.loads(raw)
+    except (ValueError, TypeError):
+        return None
+
+
+class MongoPollQueue(PollQueue):
+    def __init__(
+        self,
+        db: Db,
+        namespace: str,
+        *,
+        ferretdb: bool,
+        writer: FailoverWriter,
+        sequences: SequenceAllocator,
+        wrapped: Sequence[WrappedCollection] = (),
+    ) -> None:
+        self._db = db
+        self._coll = Collection(db[f"{namespace}.queue"])
+        self._claims = Collection(db[f"{namespace}.claims"])
+        self._ferretdb = ferretdb
+        self._writer = writer
+        self._sequences = sequences
+        self._wrapped: dict[str, WrappedCollection] = {w.destination: w for w in wrapped}
+        self._wrapped_by_collection: dict[str, WrappedCollection] = {w.collection: w for w in wrapped}
+        self._signals = _Signals()
+        self._tokens_since_prune = 0
+
+    async def setup(self) -> None:
+        await self._coll.create_index(
+            [("destination", 1), ("state", 1), ("priority", -1), ("seq", 1)], name="claim_order"
+        )
+        await self._coll.create_index([("owner", 1)], name="owner")
+        if self._ferretdb:
+            await self._claims.create_index([("at", 1)], name="age")
+
+    # -- put ------------------------------------------------------------------------------------------------------
+    async def put(self, messages: Sequence[NewMessage]) -> None:
+        msgs = list(messages)
+        if not msgs:
+            return
+        ids = [m.message_id for m in msgs]
+        if len(set(ids)) != len(ids):
+            raise DatasourceError("put: a message with the same message_id appears twice in one batch")
+        first: int | None = None
+
+        async def write(retry: bool) -> None:
+            nonlocal first
+            if first is None:
+                first = await self._sequences.allocate("queue", len(msgs))
+            docs = [self._new_doc(m, first + i) for i, m in enumerate(msgs)]
+            try:
+                await self._coll.insert_many(docs, ordered=not retry)
+            except BulkWriteError as exc:
+                if not is_duplicate_only(exc):
+                    raise
+                if retry:  # an earlier attempt got (some of) them in: they are ours
+                    return
+                # a put is all or nothing: undo the part of this batch stored before the duplicate
+                index = min(int(e.get("index", 0)) for e in exc.details.get("writeErrors", []))
+                if index:
+                    await self._coll.delete_many({"_id": {"$in": ids[:index]}})
+                raise DatasourceError("put: a message with the same message_id is already stored") from exc
+
+        await self._writer.run(len(msgs), write)
+        for destination in {m.destination for m in msgs}:
+            self._signals.notify(destination)
+
+    def _new_doc(self, message: NewMessage, seq: int) -> Doc:
+        doc = message_doc(message, seq_field="seq", seq=seq, flat_headers=self._ferretdb)
+        doc.update(state="ready", lease_until=0, owner=None, deliveries=0, claims=0, original_destination=None)
+        return doc
+
+    # -- claim ----------------------------------------------------------------------------------------------------
+    async def claim(
+        self,
+        destination: str,
+        *,
+        owner: str,
+        limit: int,
+        lease_ms: int,
+        now_ms: int,
+        selector: HeaderFilter | None = None,
+        native_selector: Mapping[str, object] | None = None,
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        wrapped = self._wrapped.get(destination)
+        with unavailable_on_disconnect("claim"):
+            if wrapped is not None:
+                return await self._claim_wrapped(wrapped, owner, limit, now_ms + lease_ms, now_ms)
+            query: Doc = {"destination": destination, "expires_at": {"$gt": now_ms}, **_ready(now_ms)}
+            if native_selector:
+                query = {"$and": [query, translate_selector(native_selector, ferretdb=self._ferretdb)]}
+            lease_until = now_ms + lease_ms
+            if not self._ferretdb and selector is None:
+                return await self._claim_mongodb(query, owner, limit, lease_until)
+            return await self._claim_scan(query, owner, limit, lease_until, now_ms, selector)
+
+    async def _claim_mongodb(self, query: Doc, owner: str, limit: int, lease_until: int) -> list[StoredMessage]:
+        update = {
+            "$set": {"state": "leased", "lease_until": lease_until, "owner": owner},
+            "$inc": {"deliveries": 1, "claims": 1},
+        }
+        out: list[StoredMessage] = []
+        for _ in range(limit):
+            doc = await self._coll.find_one_and_update(
+                query, update, sort=SORT, return_document=ReturnDocument.AFTER
+            )
+            if doc is None:
+                break
+            out.append(stored_from_doc(doc, seq_field="seq"))
+        return out
+
+    async def _claim_scan(
+        self, query: Doc, owner: str, limit: int, lease_until: int, now_ms: int, selector: HeaderFilter | None
+    ) -> list[StoredMessage]:
+        """Read candidates in delivery order, then claim them (atomic per message, see module doc). On FerretDB a
+        round is: one read, one unordered ``insert_many`` of claim tokens (the duplicates are the ones lost), one
+        ``update_many`` of the won documents and one re-read: 4 round trips whatever ``limit`` is."""
+        out: list[Doc] = []
+        skip = 0
+        for _round in range(MAX_CLAIM_ROUNDS):
+            want = limit - len(out)
+            batch = max(2 * want, 16)
+            docs = await self._coll.find_list(query, sort=SORT, skip=skip, limit=batch)
+            candidates: list[Doc] = []
+            for doc in docs:
+                if selector is not None and not selector(headers_from_list(doc.get("headers"))):
+                    skip += 1  # stays ready: page past it next round
+                    continue
+                candidates.append(doc)
+            if self._ferretdb:
+                out += await self._claim_batch_ferretdb(candidates[:want], owner, lease_until, now_ms)
+            else:
+                for doc in candidates:
+                    claimed = await self._claim_one(doc, query, owner, lease_until)
+                    if claimed is not None:
+                        out.append(claimed)
+                        if len(out) >= limit:
+                            break
+            if len(out) >= limit or len(docs) < batch:
+                break
+        return [stored_from_doc(d, seq_field="seq") for d in sorted(out, key=lambda d: (-d["priority"], d["seq"]))]
+
+    async def _claim_one(self, doc: Doc, query: Doc, owner: str, lease_until: int) -> Doc | None:
+        """MongoDB, with a Python selector: re-check readiness and lease the message atomically, by ``_id``."""
+        return await self._coll.find_one_and_update(
+            {"$and": [query, {"_id": doc["_id"]}]},
+            {"$set": {"state": "leased", "lease_until": lease_until, "owner": owner},
+             "$inc": {"deliveries": 1, "claims": 1}},
+            return_document=ReturnDocument.AFTER,
+        )
+
+    async def _claim_batch_ferretdb(
+        self, candidates: list[Doc], owner: str, lease_until: int, now_ms: int
+    ) -> list[Doc]:
+        if not candidates:
+            return []
+        won = await self._take_versions(
+            [(f"q|{d['_id']}", str(d["_id"]), int(d.get("claims", 0))) for d in candidates], lease_until, now_ms
+        )
+        if not won:
+            return []
+        # each won document moves to exactly version read + 1 (or further, past a dead claimer's token)
+        by_version: dict[int, list[str]] = {}
+        for doc in candidates:
+            version = won.get(str(doc["_id"]))
+            if version is not None:
+                by_version.setdefault(version - int(doc.get("claims", 0)), []).append(str(doc["_id"]))
+        for step, ids in by_version.items():
+            await self._coll.update_many(
+                {"_id": {"$in": ids}},
+                {"$set": {"state": "leased", "lease_until": lease_until, "owner": owner},
+                 "$inc": {"deliveries": 1, "claims": step}},
+            )
+        # re-read: gives the stored state and drops any acked (deleted) between our read and our token
+        return await self._coll.find_list({"_id": {"$in": list(won)}})
+
+    async def _take_versions(
+        self, items: list[tuple[str, str, int]], until: int, now_ms: int
+    ) -> dict[str, int]:
+        """FerretDB only: for each ``(key, message_id, read_version)`` try to win the transition from
+        ``read_version`` by inserting the unique token ``<key>|<read_version + 1>``. A duplicate means another
+        claimer won, unless that token's own lease has expired while the document still shows ``read_version``:
+        its holder died between token and update, so the next version is tried (a few times at most).
+        Returns {message_id: version won}."""
+        at = int(time.time() * 1000)
+        won: dict[str, int] = {}
+        pending = [(key, message_id, version + 1) for key, message_id, version in items]
+        for _attempt in range(4):
+            if not pending:
+                break
+            tokens = [{"_id": f"{key}|{v}", "m": message_id, "until": until, "at": at} for key, message_id, v in pending]
+            lost: set[int] = set()
+            try:
+                await self._claims.insert_many(tokens, ordered=False)
+            except BulkWriteError as exc:
+                if not is_duplicate_only(exc):
+                    raise
+                lost = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
+            for i, (_key, message_id, v) in enumerate(pending):
+                if i not in lost:
+                    won[message_id] = v
+            if not lost:
+                break
+            lost_ids = [tokens[i]["_id"] for i in sorted(lost)]
+            held = {t["_id"]: t for t in await self._claims.find_list({"_id": {"$in": lost_ids}})}
+            pending = [
+                (key, message_id, v + 1)
+                for i, (key, message_id, v) in enumerate(pending)
+                if i in lost and (token := held.get(f"{key}|{v}")) is not None and int(token.get("until", 0)) <= now_ms
+            ]
+        self._tokens_since_prune += len(items)
+        if self._tokens_since_prune >= TOKEN_PRUNE_EVERY:
+            self._tokens_since_prune = 0
+            await self._claims.delete_many({"at": {"$lt": at - TOKEN_KEEP_MS}})
+        return won
+
+    # -- ack / release / renew -----------------------------------------------------------------------------------
+    async def ack(self, message_ids: Sequence[str]) -> None:
+        plain = [i for i in message_ids if not i.startswith(WRAPPED_PREFIX)]
+        with unavailable_on_disconnect("ack"):
+            if plain:
+                await self._coll.delete_many({"_id": {"$in": plain}})
+            for message_id in message_ids:
+                if message_id.startswith(WRAPPED_PREFIX):
+                    target = self._wrapped_target(message_id)
+                    if target is not None:
+                        coll, doc_id = target
+                        await coll.delete_one({"_id": doc_id})
+
+    async def release(self, message_ids: Sequence[str], how: Release) -> None:
+        plain = [i for i in message_ids if not i.startswith(WRAPPED_PREFIX)]
+        with unavailable_on_disconnect("release"):
+            if plain:
+                if self._ferretdb:
+                    await self._release_ferretdb(plain, how)
+                elif how is Release.REQUEUE:
+                    await self._coll.update_many(
+                        {"_id": {"$in": plain}, "state": "leased"},
+                        {"$set": {"state": "ready", "lease_until": 0, "owner": None}},
+                    )
+                else:  # one pipeline update per document: atomic on MongoDB (FerretDB v1 has no pipeline updates)
+                    await self._coll.update_many(
+                        {"_id": {"$in": plain}, "state": "leased"},
+                        [
+                            {
+                                "$set": {
+                                    "original_destination": {"$ifNull": ["$original_destination", "$destination"]},
+                                    "destination": {"$concat": ["$destination", ".DLQ"]},
+                                    "deliveries": 0,
+                                    "state": "ready",
+                                    "lease_until": 0,
+                                    "owner": None,
+                                }
+                            }
+                        ],
+                    )
+            for message_id in message_ids:
+                if message_id.startswith(WRAPPED_PREFIX):
+                    await self._release_wrapped(message_id, how)
+        self._signals.notify_all()
+
+    async def _release_ferretdb(self, ids: list[str], how: Release) -> None:
+        docs = await self._coll.find_list({"_id": {"$in": ids}, "state": "leased"})
+        for doc in docs:
+            read_version = int(doc.get("claims", 0))
+            won = await self._take_versions([(f"q|{doc['_id']}", str(doc["_id"]), read_version)], 0, 0)
+            version = won.get(str(doc["_id"]))
+            if version is None:
+                continue  # re-claimed by someone else since: our lease is gone, nothing to release
+            changes: Doc = {"state": "ready", "lease_until": 0, "owner": None, "claims": version}
+            if how is Release.DEAD_LETTER:
+                changes["original_destination"] = doc.get("original_destination") or doc["destination"]
+                changes["destination"] = f"{doc['destination']}.DLQ"
+                changes["deliveries"] = 0
+            await self._coll.update_one({"_id": doc["_id"]}, {"$set": changes})
+
+    async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
+        lease_until = now_ms + lease_ms
+        with unavailable_on_disconnect("renew"):
+            await self._coll.update_many(
+                {"owner": owner, "state": "leased"}, {"$set": {"lease_until": lease_until}}
+            )
+            for wrapped in self._wrapped.values():
+                await self._wrapped_coll(wrapped.collection).update_many(
+                    {"_sg_owner": owner, "_sg_state": "leased"}, {"$set": {"_sg_lease_until": lease_until}}
+                )
+
+    async def wait(self, destination: str, timeout: float) -> None:
+        event = self._signals.event(destination)
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+
+    # -- inspection -----------------------------------------------------------------------------------------------
+    async def stats(self, destination: str, *, now_ms: int) -> QueueStats:
+        with unavailable_on_disconnect("stats"):
+            wrapped = self._wrapped.get(destination)
+            if wrapped is not None:
+                coll = self._wrapped_coll(wrapped.collection)
+                base = dict(wrapped.filter)
+                ready = await coll.count_documents({"$and": [base, _wrapped_ready(now_ms)]})
+                unacked = await coll.count_documents(
+                    {"$and": [base, {"_sg_state": "leased", "_sg_lease_until": {"$gt": now_ms}}]}
+                )
+                return QueueStats(ready=ready, unacked=unacked)
+            ready = await self._coll.count_documents(
+                {"destination": destination, "expires_at": {"$gt": now_ms}, **_ready(now_ms)}
+            )
+            unacked = await self._coll.count_documents(
+                {"destination": destination, "state": "leased", "lease_until": {"$gt": now_ms}}
+            )
+            return QueueStats(ready=ready, unacked=unacked)
+
+    async def peek(
+        self, destination: str, *, limit: int, offset: int = 0, now_ms: int, selector: HeaderFilter | None = None
+    ) -> list[StoredMessage]:
+        if limit <= 0:
+            return []
+        with unavailable_on_disconnect("peek"):
+            wrapped = self._wrapped.get(destination)
+            if wrapped is not None:
+                paging: dict[str, int] = {"skip": offset, "limit": limit} if selector is None else {}
+                docs = await self._wrapped_coll(wrapped.collection).find_list(
+                    {"$and": [dict(wrapped.filter), _wrapped_ready(now_ms)]}, sort=[("_id", 1)], **paging
+                )
+                messages = [self._wrapped_message(wrapped, d) for d in docs]
+            else:
+                query = {"destination": destination, "expires_at": {"$gt": now_ms}, **_ready(now_ms)}
+                paging = {"skip": offset, "limit": limit} if selector is None else {}
+                docs = await self._coll.find_list(query, sort=SORT, **paging)
+                messages = [stored_from_doc(d, seq_field="seq") for d in docs]
+        if selector is None:
+            return messages
+        return [m for m in messages if selector(m.headers)][offset : offset + limit]
+
+    async def destinations(self) -> list[str]:
+        with unavailable_on_disconnect("destinations"):
+            found = {str(d) for d in await self._coll.distinct("destination")}
+            for wrapped in self._wrapped.values():
+                if await self._wrapped_coll(wrapped.collection).find_one(dict(wrapped.filter), projection={"_id": 1}):
+                    found.add(wrapped.destination)
+        return sorted(found)
+
+    async def purge(self, destination: str) -> int:
+        if destination in self._wrapped:
+            raise DatasourceError(
+                f"purge: {destination} wraps the existing collection {self._wrapped[destination].collection!r}; "
+                "refusing to delete its documents in bulk"
+            )
+        with unavailable_on_disconnect("purge"):
+            result = await self._coll.delete_many({"destination": destination})
+        return result.deleted_count
+
+    def close(self) -> None:
+        self._signals.notify_all()
+
+    # -- wrapped collections --------------------------------------------------------------------------------------
+    def _wrapped_coll(self, name: str) -> Collection:
+        return Collection(self._db[name])
+
+    def _wrapped_target(self, message_id: str) -> tuple[Collection, object] | None:
+        parsed = _parse_wrapped_id(message_id)
+        if parsed is None or parsed[0] not in self._wrapped_by_collection:
+            return None
+        return self._wrapped_coll(parsed[0]), parsed[1]
+
+    def _wrapped_message(self, wrapped: WrappedCollection, doc: Mapping[str, Any]) -> StoredMessage:
+        clean = {k: v for k, v in doc.items() if k not in _WRAPPED_FIELDS}
+        body = json_util.dumps(clean, json_options=json_util.RELAXED_JSON_OPTIONS).encode()
+        message_id = _wrapped_id(wrapped.collection, doc["_id"])
+        return StoredMessage(
+            message_id=message_id,
+            destination=wrapped.destination,
+            headers={"content-type": "application/json", "mongodb-collection": wrapped.collection},
+            body=body,
+            deliveries=int(doc.get("_sg_deliveries", 0)),
+        )
+
+    async def _claim_wrapped(
+        self, wrapped: WrappedCollection, owner: str, limit: int, lease_until: int, now_ms: int
+    ) -> list[StoredMessage]:
+        coll = self._wrapped_coll(wrapped.collection)
+        query: Doc = {"$and": [dict(wrapped.filter), _wrapped_ready(now_ms)]}
+        out: list[StoredMessage] = []
+        if not self._ferretdb:
+            update = {
+                "$set": {"_sg_state": "leased", "_sg_lease_until": lease_until, "_sg_owner": owner},
+                "$inc": {"_sg_deliveries": 1, "_sg_claims": 1},
+            }
+            for _ in range(limit):
+                doc = await coll.find_one_and_update(
+                    query, update, sort=[("_id", 1)], return_document=ReturnDocument.AFTER
+                )
+                if doc is None:
+                    break
+                out.append(self._wrapped_message(wrapped, doc))
+            return out
+        for doc in await coll.find_list(query, sort=[("_id", 1)], limit=max(2 * limit, 16)):
+            message_id = _wrapped_id(wrapped.collection, doc["_id"])
+            read_version = int(doc.get("_sg_claims", 0))
+            version = (await self._take_versions([(f"w|{message_id}", message_id, read_version)], lease_until, now_ms)).get(
+                message_id
+            )
+            if version is None:
+                continue
+            changes = {
+                "_sg_state": "leased",
+                "_sg_lease_until": lease_until,
+                "_sg_owner": owner,
+                "_sg_deliveries": int(doc.get("_sg_deliveries", 0)) + 1,
+                "_sg_claims": version,
+            }
+            result = await coll.update_one({"_id": doc["_id"]}, {"$set": changes})
+            if result.matched_count == 0:
+                continue
+            doc.update(changes)
+            out.append(self._wrapped_message(wrapped, doc))
+            if len(out) >= limit:
+                break
+        return out
+
+    async def _release_wrapped(self, message_id: str, how: Release) -> None:
+        target = self._wrapped_target(message_id)
+        if target is None:
+            return
+        coll, doc_id = target
+        if how is Release.REQUEUE:
+            await coll.update_one(
+                {"_id": doc_id, "_sg_state": "leased"},
+                {"$set": {"_sg_state": "ready", "_sg_lease_until": 0, "_sg_owner": None},
+                 "$inc": {"_sg_claims": 1}},
+            )
+            return
+        doc = await coll.find_one({"_id": doc_id, "_sg_state": "leased"})
+        if doc is None:
+            return
+        wrapped = self._wrapped_by_collection[coll.name]
+        message = self._wrapped_message(wrapped, doc)
+        seq = await self._sequences.allocate("queue", 1)
+        dead = message_doc(
+            NewMessage(
+                message_id=message_id,
+                destination=f"{wrapped.destination}.DLQ",
+                headers=message.headers,
+                body=message.body,
+            ),
+            seq_field="seq",
+            seq=seq,
+            flat_headers=self._ferretdb,
+        )
+        dead.update(
+            state="ready", lease_until=0, owner=None, deliveries=0, claims=0, original_destination=wrapped.destination
+        )
+        try:  # copy first, then delete: a crash in between leaves a duplicate, never a loss
+            await self._coll.insert_one(dead)
+        except DuplicateKeyError:
+            pass
+        await coll.delete_one({"_id": doc_id})
+

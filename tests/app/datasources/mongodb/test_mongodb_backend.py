@@ -1,0 +1,208 @@
+"""MongoDB-specific behaviour (FerretDB here, ``MONGODB_URL`` elsewhere): exactly-once claims across processes,
+wrapped collections, native selectors, the failover buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from app.datasources.interface import (
+    Datasource,
+    DatasourceOptions,
+    NewMessage,
+    Release,
+    WrappedCollection,
+)
+from app.datasources.registry import open_datasource
+from tests.mongodb_server import FerretDBServer, require_ferretdb
+
+pytestmark = pytest.mark.mongodb
+
+NOW = 1_700_000_000_000
+Q = "/queue/mongo"
+
+
+def msg(n: int, headers: dict[str, str] | None = None, destination: str = Q) -> NewMessage:
+    return NewMessage(
+        message_id=f"m{n}-{uuid.uuid4().hex[:8]}",
+        destination=destination,
+        headers=headers if headers is not None else {"n": str(n)},
+        body=f"body {n}".encode(),
+        published_at=NOW,
+    )
+
+
+@pytest.fixture
+async def ds(mongodb_url: str) -> AsyncIterator[Datasource]:
+    d = await open_datasource(mongodb_url, DatasourceOptions(namespace=f"t{uuid.uuid4().hex[:12]}"))
+    try:
+        yield d
+    finally:
+        await d.close()
+
+
+async def test_native_selector_is_evaluated_in_the_database(ds: Datasource) -> None:
+    assert ds.native_selectors
+    await ds.queues.put(
+        [
+            msg(1, {"type": "order", "priority": "7", "x.y": "1"}),
+            msg(2, {"type": "order", "priority": "3"}),
+            msg(3, {"type": "quote", "priority": "9"}),
+        ]
+    )
+    got = await ds.queues.claim(
+        Q, owner="o", limit=10, lease_ms=1000, now_ms=NOW,
+        native_selector={"type": "order", "priority": {"$gt": "5"}},
+    )
+    assert [m.headers["priority"] for m in got] == ["7"]
+    assert got[0].headers["x.y"] == "1"
+    got = await ds.queues.claim(
+        Q, owner="o", limit=10, lease_ms=1000, now_ms=NOW, native_selector={"$or": [{"type": "quote"}, {"priority": "3"}]}
+    )
+    assert sorted(m.headers["type"] for m in got) == ["order", "quote"]
+
+
+async def test_wrapped_collection_is_delivered_as_json(mongodb_url: str) -> None:
+    name = f"jobs{uuid.uuid4().hex[:8]}"
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url)
+    try:
+        jobs = client.get_default_database("stompgate")[name]
+        await jobs.insert_many([{"kind": "video", "n": i} for i in range(3)] + [{"kind": "audio", "n": 9}])
+        options = DatasourceOptions(
+            namespace=f"t{uuid.uuid4().hex[:12]}",
+            wrapped=(WrappedCollection(destination="/queue/jobs.video", collection=name, filter={"kind": "video"}),),
+        )
+        ds = await open_datasource(mongodb_url, options)
+        try:
+            first = await ds.queues.claim("/queue/jobs.video", owner="a", limit=2, lease_ms=60_000, now_ms=NOW)
+            assert len(first) == 2
+            assert first[0].headers["content-type"] == "application/json"
+            assert json.loads(first[0].body)["kind"] == "video"
+            assert "_sg_state" not in json.loads(first[0].body)
+            # leased: another claimer gets only the third
+            second = await ds.queues.claim("/queue/jobs.video", owner="b", limit=5, lease_ms=60_000, now_ms=NOW)
+            assert [json.loads(m.body)["n"] for m in second] == [2]
+            await ds.queues.ack([first[0].message_id])
+            await ds.queues.release([first[1].message_id], Release.REQUEUE)
+            again = await ds.queues.claim("/queue/jobs.video", owner="c", limit=5, lease_ms=60_000, now_ms=NOW)
+            assert [m.message_id for m in again] == [first[1].message_id]
+            assert again[0].deliveries == 2
+            assert await jobs.count_documents({"kind": "video"}) == 2  # one acked = deleted
+            assert await jobs.count_documents({"kind": "audio"}) == 1  # never touched
+        finally:
+            await ds.close()
+    finally:
+        await client.close()
+
+
+def _claimer_process(url: str, namespace: str, out: multiprocessing.Queue) -> None:  # type: ignore[type-arg]
+    async def run() -> list[str]:
+        ds = await open_datasource(url, DatasourceOptions(namespace=namespace))
+        try:
+            async def one(owner: str) -> list[str]:
+                mine: list[str] = []
+                empty = 0
+                while empty < 3:
+                    got = await ds.queues.claim(Q, owner=owner, limit=25, lease_ms=600_000, now_ms=NOW)
+                    if not got:
+                        empty += 1
+                        await asyncio.sleep(0.05)
+                        continue
+                    empty = 0
+                    mine += [m.message_id for m in got]
+                return mine
+
+            parts = await asyncio.gather(one(f"{namespace}-{uuid.uuid4().hex[:4]}-a"), one("b" + uuid.uuid4().hex[:4]))
+            return [i for p in parts for i in p]
+        finally:
+            await ds.close()
+
+    out.put(asyncio.run(run()))
+
+
+@pytest.mark.slow
+async def test_two_processes_claim_each_message_exactly_once(mongodb_url: str) -> None:
+    total = 400  # FerretDB v1 updates cost O(collection size) each; see the backend's report
+    namespace = f"t{uuid.uuid4().hex[:12]}"
+    ds = await open_datasource(mongodb_url, DatasourceOptions(namespace=namespace))
+    try:
+        messages = [msg(n) for n in range(total)]
+        await ds.queues.put(messages)
+        ctx = multiprocessing.get_context("spawn")
+        out: multiprocessing.Queue = ctx.Queue()  # type: ignore[type-arg]
+        procs = [ctx.Process(target=_claimer_process, args=(mongodb_url, namespace, out)) for _ in range(2)]
+        for p in procs:
+            p.start()
+        results = [await asyncio.to_thread(out.get, True, 110) for _ in procs]
+        for p in procs:
+            await asyncio.to_thread(p.join, 10)
+        everything = [i for r in results for i in r]
+        assert len(everything) == len(set(everything)), "a message was claimed twice"
+        assert set(everything) == {m.message_id for m in messages}, "a message was lost"
+    finally:
+        await ds.close()
+
+
+@pytest.mark.slow
+async def test_puts_survive_a_server_kill_and_restart() -> None:
+    server = FerretDBServer(require_ferretdb())
+    server.start()
+    try:
+        ds = await open_datasource(
+            server.url, DatasourceOptions(namespace="fo", server_selection_timeout_ms=500, failover_buffer=1000)
+        )
+        try:
+            stored: list[str] = []
+
+            async def producer() -> None:
+                for n in range(300):
+                    m = msg(n)
+                    await ds.queues.put([m])
+                    stored.append(m.message_id)
+
+            task = asyncio.create_task(producer())
+            while len(stored) < 50:
+                await asyncio.sleep(0.01)
+            await asyncio.to_thread(server.kill)
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(server.start)
+            await asyncio.wait_for(task, 60)
+            got = await ds.queues.peek(Q, limit=1000, now_ms=NOW)
+            assert {m.message_id for m in got} >= set(stored)
+            await ds.ping()
+        finally:
+            await ds.close()
+    finally:
+        server.cleanup()
+
+
+async def test_full_failover_buffer_refuses_at_once() -> None:
+    server = FerretDBServer(require_ferretdb())
+    server.start()
+    try:
+        ds = await open_datasource(
+            server.url, DatasourceOptions(namespace="fb", server_selection_timeout_ms=300, failover_buffer=2)
+        )
+        try:
+            await asyncio.to_thread(server.stop)
+            from app.datasources.interface import DatasourceUnavailable
+
+            with pytest.raises(DatasourceUnavailable):
+                await ds.ping()
+            waiting = asyncio.create_task(ds.queues.put([msg(1), msg(2)]))
+            await asyncio.sleep(0.8)
+            with pytest.raises(DatasourceUnavailable, match="failover buffer full: 2 messages"):
+                await ds.queues.put([msg(3)])
+            await asyncio.to_thread(server.start)
+            await asyncio.wait_for(waiting, 30)
+            assert (await ds.queues.stats(Q, now_ms=NOW)).ready == 2
+        finally:
+            await ds.close()
+    finally:
+        server.cleanup()

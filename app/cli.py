@@ -7,6 +7,7 @@ its description as help, so the CLI, the environment (``STOMPGATE_...``) and the
 from __future__ import annotations
 
 import errno
+import ipaddress
 import os
 import socket
 import sys
@@ -76,15 +77,27 @@ def serve_with(settings: Settings) -> None:
     import uvicorn
 
     from app.main import create_app
+    from app.security import SecurityConfigError, load_authorizer, tls_context
 
     _check_store(settings.store)
+    if settings.users_file is None and not settings.allow_anonymous and not _is_loopback(settings.host):
+        raise StartupError(
+            f"refusing to listen on {settings.host} with no users configured: set --users-file, "
+            "or pass --allow-anonymous to let anyone in"
+        )
+    try:
+        load_authorizer(settings)
+        tls_context(settings)
+    except SecurityConfigError as exc:
+        raise StartupError(str(exc)) from None
     _check_port(settings.host, settings.stomp_port, "stomp")
     _check_port(settings.host, settings.http_port, "http")
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
     )
+    app = create_app(settings)
     config = uvicorn.Config(
-        create_app(settings),
+        app,
         host=settings.host,
         port=settings.http_port,
         lifespan="on",
@@ -96,6 +109,15 @@ def serve_with(settings: Settings) -> None:
     server.run()
     if not server.started:
         raise StartupError("the gateway did not start; the log above says why")
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve anywhere
 
 
 def _has_sansio_ws() -> bool:
@@ -131,6 +153,21 @@ def _serve_signature() -> inspect.Signature:
         )
     ]
     for name, field in Settings.model_fields.items():
+        if field.annotation is bool:  # a switch: --allow-anonymous / --no-allow-anonymous
+            params.append(
+                inspect.Parameter(
+                    name,
+                    inspect.Parameter.KEYWORD_ONLY,
+                    default=typer.Option(
+                        None,
+                        f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",
+                        help=f"{field.description} (env STOMPGATE_{name.upper()}, default {field.default!r})",
+                        show_default=False,
+                    ),
+                    annotation=Optional[bool],
+                )
+            )
+            continue
         kind = field.annotation if field.annotation in (int, float) else str
         params.append(
             inspect.Parameter(
@@ -168,6 +205,23 @@ def openapi(
 
 
 cli.command("bench")(bench)
+
+
+@cli.command("hash-passcode")
+def hash_passcode(
+    rounds: int = typer.Option(12, min=4, max=16, help="bcrypt cost: each step doubles the work of a check."),
+) -> None:
+    """Read a passcode (or REST token) without echo and print its bcrypt hash for the users file."""
+    from app.security import hash_secret
+
+    if sys.stdin.isatty():
+        secret = typer.prompt("Passcode", hide_input=True, confirmation_prompt=True)
+    else:
+        secret = sys.stdin.readline().rstrip("\r\n")
+    if not secret:
+        typer.echo("stompgate: an empty passcode cannot be hashed", err=True)
+        raise typer.Exit(2)
+    typer.echo(hash_secret(secret, rounds))
 
 
 def main() -> None:

@@ -10,10 +10,12 @@ from typing import Any, TypedDict
 
 from fastapi import FastAPI
 
+from app.api import install as install_api
 from app.broker.broker import Broker
 from app.broker.config import BrokerConfig
 from app.datasources.interface import Datasource, DatasourceOptions
 from app.datasources.registry import open_datasource
+from app.security import load_authorizer, tls_context
 from app.settings import Settings
 from app.console import router as console_router
 from app.transports.tcp import start_tcp_listener
@@ -72,10 +74,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        authorizer = load_authorizer(settings)  # before the datasource: a bad users file fails with nothing open
         datasource = await open_datasource(settings.store, datasource_options(settings))
-        broker = Broker(datasource, broker_config(settings))
+        broker = Broker(datasource, broker_config(settings), authorizer=authorizer)
         await broker.start()
-        server = await start_tcp_listener(broker, settings.host, settings.stomp_port)
+        server = await start_tcp_listener(
+            broker, settings.host, settings.stomp_port, ssl_context=tls_context(settings)
+        )
         port = server.sockets[0].getsockname()[1]
         log.info("STOMP over TCP on %s:%d, store %s", settings.host, port, _redact(settings.store))
         state: AppState = {"settings": settings, "broker": broker, "datasource": datasource, "stomp_port": port}
@@ -89,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="stompgate", version="0.1.0", lifespan=lifespan)
 
+    install_api(app)
     app.include_router(websocket_router)
     app.include_router(console_router)
 

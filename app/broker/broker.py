@@ -129,7 +129,7 @@ class Broker:
     def publish_nowait(self, messages: list[NewMessage], kind: Literal["queue", "topic"]) -> asyncio.Future[None]:
         """Queue ``messages`` (all of one kind) for the next group write; the future completes once durable."""
         writer = self._queue_writer if kind == "queue" else self._topic_writer
-        self.metrics.published(kind, len(messages))
+        self.metrics.published(kind, [m.destination for m in messages])
         return writer.submit(messages)
 
     async def publish(self, destination: str, headers: Mapping[str, str], body: bytes) -> NewMessage:

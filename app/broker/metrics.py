@@ -20,6 +20,9 @@ class BrokerMetrics:
         self.messages_published = Counter(
             "stompgate_messages_published_total", "Messages stored by SEND or REST", ["kind"], registry=r
         )
+        self.destination_published = Counter(
+            "stompgate_destination_messages_published_total", "Messages stored per destination", ["destination"], registry=r
+        )
         self.messages_delivered = Counter(
             "stompgate_messages_delivered_total", "MESSAGE frames sent", ["destination"], registry=r
         )
@@ -43,8 +46,10 @@ class BrokerMetrics:
     def bytes_in(self, transport: str, count: int) -> None:
         self._child(self.bytes_received, transport).inc(count)
 
-    def published(self, kind: str, count: int) -> None:
-        self._child(self.messages_published, kind).inc(count)
+    def published(self, kind: str, destinations: list[str]) -> None:
+        self._child(self.messages_published, kind).inc(len(destinations))
+        for destination in destinations:
+            self._child(self.destination_published, destination).inc()
 
     def delivered(self, destination: str, count: int) -> None:
         if count:

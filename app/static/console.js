@@ -294,7 +294,9 @@
   async function publishRest(destination, headers, body) {
     const stompHeaders = {};
     for (const [k, v] of Object.entries(headers)) stompHeaders['X-Stomp-' + k] = v;
-    const response = await fetch('/destinations/' + encodeURIComponent(destination), {
+    // REST names a destination by its kind and name as path segments: /queue/orders -> /destinations/queue/orders
+    const path = destination.replace(/^\/+/, '').split('/').map(encodeURIComponent).join('/');
+    const response = await fetch('/destinations/' + path, {
       method: 'POST', body, headers: Object.assign({ 'Content-Type': headers['content-type'] || 'text/plain' }, stompHeaders),
     });
     if (response.status === 404 || response.status === 405) return false; // no REST publishing here: use STOMP

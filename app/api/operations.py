@@ -1,0 +1,75 @@
+"""Operations: ``/ready`` (the datasource answers) and Prometheus ``/metrics``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from app.api.auth import broker_of
+from app.api.errors import ProblemError, problem_responses
+from app.api.models import Readiness
+from app.datasources.interface import DatasourceUnavailable
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["operations"])
+
+RETRY_AFTER_SECONDS = "5"
+
+
+@router.get(
+    "/ready",
+    summary="Readiness: the datasource is reachable",
+    description="200 while the gateway can reach its datasource and accepts work; 503 otherwise.",
+    operation_id="ready",
+    responses=problem_responses(503),
+)
+async def ready(request: Request) -> Readiness:
+    broker = broker_of(request)
+    if not broker.accepting:
+        raise ProblemError(503, "unavailable", "the gateway is shutting down", headers={"Retry-After": RETRY_AFTER_SECONDS})
+    await broker.datasource.ping()  # DatasourceUnavailable becomes a 503 problem
+    return Readiness(status="ready")
+
+
+class _Snapshot:
+    """A collector over metric families computed for one scrape."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    description="The broker's counters (frames, bytes, messages, deliveries, redeliveries, dead letters, errors by "
+    "kind, connections by transport) plus gauges computed at scrape time: queue depth and unacked messages per "
+    "destination, and whether the datasource answers.",
+    operation_id="metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}},
+)
+async def metrics(request: Request) -> Response:
+    broker = broker_of(request)
+    depth = GaugeMetricFamily("stompgate_queue_depth", "Queue messages ready for delivery", labels=["destination"])
+    unacked = GaugeMetricFamily("stompgate_queue_unacked", "Queue messages delivered, not yet acknowledged", labels=["destination"])
+    up = GaugeMetricFamily("stompgate_datasource_up", "1 when the datasource answered this scrape, else 0")
+    try:
+        now_ms = broker.now_ms()
+        for destination in sorted(await broker.datasource.queues.destinations()):
+            stats = await broker.datasource.queues.stats(destination, now_ms=now_ms)
+            depth.add_metric([destination], stats.ready)
+            unacked.add_metric([destination], stats.unacked)
+        up.add_metric([], 1)
+    except DatasourceUnavailable:
+        up.add_metric([], 0)
+    scrape = CollectorRegistry(auto_describe=False)
+    scrape.register(_Snapshot([depth, unacked, up]))
+    body = generate_latest(broker.metrics.registry) + generate_latest(scrape)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,115 @@
+"""Bearer tokens on REST, per-destination permissions, the admin role, lockouts, and the users file's own checks."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from app.broker.auth import Principal
+from app.security import ConfiguredAuthorizer, LoginThrottle, SecurityConfigError, UsersFile, hash_secret
+from tests.app.api.conftest import Api, api_client
+from tests.app.api.test_publish import assert_problem
+from tests.app.api.users import ALICE_TOKEN, BOB_TOKEN, ROOT_TOKEN, write_users_file
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture
+async def secured(tmp_path: Path) -> AsyncIterator[Api]:
+    async with api_client(users_file=str(write_users_file(tmp_path)), login_lockout_seconds=0.2) as api:
+        yield api
+
+
+async def test_a_missing_or_wrong_token_is_a_401(secured: Api) -> None:
+    for headers in ({}, bearer("nope"), {"Authorization": "Basic YTpi"}):
+        response = await secured.client.get("/destinations", headers=headers)
+        assert_problem(response, 401, "unauthorized")
+        assert response.headers["www-authenticate"].startswith("Bearer")
+    assert (await secured.client.get("/health")).status_code == 200  # operations stay open
+    assert (await secured.client.get("/ready")).status_code == 200
+
+
+async def test_permissions_on_publish_and_peek(secured: Api) -> None:
+    c = secured.client
+    assert (await c.post("/destinations/queue/orders.eu", content=b"x", headers=bearer(ALICE_TOKEN))).status_code == 201
+    assert_problem(await c.post("/destinations/queue/other", content=b"x", headers=bearer(ALICE_TOKEN)), 403, "forbidden")
+    assert_problem(await c.post("/destinations/queue/orders", content=b"x", headers=bearer(BOB_TOKEN)), 403, "forbidden")
+    assert_problem(await c.get("/destinations/queue/orders.eu/messages", headers=bearer(ALICE_TOKEN)), 403)
+    assert len((await c.get("/destinations/queue/orders.eu/messages", headers=bearer(BOB_TOKEN))).json()) == 1
+    assert (await c.get("/destinations/queue/orders.eu", headers=bearer(BOB_TOKEN))).status_code == 200
+    assert (await c.get("/destinations", headers=bearer(ALICE_TOKEN))).json() == []  # lists only what one may read
+    assert len((await c.get("/destinations", headers=bearer(BOB_TOKEN))).json()) == 1
+
+
+async def test_admin_only_routes(secured: Api) -> None:
+    c = secured.client
+    for method, path in [("DELETE", "/destinations/queue/orders/messages"), ("GET", "/connections"), ("GET", "/subscriptions")]:
+        assert_problem(await c.request(method, path, headers=bearer(BOB_TOKEN)), 403, "forbidden")
+        assert (await c.request(method, path, headers=bearer(ROOT_TOKEN))).status_code == 200
+
+
+async def test_token_guessing_locks_the_peer_out(secured: Api) -> None:
+    for _ in range(5):
+        assert (await secured.client.get("/destinations", headers=bearer("guess"))).status_code == 401
+    locked = await secured.client.get("/destinations", headers=bearer(ROOT_TOKEN))
+    assert_problem(locked, 401)
+
+
+def test_stomp_login_lockout_and_logging(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    clock = [0.0]
+    authorizer = ConfiguredAuthorizer(UsersFile.load(write_users_file(tmp_path)), LoginThrottle(3, 10, lambda: clock[0]))
+    assert authorizer.authenticate("alice", "alice-secret") == Principal("alice", frozenset({"producer"}))
+    for _ in range(3):
+        assert authorizer.authenticate("alice", "wrong-guess") is None
+    assert authorizer.authenticate("alice", "alice-secret") is None  # locked out
+    assert authorizer.authenticate("bob", "bob-secret") is not None  # per login
+    clock[0] = 10.5
+    assert authorizer.authenticate("alice", "alice-secret") is not None
+    for _ in range(3):
+        authorizer.authenticate("alice", "wrong-guess")
+    assert authorizer.throttle.locked_for("login:alice") == pytest.approx(10)
+    authorizer.authenticate("alice", "wrong-guess")  # refused unchecked while locked: not counted
+    clock[0] = 21
+    authorizer.authenticate("alice", "wrong-guess")  # the first failure after a lockout doubles it
+    assert authorizer.throttle.locked_for("login:alice") == pytest.approx(20)
+    assert authorizer.authenticate(None, None) is None
+    assert authorizer.authenticate("mallory", "x") is None
+    assert "wrong-guess" not in caplog.text and "alice-secret" not in caplog.text
+    assert "alice" in caplog.text
+
+
+def test_globs() -> None:
+    users = UsersFile.model_validate(
+        {
+            "users": [{"name": "u", "passcode_hash": hash_secret("p", 4), "roles": ["r"]}],
+            "permissions": [{"role": "r", "read": ["/queue/a.*"], "write": ["/topic/*"]}],
+        }
+    )
+    authorizer = ConfiguredAuthorizer(users, LoginThrottle(5, 1))
+    u = Principal("u", frozenset({"r"}))
+    assert authorizer.can_read(u, "/queue/a.b") and not authorizer.can_read(u, "/queue/ab")
+    assert authorizer.can_write(u, "/topic/x/y") and not authorizer.can_write(u, "/queue/a.b")
+    assert authorizer.can_write(Principal("x", frozenset({"admin"})), "/queue/anything")
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        ("users = 3", "invalid"),
+        ("[[users]]\nname = 'a'\npasscode_hash = 'plain'", "bcrypt"),
+        ("[[users]]\nname = 'a'\nroles = ['x']\nflavour = 1", "flavour"),
+        ("[[users]]\nname = 'a'\n[[users]]\nname = 'a'", "more than once"),
+        ("not toml [", "TOML"),
+    ],
+)
+def test_a_bad_users_file_is_one_sentence(tmp_path: Path, text: str, phrase: str) -> None:
+    path = tmp_path / "users.toml"
+    path.write_text(text)
+    with pytest.raises(SecurityConfigError, match=phrase):
+        UsersFile.load(path)
+    with pytest.raises(SecurityConfigError, match="cannot read"):
+        UsersFile.load(tmp_path / "missing.toml")

@@ -1,0 +1,74 @@
+"""``stompgate bench`` end to end: it spawns a gateway, runs a small workload and reports 0 lost, 0 duplicated."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_bench(cwd: Path, *args: str) -> tuple[int, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--json", "--drain-timeout", "5", *args],
+        capture_output=True, text=True, timeout=60, cwd=cwd,
+    )  # fmt: skip
+    assert proc.stdout.strip(), proc.stderr
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize(
+    ("kind", "ack"), [("queue", "client-individual"), ("topic", "auto")], ids=["queue-client-individual", "topic-auto"]
+)
+def test_memory_store(tmp_path: Path, kind: str, ack: str) -> None:
+    code, report = run_bench(
+        tmp_path, "--spawn", "memory://", "--destination-kind", kind, "--ack", ack, "--messages", "2000"
+    )
+    assert report["errors"] == []
+    assert report["sent"] == report["receipted"] == 2000
+    assert report["lost"] == 0
+    assert report["duplicated"] == 0
+    assert report["delivered"] == 2000
+    assert report["deliveries"] == report["expected_deliveries"] == (2000 if kind == "queue" else 4000)
+    assert report["latency_ms"]["samples"] == report["deliveries"]
+    assert report["gateway_clean_exit"] is True
+    assert code == 0
+
+
+def test_sqlite_store_two_processes_client_ack(tmp_path: Path) -> None:
+    code, report = run_bench(
+        tmp_path, "--spawn", f"sqlite:///{tmp_path}/bench.db", "--ack", "client", "--messages", "2000",
+        "--processes", "2", "--producers", "2", "--consumers", "2",
+    )  # fmt: skip
+    assert report["errors"] == []
+    assert (report["sent"], report["delivered"], report["lost"], report["duplicated"]) == (2000, 2000, 0, 0)
+    assert code == 0
+
+
+def test_no_receipts_topic_version_1_0(tmp_path: Path) -> None:
+    code, report = run_bench(
+        tmp_path, "--spawn", "memory://", "--destination-kind", "topic", "--no-receipts", "--version", "1.0",
+        "--messages", "1000", "--consumers", "3",
+    )  # fmt: skip
+    assert report["receipted"] is None
+    assert (report["sent"], report["deliveries"], report["lost"], report["duplicated"]) == (1000, 3000, 0, 0)
+    assert code == 0
+
+
+def test_idle_connections_report_rss(tmp_path: Path) -> None:
+    code, report = run_bench(tmp_path, "--spawn", "memory://", "--idle-connections", "50", "--hold", "0.2")
+    assert report["connected"] == report["alive_at_end"] == 50
+    assert report["rss_held_kb"] > 0
+    assert code == 0
+
+
+def test_nothing_listening_is_an_error(tmp_path: Path) -> None:
+    from app.bench.spawn import free_port
+
+    code, report = run_bench(tmp_path, "--port", str(free_port()), "--messages", "10", "--connect-timeout", "1")
+    assert report["errors"]
+    assert code == 1

@@ -1,0 +1,197 @@
+"""Security against a real gateway process: STOMP login/passcode and permissions, REST bearer tokens, login
+lockouts, TLS on the TCP listener (stomp.py over TLS), and refusing a public address with no users."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import stomp
+
+from tests.app.api.users import ALICE_TOKEN, BOB_TOKEN, write_users_file
+from tests.gateway_process import Gateway, free_port, start_gateway
+from tests.integration.stomppy_helpers import Client
+from tests.raw_stomp import RawClient
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    tmp = tmp_path_factory.mktemp("secured")
+    users = write_users_file(tmp)
+    gateway = start_gateway(tmp, "memory://", extra=["--users-file", str(users), "--login-lockout-seconds", "30"])
+    yield gateway
+    gateway.stop()
+
+
+def stomp_client(gateway: Gateway) -> Client:
+    return Client(gateway.stomp_port, "1.2")
+
+
+def refused(client: Client, login: str, passcode: str) -> bool:
+    try:
+        client.connect(login=login, passcode=passcode)
+    except stomp.exception.ConnectFailedException:
+        return True
+    finally:
+        client.disconnect()
+    return not client.conn.is_connected() and bool(client.errors)
+
+
+def test_stomp_login_and_permissions(secured: Gateway) -> None:
+    producer = stomp_client(secured).connect(login="alice", passcode="alice-secret")
+    consumer = stomp_client(secured).connect(login="bob", passcode="bob-secret")
+    try:
+        consumer.conn.subscribe("/queue/orders.eu", id="1", ack="auto")
+        producer.send("/queue/orders.eu", "allowed")
+        assert consumer.get().body == "allowed"
+        producer.conn.send(destination="/queue/elsewhere", body="not allowed")
+        deadline = time.monotonic() + 5
+        while not producer.errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert producer.errors and "may not write" in producer.errors[0].body
+    finally:
+        producer.disconnect()
+        consumer.disconnect()
+    reader = stomp_client(secured).connect(login="alice", passcode="alice-secret")
+    try:
+        reader.conn.subscribe("/queue/orders.eu", id="1")
+        deadline = time.monotonic() + 5
+        while not reader.errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert reader.errors and "may not read" in reader.errors[0].body
+    finally:
+        reader.disconnect()
+
+
+def test_wrong_passcode_is_refused_and_not_logged(secured: Gateway) -> None:
+    assert refused(stomp_client(secured), "alice", "not-the-passcode")
+    assert refused(stomp_client(secured), "nobody", "whatever")
+    log = secured.log()
+    assert "login failed for user 'alice'" in log
+    assert "not-the-passcode" not in log
+
+
+def test_repeated_failures_lock_the_login_out(secured: Gateway) -> None:
+    for _ in range(5):
+        assert refused(stomp_client(secured), "root", "guess")
+    assert refused(stomp_client(secured), "root", "root-secret")  # even the right passcode, for a while
+    assert "locked out" in secured.log()
+
+
+def test_rest_bearer_tokens(secured: Gateway) -> None:
+    with httpx.Client(base_url=secured.http_url) as http:
+        missing = http.post("/destinations/queue/orders", content=b"x")
+        assert missing.status_code == 401
+        assert missing.headers["content-type"] == "application/problem+json"
+        assert missing.headers["www-authenticate"].startswith("Bearer")
+        ok = http.post("/destinations/queue/orders", content=b"x", headers={"Authorization": f"Bearer {ALICE_TOKEN}"})
+        assert ok.status_code == 201, ok.text
+        forbidden = http.delete("/destinations/queue/orders/messages", headers={"Authorization": f"Bearer {BOB_TOKEN}"})
+        assert forbidden.status_code == 403
+        peek = http.get("/destinations/queue/orders/messages", headers={"Authorization": f"Bearer {BOB_TOKEN}"})
+        assert [m["body"] for m in peek.json()] == ["x"]
+
+
+# ---- TLS ----
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    tmp = tmp_path_factory.mktemp("tls")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_stomp_over_tls(tmp_path: Path, certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    users = write_users_file(tmp_path)
+    gateway = start_gateway(
+        tmp_path, "memory://", extra=["--users-file", str(users), "--tls-certfile", str(cert), "--tls-keyfile", str(key)]
+    )
+    try:
+        client = stomp_client(gateway)
+        client.conn = stomp.Connection12([("127.0.0.1", gateway.stomp_port)], reconnect_attempts_max=1)
+        client.conn.set_listener("test", client)
+        client.conn.set_ssl(for_hosts=[("127.0.0.1", gateway.stomp_port)], ca_certs=str(cert), ssl_version=ssl.PROTOCOL_TLS_CLIENT)
+        client.connect(login="alice", passcode="alice-secret")
+        try:
+            client.conn.subscribe("/topic/prices", id="1")
+            time.sleep(0.2)
+            client.send("/topic/prices", "42 over TLS")
+            assert client.get().body == "42 over TLS"
+        finally:
+            client.disconnect()
+        plain = RawClient(gateway.stomp_port)  # no TLS: the handshake fails, nothing is served in clear text
+        try:
+            plain.frame("CONNECT", {"accept-version": "1.2", "host": "/", "login": "alice", "passcode": "alice-secret"})
+            assert plain.closed_by_peer()
+            assert b"CONNECTED" not in plain.buffer
+        finally:
+            plain.close()
+    finally:
+        gateway.stop()
+
+
+# ---- refusing to expose an open gateway ----
+
+
+def serve(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--store", "memory://",
+         "--stomp-port", str(free_port()), "--http-port", str(free_port()), *args],
+        capture_output=True, text=True, timeout=30, cwd=cwd, env=dict(os.environ),
+    )  # fmt: skip
+
+
+def test_refuses_a_public_address_without_users(tmp_path: Path) -> None:
+    result = serve("--host", "0.0.0.0", cwd=tmp_path)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "refusing to listen on 0.0.0.0 with no users configured" in result.stderr
+    assert "--allow-anonymous" in result.stderr
+
+
+def test_a_bad_users_file_or_tls_file_is_one_sentence(tmp_path: Path) -> None:
+    bad = tmp_path / "users.toml"
+    bad.write_text("[[users]]\nname = 'a'\npasscode_hash = 'plaintext'\n")
+    result = serve("--users-file", str(bad), cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "users file" in result.stderr and "bcrypt" in result.stderr
+    result = serve("--tls-certfile", str(tmp_path / "missing.pem"), cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert "missing.pem" in result.stderr
+
+
+def test_allow_anonymous_on_a_public_address(tmp_path: Path) -> None:
+    http_port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--store", "memory://", "--host", "0.0.0.0",
+         "--allow-anonymous", "--stomp-port", str(free_port()), "--http-port", str(http_port), "--log-level", "warning"],
+        cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert process.poll() is None, "the gateway exited"
+            try:
+                if httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=0.5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        else:
+            pytest.fail("the gateway did not start")
+    finally:
+        process.terminate()
+        process.wait(timeout=15)

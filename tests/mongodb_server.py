@@ -1,24 +1,36 @@
-"""A MongoDB-protocol server for the tests: ``MONGODB_URL`` when set, else a private FerretDB (SQLite backend).
+"""A MongoDB-protocol server for the tests: ``MONGODB_URL`` when set, else a private FerretDB on PostgreSQL.
 
-``mongodb_url`` (session fixture) yields a ``mongodb://127.0.0.1:PORT/`` URL. Without FerretDB the MongoDB tests are
-skipped, or fail when ``CI=true``. ``FerretDBServer`` starts extra private servers (the failover test kills one).
+``mongodb_url`` (session fixture) yields a ``mongodb://127.0.0.1:PORT/`` URL. Without FerretDB (or without the
+PostgreSQL binaries, ``postgresql`` Debian package) the MongoDB tests are skipped, or fail when ``CI=true``.
+``FerretDBServer`` starts extra private servers (the failover tests kill one).
+
+Backend: FerretDB's PostgreSQL handler, measured faster than its SQLite handler for the queue workload and free of
+SQLite's "database is locked (517)" when writes meet a tailable cursor. One private PostgreSQL cluster per test
+process (``initdb`` into a temp dir, TCP on 127.0.0.1 only, socket in the temp dir, run as the ``postgres`` OS user
+when we are root; ``fsync=off``: the tests kill FerretDB, never PostgreSQL, so that costs no test any durability
+it checks) is started on first use and removed at exit; every ``FerretDBServer`` gets its own database in it.
+``STOMPGATE_FERRETDB_HANDLER=sqlite`` selects the SQLite handler instead.
 """
 
 from __future__ import annotations
 
+import atexit
+import glob
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-__all__ = ["FerretDBServer", "ferretdb_binary", "free_port", "mongodb_url", "require_ferretdb"]
+__all__ = ["FerretDBServer", "PostgresCluster", "ferretdb_binary", "free_port", "mongodb_url", "require_ferretdb"]
 
 START_TIMEOUT_S = 20.0
 

@@ -13,10 +13,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from app.broker.auth import Principal
-from app.broker.destinations import InvalidDestination, parse_destination
+from app.broker.destinations import Destination, InvalidDestination, parse_destination
 from app.broker.messages import HeaderError, delivery_headers
 from app.broker.selectors import SelectorError, compile_selector
 from app.broker.subscriptions import (
@@ -94,6 +94,7 @@ class Completions:
     def __init__(self, on_drain: Callable[[], None]) -> None:
         self._queue: deque[tuple[asyncio.Future[None] | None, Callable[[BaseException | None], None]]] = deque()
         self._on_drain = on_drain
+        self._last_future: asyncio.Future[None] | None = None  # frames of one read share a future: one callback
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -102,9 +103,10 @@ class Completions:
         if not self._queue and (future is None or future.done()):
             done(_exception_of(future))
             return
-        self._queue.append((future, done))
-        if future is not None:
+        if future is not None and future is not self._last_future:
             future.add_done_callback(self._pump)
+            self._last_future = future
+        self._queue.append((future, done))
 
     def _pump(self, _: object = None) -> None:
         queue = self._queue
@@ -149,6 +151,9 @@ class Session:
         self._completions = Completions(self._maybe_resume)
         self._ending: asyncio.Task[None] | None = None
         self._flush_scheduled = False
+        self._pending_sends: dict[Literal["queue", "topic"], tuple[list[NewMessage], asyncio.Future[None]]] = {}
+        self._pending_acks: tuple[list[str], asyncio.Future[None]] | None = None
+        self._destinations: dict[str, Destination] = {}  # parsed destination names, per connection
 
     # ---- from the transport ----
 
@@ -165,6 +170,7 @@ class Session:
                 self._dispatch(event)
             except SessionError as exc:
                 self._fail(exc.message, exc.detail, _receipt_of(event))
+        self._submit_sends()
         self.flush()
         if len(self._completions) > self.broker.config.max_inflight_per_session and not self._paused:
             self._paused = True
@@ -286,11 +292,19 @@ class Session:
         if not self.broker.authorizer.can_write(self.principal, destination):
             raise SessionError("Access refused", f"user {self.principal.name!r} may not write to {destination}")
 
+    def _destination(self, text: str) -> Destination:
+        destination = self._destinations.get(text)
+        if destination is None:
+            try:
+                destination = parse_destination(text)
+            except InvalidDestination as exc:
+                raise SessionError("Invalid destination", str(exc)) from None
+            if len(self._destinations) < 1024:  # a client cycling through names cannot grow this without bound
+                self._destinations[text] = destination
+        return destination
+
     def _on_send(self, event: Send) -> None:
-        try:
-            destination = parse_destination(event.destination)
-        except InvalidDestination as exc:
-            raise SessionError("Invalid destination", str(exc)) from None
+        destination = self._destination(event.destination)
         self._check_write(event.destination)
         try:
             message = self.broker.build_message(event.destination, event.headers, event.body)
@@ -301,8 +315,32 @@ class Session:
             tx.sends.append(message)
             self._receipt_after(None, event.receipt)
             return
-        future = self.broker.publish_nowait([message], destination.kind)
-        self._receipt_after(future, event.receipt)
+        self._receipt_after(self._batched_send(message, destination.kind), event.receipt)
+
+    def _batched_send(self, message: NewMessage, kind: Literal["queue", "topic"]) -> asyncio.Future[None]:
+        """Collect the SENDs of one read into one group write: one future (and one callback chain) per read, not
+        per frame. ``_submit_sends`` hands the group to the broker at the end of ``receive``."""
+        pending = self._pending_sends.get(kind)
+        if pending is None:
+            pending = self._pending_sends[kind] = ([], asyncio.get_running_loop().create_future())
+        pending[0].append(message)
+        return pending[1]
+
+    def _batched_ack(self, message_ids: list[str]) -> asyncio.Future[None]:
+        if self._pending_acks is None:
+            self._pending_acks = ([], asyncio.get_running_loop().create_future())
+        self._pending_acks[0].extend(message_ids)
+        return self._pending_acks[1]
+
+    def _submit_sends(self) -> None:
+        if self._pending_acks is not None:
+            (ids, placeholder), self._pending_acks = self._pending_acks, None
+            _chain(self.broker.ack_nowait(ids), placeholder)
+        if not self._pending_sends:
+            return
+        groups, self._pending_sends = self._pending_sends, {}
+        for kind, (messages, placeholder) in groups.items():
+            _chain(self.broker.publish_nowait(messages, kind), placeholder)
 
     def _transaction(self, name: str) -> Transaction:
         tx = self.transactions.get(name)
@@ -348,7 +386,7 @@ class Session:
         if not ids:
             return None
         if how is None:
-            return self.broker.ack_nowait(ids)
+            return self._batched_ack(ids)
         return asyncio.ensure_future(self.broker.release(ids, how))
 
     def _on_subscribe(self, event: Subscribe) -> None:
@@ -435,6 +473,7 @@ class Session:
         tx = self.transactions.pop(event.transaction, None)
         if tx is None:
             raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
+        self._submit_sends()  # SENDs before this COMMIT are written before the transaction's
         futures: list[asyncio.Future[None]] = []
         queue_sends = [m for m in tx.sends if m.destination.startswith("/queue/")]
         topic_sends = [m for m in tx.sends if not m.destination.startswith("/queue/")]
@@ -473,7 +512,7 @@ class Session:
                 return
             if receipt is not None:
                 self.conn.send_receipt(receipt)
-                self.flush()
+                self.flush_soon()
 
         self._completions.push(future, done)
 
@@ -509,6 +548,20 @@ class Session:
 
 async def _all(futures: list[asyncio.Future[None]]) -> None:
     await asyncio.gather(*futures)
+
+
+def _chain(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
+    def copy(done: asyncio.Future[None]) -> None:
+        if target.done():
+            return
+        if done.cancelled():
+            target.cancel()
+        elif (exc := done.exception()) is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(None)
+
+    source.add_done_callback(copy)
 
 
 def _receipt_of(event: ServerEvent) -> str | None:

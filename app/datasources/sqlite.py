@@ -125,18 +125,34 @@ class _Op(Generic[T]):
     """One queued write: ``run`` executes in the writer thread inside the batch transaction; ``after`` runs on the
     event loop once the commit succeeded."""
 
-    __slots__ = ("run", "future", "after")
+    __slots__ = ("run", "future", "after", "early", "answered")
 
     def __init__(
-        self, run: Callable[[sqlite3.Connection], T], future: asyncio.Future[T], after: Callable[[T], None] | None
+        self,
+        run: Callable[[sqlite3.Connection], T],
+        future: asyncio.Future[T],
+        after: Callable[[T], None] | None,
+        early: bool = False,
     ) -> None:
         self.run = run
         self.future = future
         self.after = after
+        # An early op is answered as soon as it ran, before the COMMIT: used for claims, whose result need not be
+        # durable (leases are reset on open, so a claim lost in a crash only means a redelivery) and whose latency
+        # would otherwise include the group commit's fsync.
+        self.early = early
+        self.answered = False
+
+
+def _answer(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 class _Store:
     """The two connections, the writer loop and the group commit. Shared by the queue and topic halves."""
+
+    _inflight: asyncio.Future[None] | None = None  # the running batch, while it holds answered early ops
 
     def __init__(self, path: str, options: DatasourceOptions) -> None:
         self.path = path
@@ -189,6 +205,7 @@ class _Store:
             raise DatasourceError(
                 f"cannot open the SQLite database {self.path!r} (is the directory {directory!r} writable?): {exc}"
             ) from exc
+        self._loop = loop
         self._task = loop.create_task(self._writer_loop(), name="sqlite-writer")
 
     def _connect(self) -> sqlite3.Connection:
@@ -274,12 +291,12 @@ class _Store:
 
     # -- writes: the group commit ----------------------------------------------------------------------------------
     def write(
-        self, run: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None
+        self, run: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None, *, early: bool = False
     ) -> asyncio.Future[T]:
         if self._closing:
             raise DatasourceUnavailable("the SQLite datasource is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Op(run, future, after))
+        self._pending.append(_Op(run, future, after, early))
         self._wakeup.set()
         return future
 
@@ -295,7 +312,15 @@ class _Store:
                 continue
             batch = [pending.popleft() for _ in range(min(len(pending), MAX_BATCH_OPS))]
             try:
-                results = await loop.run_in_executor(self._writer_pool, self._run_batch, batch)
+                early = any(op.early for op in batch)
+                if early:
+                    self._inflight = loop.create_future()
+                try:
+                    results = await loop.run_in_executor(self._writer_pool, self._run_batch, batch)
+                finally:
+                    if early and self._inflight is not None:
+                        self._inflight.set_result(None)
+                        self._inflight = None
             except BaseException as exc:  # the writer thread itself failed: fail the batch, keep serving
                 error = exc if isinstance(exc, Exception) else DatasourceUnavailable("the SQLite writer stopped")
                 results = [(False, error)] * len(batch)
@@ -322,7 +347,13 @@ class _Store:
         assert conn is not None
         try:
             conn.execute("BEGIN IMMEDIATE")
-            results = [op.run(conn) for op in batch]
+            results = []
+            for op in batch:
+                result = op.run(conn)
+                results.append(result)
+                if op.early:
+                    op.answered = True
+                    self._loop.call_soon_threadsafe(_answer, op.future, result)
             conn.execute("COMMIT")
         except Exception as exc:
             if conn.in_transaction:
@@ -330,7 +361,13 @@ class _Store:
             self.lease_floor.clear()  # may describe rolled-back claims; forgetting it is always safe
             if len(batch) == 1:
                 return [(False, _translate(exc))]
-            return [result for op in batch for result in self._run_batch([op])]  # isolate the failing call
+            # Isolate the failing call. An early op already answered is not run again: its claim was rolled back, so
+            # those messages are ready again and may be delivered twice (at-least-once), never leaked.
+            return [
+                (True, None) if op.answered else result
+                for op in batch
+                for result in ([(True, None)] if op.answered else self._run_batch([op]))
+            ]
         self.commits += 1
         return [(True, r) for r in results]
 
@@ -338,6 +375,10 @@ class _Store:
     async def read(self, run: Callable[[sqlite3.Connection], T]) -> T:
         if self._closing or self._reader is None:
             raise DatasourceUnavailable("the SQLite datasource is closed")
+        if self._inflight is not None:
+            # A batch holding claims already answered is not committed yet: read after it, so that whoever saw a
+            # claim's result also sees it in stats and peek.
+            await asyncio.shield(self._inflight)
         reader = self._reader
 
         def call() -> T:
@@ -483,7 +524,7 @@ class SqlitePollQueue(PollQueue):
             out.sort(key=lambda s: (-s.priority, s.seq))  # RETURNING gives no order
             return out
 
-        return await store.write(run)
+        return await store.write(run, early=True)
 
     def _claim_matching(
         self,

@@ -7,16 +7,14 @@ its description as help, so the CLI, the environment (``STOMPGATE_...``) and the
 from __future__ import annotations
 
 import errno
+import inspect
 import ipaddress
 import os
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 from urllib.parse import urlsplit
-
-import inspect
-from typing import Optional
 
 import typer
 from pydantic import ValidationError
@@ -72,9 +70,9 @@ def _check_port(host: str, port: int, what: str) -> None:
 
 
 def serve_with(settings: Settings) -> None:
-    import logging
-
     import uvicorn
+
+    from app.logs import configure_logging
 
     from app.main import create_app
     from app.security import SecurityConfigError, load_authorizer, tls_context
@@ -92,9 +90,7 @@ def serve_with(settings: Settings) -> None:
         raise StartupError(str(exc)) from None
     _check_port(settings.host, settings.stomp_port, "stomp")
     _check_port(settings.host, settings.http_port, "http")
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(
         app,
@@ -102,6 +98,7 @@ def serve_with(settings: Settings) -> None:
         port=settings.http_port,
         lifespan="on",
         log_level=settings.log_level,
+        log_config=None,
         ws="websockets-sansio" if _has_sansio_ws() else "auto",
         timeout_graceful_shutdown=10,
     )

@@ -78,7 +78,14 @@ class Broker:
     async def stop(self) -> None:
         """Stop accepting, tell every client with an ERROR, release what they held, finish writes in flight."""
         self.accepting = False
-        for session in list(self.sessions.values()):
+        sessions = list(self.sessions.values())
+        # Finish what clients already sent (their RECEIPTs included) before telling them, within a bound.
+        quiet = asyncio.gather(*(s.quiesce() for s in sessions), return_exceptions=True)
+        try:
+            await asyncio.wait_for(quiet, timeout=self.config.shutdown_grace)
+        except asyncio.TimeoutError:
+            log.warning("shutdown: some receipts did not complete within %.1fs", self.config.shutdown_grace)
+        for session in sessions:
             session.close_with_error("Server shutting down", "the gateway is stopping; reconnect to another")
         for session in list(self.sessions.values()):
             session.connection_lost()

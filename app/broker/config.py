@@ -30,4 +30,5 @@ class BrokerConfig:
     # Bytes queued for a slow client before it is disconnected with an ERROR naming the limit.
     max_session_buffer: int = 16 * 1024 * 1024
     claim_batch: int = 256  # most messages one claim round trip may take for one subscription
+    shutdown_grace: float = 5.0  # seconds a stopping gateway waits for receipts in flight before closing sessions
     server_name: str = "stompgate/0.1.0"

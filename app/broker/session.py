@@ -95,6 +95,7 @@ class Completions:
         self._queue: deque[tuple[asyncio.Future[None] | None, Callable[[BaseException | None], None]]] = deque()
         self._on_drain = on_drain
         self._last_future: asyncio.Future[None] | None = None  # frames of one read share a future: one callback
+        self._idle: asyncio.Event | None = None
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -114,6 +115,14 @@ class Completions:
             future, done = queue.popleft()
             done(_exception_of(future))
         self._on_drain()
+        if not queue and self._idle is not None:
+            self._idle.set()
+
+    async def idle(self) -> None:
+        """Return once every pushed completion has run (used by graceful shutdown)."""
+        if self._queue:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
 
     def cancel_all(self) -> None:
         self._queue.clear()
@@ -238,6 +247,13 @@ class Session:
     def send_heartbeat(self) -> None:
         self.conn.send_heartbeat()
         self.flush()
+
+    async def quiesce(self) -> None:
+        """Stop reading from the client and let the work it already sent finish, RECEIPTs included."""
+        if not self.finished:
+            self.transport.pause_reading()
+            self._submit_sends()
+            await self._completions.idle()
 
     def close_with_error(self, message: str, detail: str = "") -> None:
         """Used by the broker (shutdown, heart-beat timeout, login timeout)."""

@@ -100,3 +100,16 @@ def test_settings_precedence_flags_over_env_over_file(tmp_path: Path) -> None:
     assert settings.max_deliveries == 7  # from the file
     assert settings.heartbeat_ms == 2222  # the environment beats the file
     assert settings.login_timeout == 9.0  # a flag beats both
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    import json
+
+    from tests.gateway_process import start_gateway
+
+    gw = start_gateway(tmp_path, "memory://", ["--log-format", "json", "--log-level", "info"])
+    gw.stop()
+    lines = [line for line in gw.log().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]
+    assert any("STOMP over TCP" in r["message"] for r in records)
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)

@@ -68,3 +68,44 @@ def test_no_receipted_message_is_lost_on_sigkill(tmp_path: Path) -> None:
     finally:
         producer.close()
         again.stop()
+
+
+def test_sigterm_finishes_receipts_in_flight_and_tells_clients(tmp_path: Path) -> None:
+    """Graceful shutdown: stop reading, finish the RECEIPTs of what was sent, then an ERROR, then close."""
+    store = f"sqlite:///{tmp_path}/graceful.db"
+    gw = start_gateway(tmp_path, store)
+    producer = RawClient(gw.stomp_port)
+    producer.connect()
+    producer.send(b"".join(f"SEND\ndestination:/queue/graceful\nreceipt:{i}\n\nmsg-{i}\x00".encode() for i in range(2000)))
+    gw.stop()  # SIGTERM right behind the burst
+    receipted: set[str] = set()
+    error = None
+    try:
+        while error is None:
+            frame = producer.read(timeout=10)
+            if frame.command == "RECEIPT":
+                receipted.add(frame.headers["receipt-id"])
+            elif frame.command == "ERROR":
+                error = frame
+    except (EOFError, OSError):
+        pass
+    producer.close()
+    assert error is not None and error.headers["message"] == "Server shutting down"
+    assert receipted, "the SENDs already read should have been finished and receipted"
+    again = start_gateway(tmp_path, store)
+    try:
+        consumer = RawClient(again.stomp_port)
+        consumer.connect()
+        consumer.frame("SUBSCRIBE", {"id": "s", "destination": "/queue/graceful", "prefetch-count": "1000"})
+        received: set[str] = set()
+        try:
+            while True:
+                frame = consumer.read(timeout=2)
+                if frame.command == "MESSAGE":
+                    received.add(frame.body.decode().removeprefix("msg-"))
+        except EOFError:
+            pass
+        consumer.close()
+        assert receipted <= received
+    finally:
+        again.stop()

@@ -30,3 +30,12 @@ def raw(gateway: Gateway) -> Iterator[Callable[[], RawClient]]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture(autouse=True)
+def close_stomp_clients() -> Iterator[None]:
+    from tests.integration.stomppy_helpers import Client
+
+    yield
+    while Client.opened:
+        Client.opened.pop().force_close()

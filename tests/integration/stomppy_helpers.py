@@ -23,7 +23,12 @@ class Received:
 
 
 class Client(stomp.ConnectionListener):  # type: ignore[misc]
+    # Every client made during a test, so the ``close_stomp_clients`` fixture can close what a test left open (a
+    # socket closed by the garbage collector instead raises a ResourceWarning, an error under our pytest settings).
+    opened: list[Client] = []
+
     def __init__(self, port: int, version: str, heartbeats: tuple[int, int] = (0, 0)) -> None:
+        Client.opened.append(self)
         kwargs: dict[str, Any] = {"heartbeats": heartbeats} if version != "1.0" else {}
         self.version = version
         self.conn = CONNECTIONS[version]([("127.0.0.1", port)], **kwargs)
@@ -92,6 +97,15 @@ class Client(stomp.ConnectionListener):  # type: ignore[misc]
     def disconnect(self) -> None:
         if self.conn.is_connected():
             self.conn.disconnect(receipt=self.receipt())
+
+    def force_close(self) -> None:
+        try:
+            if self.conn.is_connected():
+                self.conn.disconnect()
+        except Exception:  # already gone: only the socket matters now
+            pass
+        self.conn.transport.stop()
+        self.conn.transport.disconnect_socket()
 
 
 def connect(port: int, version: str = "1.2", **headers: str) -> Client:

@@ -111,7 +111,7 @@ class Completions:
 
     def _pump(self, _: object = None) -> None:
         queue = self._queue
-        while queue and (queue[0][0] is None or queue[0][0].done()):  # type: ignore[union-attr]
+        while queue and (queue[0][0] is None or queue[0][0].done()):
             future, done = queue.popleft()
             done(_exception_of(future))
         self._on_drain()
@@ -440,7 +440,7 @@ class Session:
             self.broker.durable_in_use.add(cursor)
         else:
             sub = TopicSubscription(self, **common)  # type: ignore[arg-type]
-            self.broker.add_topic_subscription(sub)  # type: ignore[arg-type]
+            self.broker.add_topic_subscription(sub)
         self.subscriptions[event.id] = sub
         sub.start()
         self._receipt_after(None, event.receipt)

@@ -14,13 +14,26 @@ Claim atomicity, and why it differs by server:
   concurrent claimers can both "win" the same message (measured here: duplicates within seconds). What its storage
   does make atomic is an insert into a unique ``_id`` index. So a claimer reads candidates, then inserts a claim
   token ``{_id: "q|<message _id>|<claims + 1>"}`` into ``<ns>.claims``: exactly one claimer can insert the token
-  for a given version, a ``DuplicateKeyError`` means another one won. The winner then writes the lease (and
-  ``claims + 1``). Releases take the same kind of token, so a release racing a re-claim of an expired lease has one
-  winner too. A token whose claim lease expired while the document still shows the old version belongs to a
-  claimer that died between token and update; the next version is tried. Tokens carry the gateway time and are
-  pruned after ``TOKEN_KEEP_MS``. Cost per claim call: 4 round trips (read candidates, ``insert_many`` tokens
-  unordered - the duplicate-key indexes are the ones lost -, ``update_many`` the won, re-read them), whatever
-  ``limit`` is. Reads sort in memory on FerretDB, so a claim costs O(backlog of the destination) there.
+  for a given version, a ``DuplicateKeyError`` means another one won. The winner then writes the lease (and the
+  version won into ``claims``) with ``update_one({_id, claims: <version read>})``; no match means the message was
+  acked (deleted) meanwhile, and it is dropped. Releases take the same kind of token, so a release racing a
+  re-claim of an expired lease has one winner too. A token whose claim lease expired while the document still
+  shows the old version belongs to a claimer that died between token and update; the next version is tried.
+  Tokens carry the gateway time and are pruned after ``TOKEN_KEEP_MS``.
+
+  Cost model (FerretDB 1.24, PostgreSQL or SQLite backend, measured): only top-level equality is pushed down to
+  SQL, and every document that reaches FerretDB is decoded (~0.1 ms each), so a sorted read or any ``$in``/range
+  filter costs O(documents of the collection or destination) - ~0.5 s at 5,000 -, while a write or read by
+  ``_id`` equality costs ~1-4 ms. So the FerretDB path never filters by ``$in``: claims, acks and releases work
+  per ``_id`` (concurrently), and the sorted candidate read is shared: each ``MongoPollQueue`` keeps a *window*
+  per destination - the next ``WINDOW`` ready messages in delivery order, read with one query - and hands its
+  head to successive claims (an in-process lock-free pop, so local claimers never contend). The window is read
+  again when it runs out, after a local ``put``/``release``/``purge`` (so this gateway's own messages are claimed
+  in exact priority/FIFO order), when ``now_ms`` leaves ``[read time, read time + WINDOW_MS)`` (leases that
+  expired since are seen), and at most ``WINDOW_S`` after it was read (another gateway's puts wait at most that
+  long; ordering between gateways is by arrival anyway). A window entry another gateway took meanwhile just
+  loses its token and is skipped. Per claim call: 1 ``insert_many`` of tokens + one ``update_one`` per message
+  (concurrent), plus one sorted read per window. Selectors (Python or native) read fresh candidates each call.
 
 Wrapped collections (``DatasourceOptions.wrapped``): documents of an existing collection matching a filter are
 claimed in place with the lease fields ``_sg_state``, ``_sg_lease_until``, ``_sg_owner``, ``_sg_deliveries``,
@@ -33,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -72,6 +86,11 @@ MAX_CLAIM_ROUNDS = 4  # candidate reads per claim call before returning fewer th
 # holds a candidate it read, so no stale claimer can re-insert a pruned token.
 TOKEN_KEEP_MS = 10 * 60 * 1000
 TOKEN_PRUNE_EVERY = 5_000  # tokens taken between two prunes
+# FerretDB candidate window (see module doc): size, and how long (gateway monotonic s / now_ms span) it is reused.
+WINDOW = 256
+WINDOW_S = 0.25
+WINDOW_MS = 250
+PARALLEL_WRITES = 32  # concurrent per-_id writes of one call on FerretDB
 WRAPPED_PREFIX = "wrapped:"  # message ids of wrapped documents: wrapped:["<collection>", "<_id as Extended JSON>"]
 _WRAPPED_FIELDS = ("_sg_state", "_sg_lease_until", "_sg_owner", "_sg_deliveries", "_sg_claims")
 
@@ -96,6 +115,36 @@ class _Signals:
     def notify_all(self) -> None:
         for key in list(self._events):
             self.notify(key)
+
+
+class _Window:
+    """FerretDB: the next ready messages of one destination, in delivery order, as read at ``now_ms``."""
+
+    __slots__ = ("docs", "now_ms", "read_at", "max_age", "generation", "complete")
+
+    def __init__(self, docs: list[Doc], now_ms: int, generation: int, complete: bool, read_s: float) -> None:
+        self.docs = deque(docs)
+        self.now_ms = now_ms
+        self.read_at = time.monotonic()
+        # a read that took long is reused longer, so reading stays a small share of the work
+        self.max_age = max(WINDOW_S, 4 * read_s)
+        self.generation = generation
+        self.complete = complete  # the read returned every ready message there was
+
+    def usable(self, now_ms: int, generation: int) -> bool:
+        return (
+            generation == self.generation
+            and self.now_ms <= now_ms < self.now_ms + WINDOW_MS
+            and time.monotonic() - self.read_at < self.max_age
+        )
+
+
+async def _gather_limited(calls: list[Any], limit: int = PARALLEL_WRITES) -> list[Any]:
+    """Await the coroutine factories in ``calls`` at most ``limit`` at a time; results in order."""
+    out: list[Any] = []
+    for i in range(0, len(calls), limit):
+        out += await asyncio.gather(*(c() for c in calls[i : i + limit]))
+    return out
 
 
 def _ready(now_ms: int) -> Doc:
@@ -139,6 +188,19 @@ class MongoPollQueue(PollQueue):
         self._wrapped_by_collection: dict[str, WrappedCollection] = {w.collection: w for w in wrapped}
         self._signals = _Signals()
         self._tokens_since_prune = 0
+        self._windows: dict[str, _Window] = {}
+        self._generation: dict[str, int] = {}
+        self._window_reads: dict[str, asyncio.Future[None]] = {}
+
+    def _invalidate(self, destination: str | None = None) -> None:
+        """Local work changed what is ready: the next claim reads a fresh window (``None``: every destination)."""
+        if destination is None:
+            for key in list(self._generation):
+                self._generation[key] += 1
+            self._windows.clear()
+        else:
+            self._generation[destination] = self._generation.get(destination, 0) + 1
+            self._windows.pop(destination, None)
 
     async def setup(self) -> None:
         await self._coll.create_index(
@@ -178,6 +240,7 @@ class MongoPollQueue(PollQueue):
 
         await self._writer.run(len(msgs), write)
         for destination in {m.destination for m in msgs}:
+            self._invalidate(destination)
             self._signals.notify(destination)
 
     def _new_doc(self, message: NewMessage, seq: int) -> Doc:
@@ -209,6 +272,8 @@ class MongoPollQueue(PollQueue):
             lease_until = now_ms + lease_ms
             if not self._ferretdb and selector is None:
                 return await self._claim_mongodb(query, owner, limit, lease_until)
+            if self._ferretdb and selector is None and not native_selector:
+                return await self._claim_window(destination, query, owner, limit, lease_until, now_ms)
             return await self._claim_scan(query, owner, limit, lease_until, now_ms, selector)
 
     async def _claim_mongodb(self, query: Doc, owner: str, limit: int, lease_until: int) -> list[StoredMessage]:
@@ -266,9 +331,56 @@ class MongoPollQueue(PollQueue):
             return_document=ReturnDocument.AFTER,
         )
 
+    async def _claim_window(
+        self, destination: str, query: Doc, owner: str, limit: int, lease_until: int, now_ms: int
+    ) -> list[StoredMessage]:
+        """FerretDB without a selector: claim from the head of this destination's window (see module doc)."""
+        out: list[Doc] = []
+        for _round in range(MAX_CLAIM_ROUNDS):
+            want = limit - len(out)
+            window = await self._window(destination, query, want, now_ms)
+            # take the head synchronously: concurrent claimers of this process get disjoint candidates
+            candidates: list[Doc] = []
+            while window.docs and len(candidates) < want:
+                doc = window.docs.popleft()
+                if int(doc.get("expires_at", 0)) > now_ms:
+                    candidates.append(doc)
+            out += await self._claim_batch_ferretdb(candidates, owner, lease_until, now_ms)
+            if len(out) >= limit or (not window.docs and window.complete):
+                break
+        return [stored_from_doc(d, seq_field="seq") for d in sorted(out, key=lambda d: (-d["priority"], d["seq"]))]
+
+    async def _window(self, destination: str, query: Doc, want: int, now_ms: int) -> _Window:
+        generation = self._generation.setdefault(destination, 0)
+        window = self._windows.get(destination)
+        if window is not None and window.docs and window.usable(now_ms, generation):
+            return window
+        reading = self._window_reads.get(destination)
+        if reading is not None:  # another local claimer is reading it: share that read
+            await asyncio.shield(reading)
+            window = self._windows.get(destination)
+            if window is not None and window.docs and window.usable(now_ms, self._generation[destination]):
+                return window
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._window_reads[destination] = done
+        try:
+            size = max(WINDOW, 2 * want)
+            started = time.monotonic()
+            docs = await self._coll.find_list(query, sort=SORT, limit=size)
+            window = _Window(docs, now_ms, generation, len(docs) < size, time.monotonic() - started)
+            if self._generation[destination] == generation:
+                self._windows[destination] = window
+            return window
+        finally:
+            if self._window_reads.get(destination) is done:
+                del self._window_reads[destination]
+            done.set_result(None)
+
     async def _claim_batch_ferretdb(
         self, candidates: list[Doc], owner: str, lease_until: int, now_ms: int
     ) -> list[Doc]:
+        """Win each candidate's next version with a token, then lease it by ``_id`` and the version read. Returns
+        the documents leased (as stored now)."""
         if not candidates:
             return []
         won = await self._take_versions(
@@ -276,20 +388,22 @@ class MongoPollQueue(PollQueue):
         )
         if not won:
             return []
-        # each won document moves to exactly version read + 1 (or further, past a dead claimer's token)
-        by_version: dict[int, list[str]] = {}
-        for doc in candidates:
-            version = won.get(str(doc["_id"]))
-            if version is not None:
-                by_version.setdefault(version - int(doc.get("claims", 0)), []).append(str(doc["_id"]))
-        for step, ids in by_version.items():
-            await self._coll.update_many(
-                {"_id": {"$in": ids}},
-                {"$set": {"state": "leased", "lease_until": lease_until, "owner": owner},
-                 "$inc": {"deliveries": 1, "claims": step}},
-            )
-        # re-read: gives the stored state and drops any acked (deleted) between our read and our token
-        return await self._coll.find_list({"_id": {"$in": list(won)}})
+        leased = [d for d in candidates if str(d["_id"]) in won]
+
+        def lease(doc: Doc) -> Any:
+            changes = {"state": "leased", "lease_until": lease_until, "owner": owner,
+                       "claims": won[str(doc["_id"])], "deliveries": int(doc.get("deliveries", 0)) + 1}
+
+            async def call() -> Doc | None:
+                # no match: acked (deleted) after our read; the token keeps anyone else off this version anyway
+                result = await self._coll.update_one(
+                    {"_id": doc["_id"], "claims": int(doc.get("claims", 0))}, {"$set": changes}
+                )
+                return {**doc, **changes} if result.matched_count else None
+
+            return call
+
+        return [d for d in await _gather_limited([lease(d) for d in leased]) if d is not None]
 
     async def _take_versions(
         self, items: list[tuple[str, str, int]], until: int, now_ms: int
@@ -335,7 +449,9 @@ class MongoPollQueue(PollQueue):
     async def ack(self, message_ids: Sequence[str]) -> None:
         plain = [i for i in message_ids if not i.startswith(WRAPPED_PREFIX)]
         with unavailable_on_disconnect("ack"):
-            if plain:
+            if plain and self._ferretdb:  # by _id equality, concurrently: ``$in`` is a full decode there
+                await _gather_limited([lambda i=i: self._coll.delete_one({"_id": i}) for i in dict.fromkeys(plain)])
+            elif plain:
                 await self._coll.delete_many({"_id": {"$in": plain}})
             for message_id in message_ids:
                 if message_id.startswith(WRAPPED_PREFIX):
@@ -374,22 +490,27 @@ class MongoPollQueue(PollQueue):
             for message_id in message_ids:
                 if message_id.startswith(WRAPPED_PREFIX):
                     await self._release_wrapped(message_id, how)
+        self._invalidate()
         self._signals.notify_all()
 
     async def _release_ferretdb(self, ids: list[str], how: Release) -> None:
-        docs = await self._coll.find_list({"_id": {"$in": ids}, "state": "leased"})
-        for doc in docs:
+        async def one(message_id: str) -> None:
+            doc = await self._coll.find_one({"_id": message_id, "state": "leased"})
+            if doc is None:
+                return
             read_version = int(doc.get("claims", 0))
             won = await self._take_versions([(f"q|{doc['_id']}", str(doc["_id"]), read_version)], 0, 0)
             version = won.get(str(doc["_id"]))
             if version is None:
-                continue  # re-claimed by someone else since: our lease is gone, nothing to release
+                return  # re-claimed by someone else since: our lease is gone, nothing to release
             changes: Doc = {"state": "ready", "lease_until": 0, "owner": None, "claims": version}
             if how is Release.DEAD_LETTER:
                 changes["original_destination"] = doc.get("original_destination") or doc["destination"]
                 changes["destination"] = f"{doc['destination']}.DLQ"
                 changes["deliveries"] = 0
             await self._coll.update_one({"_id": doc["_id"]}, {"$set": changes})
+
+        await _gather_limited([lambda i=i: one(i) for i in dict.fromkeys(ids)])
 
     async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
         lease_until = now_ms + lease_ms
@@ -468,6 +589,7 @@ class MongoPollQueue(PollQueue):
             )
         with unavailable_on_disconnect("purge"):
             result = await self._coll.delete_many({"destination": destination})
+        self._invalidate(destination)
         return result.deleted_count
 
     def close(self) -> None:

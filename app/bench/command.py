@@ -58,6 +58,55 @@ def _own_cpu() -> float:
     return total
 
 
+def _cpu_sum(pids: list[int]) -> float | None:
+    from app.bench.spawn import read_cpu_seconds
+
+    if not pids:
+        return None
+    values = [read_cpu_seconds(p) for p in pids]
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+def _run_baseline(url: str, *, kind: str, producers: int, consumers: int, messages: int, body_size: int,
+                  prefetch: int | None, drain_timeout: float, variants: list[str], gateways: int, batch: int,
+                  loop: str, json_output: bool) -> None:  # fmt: skip
+    from app.bench.baseline import VARIANTS, run_baseline
+    from app.bench.client import run_loop
+    from app.bench.workload import BenchConfig
+
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        typer.echo(f"stompgate bench: unknown --baseline-variant {unknown[0]!r} (one of {', '.join(VARIANTS)})", err=True)
+        raise typer.Exit(2)
+    if not url.startswith(("mongodb://", "mongodb+srv://")):
+        typer.echo("stompgate bench: --baseline takes a mongodb:// URL", err=True)
+        raise typer.Exit(2)
+    cfg = BenchConfig(
+        host=url, port=0, kind=kind, destination=_destination(kind, None), producers=producers, consumers=consumers,
+        messages=messages, duration=None, body_size=body_size, receipts=True, window=0, ack="client-individual",
+        prefetch=prefetch, version="-", vhost="-", login=None, passcode=None, processes=1, drain_timeout=drain_timeout,
+        connect_timeout=10.0, loop=loop,
+    )  # fmt: skip
+    try:
+        report = run_loop(run_baseline(url, cfg, variants=list(variants) or None, gateways=gateways, batch=batch), loop)
+    except Exception as exc:  # noqa: BLE001 - e.g. no server at the URL
+        report = {"mode": "baseline", "url": url, "runs": [], "ok": False, "errors": [f"{type(exc).__name__}: {exc}"]}
+    if json_output:
+        typer.echo(json.dumps(report))
+    else:
+        server = report.get("server") or {}
+        name = f"FerretDB {server['ferretdb_version']}" if server.get("ferretdb_version") else f"MongoDB {server.get('version', '?')}"
+        for run in report["runs"]:
+            typer.echo(f"baseline {run['variant']} (bare PyMongo, no gateway) on {name}: insert_many of {run['insert_batch']}"
+                       + (f", {run['cursors']} tailable cursor(s)" if run.get("cursors") else "")
+                       + ("" if run["exactly_once"] else "; NOT exactly-once on FerretDB (reference only)"))  # fmt: skip
+            _print_text(run)
+            typer.echo("")
+        for error in report.get("errors", []):
+            typer.echo(f"error             {error}")
+    raise typer.Exit(0 if report["ok"] else 1)
+
+
 def _fmt(value: Any, unit: str = "") -> str:
     if value is None:
         return "-"
@@ -81,8 +130,12 @@ def _print_text(summary: dict[str, Any]) -> None:
         return
     cfg = summary["config"]
     lat = summary["latency_ms"]
+    where = f"{cfg['host']}:{cfg['port']}" if cfg["port"] else cfg["host"]
+    if cfg.get("extra_endpoints"):
+        where += "".join(f", {h}:{p}" for h, p in cfg["extra_endpoints"])
     typer.echo(
-        f"{cfg['kind']} {cfg['destination']} on {cfg['host']}:{cfg['port']}: {cfg['producers']} producers, "
+        f"{cfg['kind']} {cfg['destination']} on {where}: "
+        f"{cfg['producers']} producers, "
         f"{cfg['consumers']} consumers, {cfg['body_size']} B bodies, receipts {'on' if cfg['receipts'] else 'off'}, "
         f"ack {cfg['ack']}, STOMP {cfg['version']}, {cfg['processes']} process(es)"
     )
@@ -147,6 +200,27 @@ def bench(
     ),  # fmt: skip
     hold: float = typer.Option(5.0, "--hold", min=0.0, help="Seconds to hold the idle connections while sampling RSS."),
     pid: Optional[int] = typer.Option(None, "--pid", help="PID of the server whose RSS --idle-connections reports (known with --spawn)."),
+    gateways: int = typer.Option(
+        1, "--gateways", min=1,
+        help="With --spawn: start this many gateways on the same store and spread producers and consumers over them "
+        "round-robin (client i on gateway i mod N). Server CPU is the sum over all of them. With --baseline: the "
+        "number of shared topic cursors (one per gateway).",
+    ),  # fmt: skip
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", metavar="MONGODB_URL",
+        help="No gateway: run a bare PyMongo loop doing the MongoDB backend's datastore operations for this workload "
+        "(same producers, consumers, document shape and batch size) against this database, and report it in the same "
+        "format: the database's own ceiling. See app/bench/baseline.py.",
+    ),  # fmt: skip
+    baseline_variant: list[str] = typer.Option(
+        [], "--baseline-variant",
+        help="With --baseline (repeatable): queue-claim (the backend's claim), queue-fam-unsafe (plain "
+        "find_one_and_update; not exactly-once on FerretDB), topic-shared-cursor (one tailable cursor per gateway, "
+        "fanned out: what the gateway does), topic-cursor-per-subscriber. Default: all that apply to the kind.",
+    ),  # fmt: skip
+    baseline_batch: int = typer.Option(
+        64, "--baseline-batch", min=1, help="With --baseline: messages per insert_many (default: the bench's SEND chunk)."
+    ),
     loop: LoopKind = typer.Option(LoopKind.auto, "--loop", help="Event loop: uvloop when installed (auto), or force one."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
@@ -155,18 +229,37 @@ def bench(
     Exit code 0 when nothing was lost or duplicated (idle mode: every connection held), 1 otherwise.
     """
     from app.bench.client import run_loop
-    from app.bench.spawn import SpawnedGateway, read_cpu_seconds, spawn_gateway
+    from app.bench.spawn import SpawnedGateway, spawn_gateway
 
+    if baseline is not None:
+        _run_baseline(
+            baseline, kind=kind.value, producers=producers, consumers=consumers, messages=messages, body_size=body_size,
+            prefetch=prefetch, drain_timeout=drain_timeout, variants=baseline_variant, gateways=gateways,
+            batch=baseline_batch, loop=loop.value, json_output=json_output,
+        )  # fmt: skip
+    if gateways > 1 and spawn is None:
+        typer.echo("stompgate bench: --gateways needs --spawn (or --baseline)", err=True)
+        raise typer.Exit(2)
     gateway: SpawnedGateway | None = None
+    spawned: list[SpawnedGateway] = []
+    pids: list[int] = []
     if spawn is not None:
         try:
-            gateway = spawn_gateway(spawn, extra=spawn_arg)
+            for _ in range(gateways):
+                spawned.append(spawn_gateway(spawn, extra=spawn_arg))
         except RuntimeError as exc:
+            for g in spawned:
+                g.stop()
+                g.log_path.unlink(missing_ok=True)
             typer.echo(f"stompgate bench: {exc}", err=True)
             raise typer.Exit(2) from None
+        gateway = spawned[0]
         host, port = gateway.host, gateway.stomp_port
         if pid is None:
+            pids = [g.pid for g in spawned]
             pid = gateway.pid
+    if pid is not None and not pids:
+        pids = [pid]
     summary: dict[str, Any]
     try:
         if idle_connections is not None:
@@ -188,32 +281,40 @@ def bench(
                 duration=duration, body_size=body_size, receipts=receipts, window=window, ack=ack.value,
                 prefetch=prefetch, version=version.value, vhost=vhost, login=login, passcode=passcode,
                 processes=processes, drain_timeout=drain_timeout, connect_timeout=connect_timeout, loop=loop.value,
+                extra_endpoints=tuple((g.host, g.stomp_port) for g in spawned[1:]),
             )  # fmt: skip
-            cpu_before = read_cpu_seconds(pid) if pid else None
+            cpu_before = _cpu_sum(pids)
             own_before = _own_cpu()
             raw = run_workload(cfg)
-            cpu_after = read_cpu_seconds(pid) if pid else None
+            cpu_after = _cpu_sum(pids)
             own = _own_cpu() - own_before
             summary = summarize(cfg, raw)
             summary["bench_cpu_s"] = round(own, 2)
             if cpu_before is not None and cpu_after is not None:
                 used = cpu_after - cpu_before
                 summary["server_pid"] = pid
+                if len(pids) > 1:
+                    summary["server_pids"] = pids
                 summary["server_cpu_s"] = round(used, 2)
                 if summary["sent"]:
                     summary["server_cpu_us_per_msg"] = round(used / summary["sent"] * 1e6, 1)
     finally:
-        if gateway is not None:
-            code = gateway.stop()
-            clean = code in (0, -signal.SIGTERM)  # uvicorn re-raises the SIGTERM it handled once shut down
-            gateway_log = "" if clean else gateway.log_tail(10)
-            gateway.log_path.unlink(missing_ok=True)
+        codes: list[int] = []
+        logs: list[str] = []
+        for g in spawned:
+            code = g.stop()
+            codes.append(code)
+            if code not in (0, -signal.SIGTERM):  # uvicorn re-raises the SIGTERM it handled once shut down
+                logs.append(f"gateway {g.pid} log: {g.log_tail(10)}")
+            g.log_path.unlink(missing_ok=True)
     if gateway is not None:
         summary["spawned"] = {"store": spawn, "pid": gateway.pid, "stomp_port": gateway.stomp_port}
-        summary["gateway_exit_code"] = code
-        summary["gateway_clean_exit"] = clean
-        if gateway_log:
-            summary.setdefault("errors", []).append(f"gateway log: {gateway_log}")
+        if len(spawned) > 1:
+            summary["spawned"]["gateways"] = [{"pid": g.pid, "stomp_port": g.stomp_port} for g in spawned]
+        summary["gateway_exit_code"] = codes[0] if len(codes) == 1 else codes
+        summary["gateway_clean_exit"] = all(c in (0, -signal.SIGTERM) for c in codes)
+        for entry in logs:
+            summary.setdefault("errors", []).append(entry)
     if json_output:
         typer.echo(json.dumps(summary))
     else:

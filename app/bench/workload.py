@@ -55,6 +55,13 @@ class BenchConfig:
     drain_timeout: float
     connect_timeout: float
     loop: str
+    # more STOMP endpoints (``--gateways N``): producer i and consumer i connect to ``endpoint(i)``, round-robin over
+    # (host, port) followed by these
+    extra_endpoints: tuple[tuple[str, int], ...] = ()
+
+    def endpoint(self, index: int) -> tuple[str, int]:
+        endpoints = ((self.host, self.port), *self.extra_endpoints)
+        return endpoints[index % len(endpoints)]
 
     def share(self, index: int, count: int) -> list[int]:
         """The global ids (of ``count`` clients) that process ``index`` runs: round-robin."""
@@ -104,8 +111,9 @@ class Producer:
 
     async def connect(self) -> None:
         cfg = self.cfg
+        host, port = cfg.endpoint(self.pid)
         self.client = await open_client(
-            cfg.host, cfg.port, version=cfg.version, vhost=cfg.vhost, login=cfg.login, passcode=cfg.passcode,
+            host, port, version=cfg.version, vhost=cfg.vhost, login=cfg.login, passcode=cfg.passcode,
             timeout=cfg.connect_timeout,
         )  # fmt: skip
         self.client.on_receipts = self._on_receipts
@@ -232,8 +240,9 @@ class Consumer:
 
     async def start(self) -> None:
         cfg = self.cfg
+        host, port = cfg.endpoint(self.cid)
         client = await open_client(
-            cfg.host, cfg.port, version=cfg.version, vhost=cfg.vhost, login=cfg.login, passcode=cfg.passcode,
+            host, port, version=cfg.version, vhost=cfg.vhost, login=cfg.login, passcode=cfg.passcode,
             timeout=cfg.connect_timeout,
         )  # fmt: skip
         self.client = client

@@ -1,0 +1,69 @@
+"""``stompgate bench --baseline MONGODB_URL``: the bare PyMongo loop against the test MongoDB server (FerretDB).
+
+Uses the ``mongodb_url`` fixture, which fails (not skips) when FerretDB is missing and ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def run_baseline(cwd: Path, url: str, *args: str) -> tuple[int, dict]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--json", "--drain-timeout", "10", "--baseline", url, *args],
+        check=False, capture_output=True, text=True, timeout=110, cwd=cwd,
+    )  # fmt: skip
+    assert proc.stdout.strip(), proc.stderr
+    return proc.returncode, json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_queue_baseline_claims_every_message_once(tmp_path: Path, mongodb_url: str) -> None:
+    code, report = run_baseline(
+        tmp_path, mongodb_url, "--baseline-variant", "queue-claim", "--messages", "300", "--baseline-batch", "32"
+    )
+    assert report["mode"] == "baseline"
+    [run] = report["runs"]
+    assert run["variant"] == "queue-claim"
+    assert run["exactly_once"] is True
+    assert run["errors"] == []
+    assert (run["sent"], run["delivered"], run["lost"], run["duplicated"]) == (300, 300, 0, 0)
+    assert run["msgs_per_s"] > 0
+    assert run["latency_ms"]["samples"] == 300
+    assert code == 0
+
+
+def test_topic_baseline_shared_cursor_fans_out(tmp_path: Path, mongodb_url: str) -> None:
+    code, report = run_baseline(
+        tmp_path, mongodb_url, "--destination-kind", "topic", "--baseline-variant", "topic-shared-cursor",
+        "--messages", "40", "--producers", "1", "--consumers", "2",
+    )  # fmt: skip
+    [run] = report["runs"]
+    assert run["errors"] == []
+    assert run["cursors"] == 1
+    assert (run["sent"], run["deliveries"], run["lost"], run["duplicated"]) == (40, 80, 0, 0)
+    assert code == 0
+
+
+def test_unknown_variant_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--baseline", "mongodb://127.0.0.1:1/", "--baseline-variant", "x"],
+        check=False, capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "unknown --baseline-variant" in proc.stderr
+
+
+def test_gateways_needs_spawn(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--gateways", "2", "--messages", "1"],
+        check=False, capture_output=True, text=True, timeout=30, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--gateways needs --spawn" in proc.stderr

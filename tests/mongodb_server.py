@@ -33,6 +33,7 @@ import pytest
 __all__ = ["FerretDBServer", "PostgresCluster", "ferretdb_binary", "free_port", "mongodb_url", "require_ferretdb"]
 
 START_TIMEOUT_S = 20.0
+HANDLER = os.environ.get("STOMPGATE_FERRETDB_HANDLER", "postgresql")
 
 
 def ferretdb_binary() -> str | None:
@@ -55,14 +56,31 @@ def ferretdb_binary() -> str | None:
     return shutil.which("ferretdb")
 
 
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_ferretdb() -> str:
     binary = ferretdb_binary()
     if binary is None:
-        message = "FerretDB not found (run .ci/services.sh, or set MONGODB_URL)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        _unavailable("FerretDB not found (run .ci/services.sh, or set MONGODB_URL)")
+    assert binary is not None
+    if HANDLER == "postgresql" and postgres_bin_dir() is None:
+        _unavailable("PostgreSQL binaries not found (run .ci/services.sh: Debian package postgresql, or set MONGODB_URL)")
     return binary
+
+
+def postgres_bin_dir() -> str | None:
+    """The newest ``/usr/lib/postgresql/<major>/bin`` with ``initdb`` and ``pg_ctl``, or the ones on PATH."""
+    found = sorted(
+        glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parent.parent.name or 0)
+    )
+    if found:
+        return str(Path(found[-1]).parent)
+    initdb = shutil.which("initdb")
+    return str(Path(initdb).parent) if initdb and shutil.which("pg_ctl") else None
 
 
 def free_port() -> int:
@@ -95,30 +113,137 @@ def _ping(port: int) -> bool:
         return False
 
 
-class FerretDBServer:
-    """One FerretDB process with the SQLite backend, on loopback, telemetry off. ``stop``/``kill`` and ``start``
-    again reuse the same port and data directory."""
+class PostgresCluster:
+    """A private PostgreSQL cluster for FerretDB: temp data dir, 127.0.0.1 only, trust auth, no fsync."""
 
-    def __init__(self, binary: str, data_dir: str | None = None, port: int | None = None) -> None:
+    def __init__(self) -> None:
+        bin_dir = postgres_bin_dir()
+        if bin_dir is None:
+            raise RuntimeError("PostgreSQL binaries not found")
+        self.bin_dir = bin_dir
+        self.base_dir = tempfile.mkdtemp(prefix="stompgate-pg-")
+        self.data_dir = os.path.join(self.base_dir, "data")
+        self.port = free_port()
+        self._as_postgres = os.geteuid() == 0  # initdb/postgres refuse to run as root
+        if self._as_postgres:
+            import pwd
+
+            entry = pwd.getpwnam("postgres")
+            os.chown(self.base_dir, entry.pw_uid, entry.pw_gid)
+        self._lock = threading.Lock()
+        self.started = False
+
+    def _run(self, *args: str, timeout: float = 60.0) -> None:
+        cmd = [os.path.join(self.bin_dir, args[0]), *args[1:]]
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout, check=False, stdin=subprocess.DEVNULL,
+            user="postgres" if self._as_postgres else None, cwd=self.base_dir,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(args[:2])} failed ({result.returncode}): {result.stderr or result.stdout}")
+
+    def start(self) -> None:
+        self._run("initdb", "-D", self.data_dir, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync",
+                  "--no-instructions")
+        options = (
+            f"-k {self.base_dir} -h 127.0.0.1 -p {self.port} -c fsync=off -c synchronous_commit=off "
+            "-c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB"
+        )
+        self._run("pg_ctl", "-D", self.data_dir, "-l", os.path.join(self.base_dir, "postgres.log"), "-w",
+                  "-t", str(int(START_TIMEOUT_S)), "-o", options, "start")
+        self.started = True
+        # pg_ctl daemonizes the server: if this process dies without running atexit (SIGKILL, a timeout), a small
+        # watchdog stops the cluster and removes its directory.
+        stop = " ".join(
+            [os.path.join(self.bin_dir, "pg_ctl"), "-D", self.data_dir, "-m", "immediate", "-w", "stop"]
+        )
+        if self._as_postgres:
+            stop = f"su postgres -s /bin/sh -c '{stop}'"
+        watchdog = (
+            f"while kill -0 {os.getpid()} 2>/dev/null; do sleep 1; done; "
+            f"[ -d {self.data_dir} ] && {{ {stop} >/dev/null 2>&1; rm -rf {self.base_dir}; }}"
+        )
+        # the outer shell exits at once (nothing left for Python to reap); the loop runs on, detached
+        subprocess.run(  # noqa: S602 - fixed command built from our own paths
+            ["sh", "-c", f"( {watchdog} ) </dev/null >/dev/null 2>&1 &"],
+            start_new_session=True, check=True, timeout=10,
+        )
+
+    def create_database(self) -> str:
+        """A new empty database; returns the URL FerretDB's ``--postgresql-url`` takes."""
+        name = f"ferretdb_{uuid.uuid4().hex[:12]}"
+        with self._lock:
+            self._run("psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres",
+                      "-c", f"CREATE DATABASE {name}")
+        # FerretDB's default pool (50) deadlocks under ~50 concurrent updates (see the backend's _common); the backend
+        # stays under it by itself, and several test processes share one server, so give it room
+        return f"postgres://postgres@127.0.0.1:{self.port}/{name}?pool_max_conns=150"
+
+    def stop(self) -> None:
+        if self.started:
+            try:
+                self._run("pg_ctl", "-D", self.data_dir, "-m", "immediate", "-w", "stop")
+            except (RuntimeError, OSError, subprocess.SubprocessError):
+                pass
+            self.started = False
+        shutil.rmtree(self.base_dir, ignore_errors=True)
+
+
+_cluster: PostgresCluster | None = None
+_cluster_lock = threading.Lock()
+
+
+def shared_postgres() -> PostgresCluster:
+    """This process's cluster, started on first use and stopped at exit."""
+    global _cluster
+    with _cluster_lock:
+        if _cluster is None:
+            cluster = PostgresCluster()
+            try:
+                cluster.start()
+            except BaseException:
+                cluster.stop()
+                raise
+            atexit.register(cluster.stop)
+            _cluster = cluster
+        return _cluster
+
+
+class FerretDBServer:
+    """One FerretDB process on loopback, telemetry off, with its own PostgreSQL database in the shared cluster (or
+    SQLite files in its own directory). ``stop``/``kill`` and ``start`` again reuse the same port and data."""
+
+    def __init__(
+        self, binary: str, data_dir: str | None = None, port: int | None = None, handler: str | None = None
+    ) -> None:
         self.binary = binary
+        self.handler = handler or HANDLER
         self._own_dir = data_dir is None
         self.data_dir = data_dir or tempfile.mkdtemp(prefix="stompgate-ferretdb-")
         self.port = port or free_port()
         self.process: subprocess.Popen[bytes] | None = None
+        self._postgresql_url: str | None = None
 
     @property
     def url(self) -> str:
         return f"mongodb://127.0.0.1:{self.port}/"
 
+    def _backend_args(self) -> list[str]:
+        if self.handler == "sqlite":
+            os.makedirs(os.path.join(self.data_dir, "db"), exist_ok=True)
+            return ["--handler=sqlite", f"--sqlite-url=file:{os.path.join(self.data_dir, 'db')}/"]
+        if self._postgresql_url is None:
+            self._postgresql_url = shared_postgres().create_database()
+        return ["--handler=postgresql", f"--postgresql-url={self._postgresql_url}"]
+
     def start(self) -> None:
-        os.makedirs(os.path.join(self.data_dir, "db"), exist_ok=True)
+        args = self._backend_args()
         log = open(os.path.join(self.data_dir, "ferretdb.log"), "ab")  # noqa: SIM115 - owned by the child
         try:
             self.process = subprocess.Popen(
                 [
                     self.binary,
-                    "--handler=sqlite",
-                    f"--sqlite-url=file:{os.path.join(self.data_dir, 'db')}/",
+                    *args,
                     f"--listen-addr=127.0.0.1:{self.port}",
                     "--telemetry=disable",
                     "--debug-addr=-",
@@ -137,7 +262,7 @@ class FerretDBServer:
                 raise RuntimeError(f"FerretDB exited with {self.process.returncode}; see {self.data_dir}/ferretdb.log")
             if _ping(self.port):
                 return
-            time.sleep(0.05)
+            time.sleep(0.02)
         self.stop()
         raise RuntimeError(f"FerretDB did not answer ping on port {self.port} within {START_TIMEOUT_S}s")
 
@@ -180,11 +305,9 @@ def mongodb_url() -> Iterator[str]:
     server = FerretDBServer(require_ferretdb())
     try:
         server.start()
-    except RuntimeError as exc:
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         server.cleanup()
-        if os.environ.get("CI") == "true":
-            pytest.fail(str(exc))
-        pytest.skip(str(exc))
+        _unavailable(str(exc))
     try:
         yield server.url
     finally:

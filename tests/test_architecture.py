@@ -78,9 +78,16 @@ def test_a_backend_imports_only_the_interface_and_its_driver(path: Path) -> None
             assert name == "app.datasources.interface" or _under(name, own) or _under(name, "app.datasources.mongodb") and _under(own, "app.datasources.mongodb"), f"{path} imports {name}"
 
 
+# The MongoDB baseline benchmark measures the backend's own datastore operations without the gateway, so it reuses the
+# backend's document shape on purpose: the one module outside the datasources allowed to name a backend.
+BACKEND_BENCHMARKS = {ROOT / "app" / "bench" / "baseline.py"}
+
+
 def test_only_the_registry_names_backends() -> None:
     for path in ROOT.joinpath("app").rglob("*.py"):
         if path.parent.name == "datasources" and path.stem in {"registry", "memory", "sqlite"} or "mongodb" in path.parts:
+            continue
+        if path in BACKEND_BENCHMARKS:
             continue
         for name in imports_of(path):
             assert not _under(name, BACKENDS), f"{path} imports {name}"

@@ -37,7 +37,7 @@ from pymongo import AsyncMongoClient
 from pymongo.errors import ConfigurationError, ConnectionFailure, PyMongoError
 
 from app.datasources.interface import Datasource, DatasourceError, DatasourceOptions, DatasourceUnavailable
-from app.datasources.mongodb._common import Collection, Doc, ServerInfo, detect_server
+from app.datasources.mongodb._common import Collection, Doc, ServerInfo, detect_server, limit_writes
 from app.datasources.mongodb._failover import FailoverWriter
 from app.datasources.mongodb._sequence import SequenceAllocator
 from app.datasources.mongodb.queues import MongoPollQueue
@@ -108,6 +108,8 @@ async def open_datasource(url: str, options: DatasourceOptions) -> Datasource:
     try:
         db = client.get_default_database(DEFAULT_DATABASE)
         server = await detect_server(db)
+        if server.is_ferretdb:
+            limit_writes(client)
         writer = FailoverWriter(options.failover_buffer)
         sequences = SequenceAllocator(Collection(db[f"{options.namespace}.counters"]), ferretdb=server.is_ferretdb)
         queues = MongoPollQueue(

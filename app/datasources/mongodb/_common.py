@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
+from functools import partial
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -11,7 +13,7 @@ from typing import Any, TypeVar
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure
-from pymongo.results import DeleteResult, InsertOneResult, UpdateResult
+from pymongo.results import BulkWriteResult, DeleteResult, InsertOneResult, UpdateResult
 
 from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage, StoredMessage
 
@@ -177,11 +179,37 @@ async def busy_retry(call: Callable[[], Awaitable[T]]) -> T:
     raise AssertionError("unreachable")
 
 
+# -- FerretDB write gate -----------------------------------------------------------------------------------------------
+# FerretDB 1.24's PostgreSQL backend runs each update/delete statement as a SELECT whose iterator keeps a pooled
+# connection until the whole command ends, while each write takes another one; its pool defaults to 50 connections,
+# so ~50 concurrent update/delete statements (in one multi-statement command or in many commands) deadlock the
+# server for good (seen here: all 50 connections idle after a SELECT, nothing answering). A FerretDB client therefore
+# sends at most FERRETDB_WRITE_CONCURRENCY such commands at once, and a bulk write at most FERRETDB_BULK statements
+# per command: <= 4 x 8 = 32 held connections per gateway process. Several gateways on one FerretDB must stay under
+# its ``pool_max_conns`` together, or raise it in ``--postgresql-url`` (``?pool_max_conns=150``).
+FERRETDB_WRITE_CONCURRENCY = 4
+FERRETDB_BULK = 8
+_write_gates: weakref.WeakKeyDictionary[object, asyncio.Semaphore] = weakref.WeakKeyDictionary()
+
+
+def limit_writes(client: object, concurrency: int = FERRETDB_WRITE_CONCURRENCY) -> None:
+    """Gate the update/delete commands of ``client`` (FerretDB only)."""
+    _write_gates[client] = asyncio.Semaphore(concurrency)
+
+
 class Collection:
-    """The calls this backend makes on a collection, each retried while SQLite says "database is locked"."""
+    """The calls this backend makes on a collection, each retried while SQLite says "database is locked"; updates
+    and deletes pass the client's write gate when it has one (FerretDB)."""
 
     def __init__(self, raw: Coll) -> None:
         self.raw = raw
+        self._gate = _write_gates.get(raw.database.client)
+
+    async def _write(self, call: Callable[[], Awaitable[T]]) -> T:
+        if self._gate is None:
+            return await busy_retry(call)
+        async with self._gate:
+            return await busy_retry(call)
 
     @property
     def name(self) -> str:
@@ -206,16 +234,27 @@ class Collection:
                 raise
 
     async def update_one(self, filter: Doc, update: Doc | list[Doc], **kw: Any) -> UpdateResult:
-        return await busy_retry(lambda: self.raw.update_one(filter, update, **kw))
+        return await self._write(lambda: self.raw.update_one(filter, update, **kw))
 
     async def update_many(self, filter: Doc, update: Doc | list[Doc], **kw: Any) -> UpdateResult:
-        return await busy_retry(lambda: self.raw.update_many(filter, update, **kw))
+        return await self._write(lambda: self.raw.update_many(filter, update, **kw))
+
+    async def bulk_write(self, requests: list[Any]) -> int:
+        """Unordered: every statement is attempted; returns how many matched (updates) or were deleted. Used with
+        idempotent statements only (by ``_id`` plus a version), so a busy retry repeating applied ones changes nothing.
+        On FerretDB sent in commands of at most ``FERRETDB_BULK`` statements (see the write gate above)."""
+        size = FERRETDB_BULK if self._gate is not None else 1000
+        count = 0
+        for i in range(0, len(requests), size):
+            result = await self._write(partial(self.raw.bulk_write, requests[i : i + size], ordered=False))
+            count += result.matched_count + result.deleted_count
+        return count
 
     async def delete_one(self, filter: Doc) -> DeleteResult:
-        return await busy_retry(lambda: self.raw.delete_one(filter))
+        return await self._write(lambda: self.raw.delete_one(filter))
 
     async def delete_many(self, filter: Doc) -> DeleteResult:
-        return await busy_retry(lambda: self.raw.delete_many(filter))
+        return await self._write(lambda: self.raw.delete_many(filter))
 
     async def find_one(self, filter: Doc, **kw: Any) -> Doc | None:
         return await busy_retry(lambda: self.raw.find_one(filter, **kw))
@@ -224,7 +263,7 @@ class Collection:
         return await busy_retry(lambda: self.raw.find(filter, **kw).to_list())
 
     async def find_one_and_update(self, filter: Doc, update: Doc, **kw: Any) -> Doc | None:
-        return await busy_retry(lambda: self.raw.find_one_and_update(filter, update, **kw))
+        return await self._write(lambda: self.raw.find_one_and_update(filter, update, **kw))
 
     async def count_documents(self, filter: Doc) -> int:
         return await busy_retry(lambda: self.raw.count_documents(filter))

@@ -32,8 +32,8 @@ Claim atomicity, and why it differs by server:
   in exact priority/FIFO order), when ``now_ms`` leaves ``[read time, read time + WINDOW_MS)`` (leases that
   expired since are seen), and at most ``WINDOW_S`` after it was read (another gateway's puts wait at most that
   long; ordering between gateways is by arrival anyway). A window entry another gateway took meanwhile just
-  loses its token and is skipped. Per claim call: 1 ``insert_many`` of tokens + one ``update_one`` per message
-  (concurrent), plus one sorted read per window. Selectors (Python or native) read fresh candidates each call.
+  loses its token and is skipped. Per claim call: 1 ``insert_many`` of tokens + 1 unordered ``bulk_write`` of one
+  ``update_one`` per message, plus one sorted read per window; an ack is 1 ``bulk_write`` of ``delete_one``s. Selectors (Python or native) read fresh candidates each call.
 
 Wrapped collections (``DatasourceOptions.wrapped``): documents of an existing collection matching a filter are
 claimed in place with the lease fields ``_sg_state``, ``_sg_lease_until``, ``_sg_owner``, ``_sg_deliveries``,
@@ -51,7 +51,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from bson import json_util
-from pymongo import ReturnDocument
+from pymongo import DeleteOne, ReturnDocument, UpdateOne
 from pymongo.errors import BulkWriteError, DuplicateKeyError
 
 from app.datasources.interface import (
@@ -90,7 +90,7 @@ TOKEN_PRUNE_EVERY = 5_000  # tokens taken between two prunes
 WINDOW = 256
 WINDOW_S = 0.25
 WINDOW_MS = 250
-PARALLEL_WRITES = 32  # concurrent per-_id writes of one call on FerretDB
+PARALLEL_WRITES = 4  # concurrent per-message releases of one call on FerretDB (it can stall under many)
 WRAPPED_PREFIX = "wrapped:"  # message ids of wrapped documents: wrapped:["<collection>", "<_id as Extended JSON>"]
 _WRAPPED_FIELDS = ("_sg_state", "_sg_lease_until", "_sg_owner", "_sg_deliveries", "_sg_claims")
 
@@ -120,7 +120,7 @@ class _Signals:
 class _Window:
     """FerretDB: the next ready messages of one destination, in delivery order, as read at ``now_ms``."""
 
-    __slots__ = ("docs", "now_ms", "read_at", "max_age", "generation", "complete")
+    __slots__ = ("complete", "docs", "generation", "max_age", "now_ms", "read_at")
 
     def __init__(self, docs: list[Doc], now_ms: int, generation: int, complete: bool, read_s: float) -> None:
         self.docs = deque(docs)
@@ -145,6 +145,10 @@ async def _gather_limited(calls: list[Any], limit: int = PARALLEL_WRITES) -> lis
     for i in range(0, len(calls), limit):
         out += await asyncio.gather(*(c() for c in calls[i : i + limit]))
     return out
+
+
+def _order_key(doc: Doc) -> tuple[int, int]:
+    return -int(doc["priority"]), int(doc["seq"])
 
 
 def _ready(now_ms: int) -> Doc:
@@ -192,6 +196,23 @@ class MongoPollQueue(PollQueue):
         self._generation: dict[str, int] = {}
         self._window_reads: dict[str, asyncio.Future[None]] = {}
 
+    def _merge_into_windows(self, docs: list[Doc]) -> None:
+        """FerretDB: new ready messages of this gateway join the windows in delivery order. A window is a sorted
+        prefix of the ready messages; a new message sorting after its last entry belongs beyond it and is left to
+        the next read (unless the window held everything, then it is appended)."""
+        by_destination: dict[str, list[Doc]] = {}
+        for doc in docs:
+            by_destination.setdefault(doc["destination"], []).append(doc)
+        for destination, new in by_destination.items():
+            window = self._windows.get(destination)
+            if window is None:
+                continue
+            if window.docs and not window.complete:
+                last = _order_key(window.docs[-1])
+                new = [d for d in new if _order_key(d) < last]
+            if new:
+                window.docs = deque(sorted([*window.docs, *new], key=_order_key))
+
     def _invalidate(self, destination: str | None = None) -> None:
         """Local work changed what is ready: the next claim reads a fresh window (``None``: every destination)."""
         if destination is None:
@@ -219,12 +240,13 @@ class MongoPollQueue(PollQueue):
         if len(set(ids)) != len(ids):
             raise DatasourceError("put: a message with the same message_id appears twice in one batch")
         first: int | None = None
+        stored: list[Doc] = []
 
         async def write(retry: bool) -> None:
-            nonlocal first
+            nonlocal first, stored
             if first is None:
                 first = await self._sequences.allocate("queue", len(msgs))
-            docs = [self._new_doc(m, first + i) for i, m in enumerate(msgs)]
+            docs = stored = [self._new_doc(m, first + i) for i, m in enumerate(msgs)]
             try:
                 await self._coll.insert_many(docs, ordered=not retry)
             except BulkWriteError as exc:
@@ -239,8 +261,9 @@ class MongoPollQueue(PollQueue):
                 raise DatasourceError("put: a message with the same message_id is already stored") from exc
 
         await self._writer.run(len(msgs), write)
+        if self._ferretdb:
+            self._merge_into_windows(stored)
         for destination in {m.destination for m in msgs}:
-            self._invalidate(destination)
             self._signals.notify(destination)
 
     def _new_doc(self, message: NewMessage, seq: int) -> Doc:
@@ -389,21 +412,22 @@ class MongoPollQueue(PollQueue):
         if not won:
             return []
         leased = [d for d in candidates if str(d["_id"]) in won]
-
-        def lease(doc: Doc) -> Any:
-            changes = {"state": "leased", "lease_until": lease_until, "owner": owner,
-                       "claims": won[str(doc["_id"])], "deliveries": int(doc.get("deliveries", 0)) + 1}
-
-            async def call() -> Doc | None:
-                # no match: acked (deleted) after our read; the token keeps anyone else off this version anyway
-                result = await self._coll.update_one(
-                    {"_id": doc["_id"], "claims": int(doc.get("claims", 0))}, {"$set": changes}
-                )
-                return {**doc, **changes} if result.matched_count else None
-
-            return call
-
-        return [d for d in await _gather_limited([lease(d) for d in leased]) if d is not None]
+        changes = {
+            str(d["_id"]): {"state": "leased", "lease_until": lease_until, "owner": owner,
+                            "claims": won[str(d["_id"])], "deliveries": int(d.get("deliveries", 0)) + 1}
+            for d in leased
+        }
+        # one command, one statement per message by ``_id`` and the version read (no ``$in``: see module doc); no
+        # match means the message was acked (deleted) after our read - the token keeps others off it anyway
+        matched = await self._coll.bulk_write(
+            [UpdateOne({"_id": d["_id"], "claims": int(d.get("claims", 0))}, {"$set": changes[str(d["_id"])]})
+             for d in leased]
+        )
+        out = [{**d, **changes[str(d["_id"])]} for d in leased]
+        if matched == len(leased):
+            return out
+        still = [await self._coll.find_one({"_id": d["_id"], "claims": d["claims"], "owner": owner}) for d in out]
+        return [d for d, stored in zip(out, still, strict=True) if stored is not None]
 
     async def _take_versions(
         self, items: list[tuple[str, str, int]], until: int, now_ms: int
@@ -449,8 +473,8 @@ class MongoPollQueue(PollQueue):
     async def ack(self, message_ids: Sequence[str]) -> None:
         plain = [i for i in message_ids if not i.startswith(WRAPPED_PREFIX)]
         with unavailable_on_disconnect("ack"):
-            if plain and self._ferretdb:  # by _id equality, concurrently: ``$in`` is a full decode there
-                await _gather_limited([lambda i=i: self._coll.delete_one({"_id": i}) for i in dict.fromkeys(plain)])
+            if plain and self._ferretdb:  # one statement per ``_id``: a ``$in`` filter is a full decode there
+                await self._coll.bulk_write([DeleteOne({"_id": i}) for i in dict.fromkeys(plain)])
             elif plain:
                 await self._coll.delete_many({"_id": {"$in": plain}})
             for message_id in message_ids:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -95,6 +96,11 @@ class MongoTailQueue(TailQueue):
         self._sequences = sequences
         self._options = options
         self._closed = False
+        # ``follow(after=None)`` means "from the end as of the call"; the generator runs its first query later (when
+        # first iterated), by which time this gateway may have published more. Each publish call is numbered when it
+        # starts and records its first position, so the follower can leave out exactly the ones begun after the call.
+        self._publish_calls = 0
+        self._recent_firsts: deque[tuple[int, int]] = deque(maxlen=1024)
 
     async def setup(self) -> None:
         try:
@@ -119,11 +125,14 @@ class MongoTailQueue(TailQueue):
         if not msgs:
             return []
         first: int | None = None
+        self._publish_calls += 1
+        call = self._publish_calls
 
         async def write(retry: bool) -> int:
             nonlocal first
             if first is None:
                 first = await self._sequences.allocate("topic", len(msgs))
+                self._recent_firsts.append((call, first))
             docs = [message_doc(m, seq_field="position", seq=first + i, flat_headers=False) for i, m in enumerate(msgs)]
             try:
                 await self._coll.insert_many(docs, ordered=not retry)
@@ -138,8 +147,17 @@ class MongoTailQueue(TailQueue):
         return list(range(start, start + len(msgs)))
 
     # -- follow ---------------------------------------------------------------------------------------------------
-    async def follow(self, *, after: int | None) -> AsyncIterator[TailEvent]:
-        last = await self.last_position() if after is None else after
+    def follow(self, *, after: int | None) -> AsyncIterator[TailEvent]:
+        return self._follow(after, self._publish_calls)
+
+    async def _follow(self, after: int | None, calls_before: int) -> AsyncIterator[TailEvent]:
+        if after is None:
+            last = await self.last_position()
+            later = [first for call, first in self._recent_firsts if call > calls_before]
+            if later:  # published by this gateway after follow() was called: live, not history
+                last = min(last, min(later) - 1)
+        else:
+            last = after
         pending: dict[int, Doc] = {}
         hole_since: float | None = None
         backoff = 0.05

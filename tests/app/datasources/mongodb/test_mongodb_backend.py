@@ -128,7 +128,9 @@ def _claimer_process(url: str, namespace: str, out: multiprocessing.Queue) -> No
 
 @pytest.mark.slow
 async def test_two_processes_claim_each_message_exactly_once(mongodb_url: str) -> None:
-    total = 400  # FerretDB v1 updates cost O(collection size) each; see the backend's report
+    """Two gateway processes on one server, four consumers spread over both, 5,000 messages: each delivered exactly
+    once, none lost."""
+    total = 5_000
     namespace = f"t{uuid.uuid4().hex[:12]}"
     ds = await open_datasource(mongodb_url, DatasourceOptions(namespace=namespace))
     try:
@@ -139,7 +141,7 @@ async def test_two_processes_claim_each_message_exactly_once(mongodb_url: str) -
         procs = [ctx.Process(target=_claimer_process, args=(mongodb_url, namespace, out)) for _ in range(2)]
         for p in procs:
             p.start()
-        results = [await asyncio.to_thread(out.get, True, 110) for _ in procs]
+        results = [await asyncio.to_thread(out.get, True, 300) for _ in procs]
         for p in procs:
             await asyncio.to_thread(p.join, 10)
         everything = [i for r in results for i in r]

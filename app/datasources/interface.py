@@ -9,6 +9,7 @@ tests can control time and so that every gateway sharing a database uses the sam
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -23,6 +24,7 @@ __all__ = [
     "TailEvent",
     "HeaderFilter",
     "PollQueue",
+    "Signals",
     "TailQueue",
     "Datasource",
     "DatasourceOptions",
@@ -99,6 +101,29 @@ class Gap:
 
 
 TailEvent = Published | Gap
+
+
+class Signals:
+    """Wake-ups for ``PollQueue.wait``: one asyncio.Event per key (a destination), replaced after it fires, so a waiter
+    only sees notifications made after it began. Shared by the backends, which may import only this module."""
+
+    def __init__(self) -> None:
+        self._events: dict[str, asyncio.Event] = {}
+
+    def event(self, key: str) -> asyncio.Event:
+        event = self._events.get(key)
+        if event is None:
+            event = self._events[key] = asyncio.Event()
+        return event
+
+    def notify(self, key: str) -> None:
+        event = self._events.pop(key, None)
+        if event is not None:
+            event.set()
+
+    def notify_all(self) -> None:
+        for key in list(self._events):
+            self.notify(key)
 
 
 class PollQueue(abc.ABC):

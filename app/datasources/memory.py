@@ -27,6 +27,7 @@ from app.datasources.interface import (
     Published,
     QueueStats,
     Release,
+    Signals,
     StoredMessage,
     TailEvent,
     TailQueue,
@@ -77,27 +78,6 @@ _ReadyEntry = tuple[int, int, int, str]  # (-priority, seq, version, message_id)
 _LeaseEntry = tuple[int, int, str]  # (lease_until, version, message_id)
 
 
-class _Signals:
-    """One asyncio.Event per key, replaced after it fires, so a waiter only sees notifications made after it began."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def event(self, key: str) -> asyncio.Event:
-        event = self._events.get(key)
-        if event is None:
-            event = self._events[key] = asyncio.Event()
-        return event
-
-    def notify(self, key: str) -> None:
-        event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
-
-    def notify_all(self) -> None:
-        for key in list(self._events):
-            self.notify(key)
-
 
 class MemoryPollQueue(PollQueue):
     def __init__(self) -> None:
@@ -106,7 +86,7 @@ class MemoryPollQueue(PollQueue):
         self._leases: list[_LeaseEntry] = []
         self._owners: dict[str, set[str]] = {}
         self._seq = 0
-        self._signals = _Signals()
+        self._signals = Signals()
 
     # -- internal helpers ---------------------------------------------------------------------------------------
     def _make_ready(self, record: _Record) -> None:
@@ -301,7 +281,7 @@ class MemoryTailQueue(TailQueue):
         self._log: deque[Published] = deque(maxlen=retention)
         self._last = 0
         self._cursors: dict[str, int] = {}
-        self._signals = _Signals()
+        self._signals = Signals()
         self._closed = False
 
     async def publish(self, messages: Sequence[NewMessage]) -> list[int]:

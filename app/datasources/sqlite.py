@@ -53,6 +53,7 @@ from app.datasources.interface import (
     Published,
     QueueStats,
     Release,
+    Signals,
     StoredMessage,
     TailEvent,
     TailQueue,
@@ -400,32 +401,11 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
-class _Signals:
-    """One asyncio.Event per key, replaced after it fires, so a waiter only sees notifications made after it began."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def event(self, key: str) -> asyncio.Event:
-        event = self._events.get(key)
-        if event is None:
-            event = self._events[key] = asyncio.Event()
-        return event
-
-    def notify(self, key: str) -> None:
-        event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
-
-    def notify_all(self) -> None:
-        for key in list(self._events):
-            self.notify(key)
-
 
 class SqlitePollQueue(PollQueue):
     def __init__(self, store: _Store) -> None:
         self._store = store
-        self._signals = _Signals()
+        self._signals = Signals()
         m = store.messages
         self._sql_put = (
             f"INSERT INTO {m} (message_id, destination, priority, expires_at, published_at, headers, body) "
@@ -707,7 +687,7 @@ class SqliteTailQueue(TailQueue):
         self._last = 0  # newest committed position (event-loop state)
         self._written = 0  # newest position assigned by the writer (writer-thread state)
         self._trimmed_at = 0  # writer-thread state
-        self._signals = _Signals()
+        self._signals = Signals()
         self._closed = False
         t = store.topic_log
         self._sql_insert = (

@@ -61,6 +61,7 @@ from app.datasources.interface import (
     PollQueue,
     QueueStats,
     Release,
+    Signals,
     StoredMessage,
     WrappedCollection,
 )
@@ -94,27 +95,6 @@ PARALLEL_WRITES = 4  # concurrent per-message releases of one call on FerretDB (
 WRAPPED_PREFIX = "wrapped:"  # message ids of wrapped documents: wrapped:["<collection>", "<_id as Extended JSON>"]
 _WRAPPED_FIELDS = ("_sg_state", "_sg_lease_until", "_sg_owner", "_sg_deliveries", "_sg_claims")
 
-
-class _Signals:
-    """One asyncio.Event per destination, replaced after it fires (same scheme as the memory backend)."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def event(self, key: str) -> asyncio.Event:
-        event = self._events.get(key)
-        if event is None:
-            event = self._events[key] = asyncio.Event()
-        return event
-
-    def notify(self, key: str) -> None:
-        event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
-
-    def notify_all(self) -> None:
-        for key in list(self._events):
-            self.notify(key)
 
 
 class _Window:
@@ -190,7 +170,7 @@ class MongoPollQueue(PollQueue):
         self._sequences = sequences
         self._wrapped: dict[str, WrappedCollection] = {w.destination: w for w in wrapped}
         self._wrapped_by_collection: dict[str, WrappedCollection] = {w.collection: w for w in wrapped}
-        self._signals = _Signals()
+        self._signals = Signals()
         self._tokens_since_prune = 0
         self._windows: dict[str, _Window] = {}
         self._generation: dict[str, int] = {}

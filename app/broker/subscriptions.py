@@ -84,6 +84,19 @@ class Subscription:
         self._credit.set()
         return []
 
+    async def _stop(self, task: asyncio.Task[None] | None) -> None:
+        """Mark closed, wake the feeding task and wait for it to end; its own failure must not stop the closing."""
+        self.closed = True
+        self._credit.set()
+        if task is not None and not task.done():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            except Exception:
+                log.exception("subscription %s task failed", self.id)
+
     def matches(self, message: StoredMessage) -> bool:
         return self.selector is None or self.selector.matches(message.headers)
 
@@ -179,16 +192,7 @@ class QueueSubscription(Subscription):
             broker.ack_in_background(auto)
 
     async def close(self) -> list[str]:
-        self.closed = True
-        self._credit.set()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # the task's own failure is logged by the broker; closing must go on
-                log.exception("queue subscription task failed")
+        await self._stop(self._task)
         released = list(self.unacked)
         self.unacked.clear()
         return released
@@ -269,15 +273,6 @@ class DurableTopicSubscription(Subscription):
         return settled
 
     async def close(self) -> list[str]:
-        self.closed = True
-        self._credit.set()
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            except Exception:
-                log.exception("durable subscription task failed")
+        await self._stop(self._task)
         await self.session.broker.datasource.topics.save_cursor(self.cursor_name, self.safe_position())
         return []

@@ -150,29 +150,19 @@ def _serve_signature() -> inspect.Signature:
         )
     ]
     for name, field in Settings.model_fields.items():
+        flag = f"--{name.replace('_', '-')}"
+        kind: Any
         if field.annotation is bool:  # a switch: --allow-anonymous / --no-allow-anonymous
-            params.append(
-                inspect.Parameter(
-                    name,
-                    inspect.Parameter.KEYWORD_ONLY,
-                    default=typer.Option(
-                        None,
-                        f"--{name.replace('_', '-')}/--no-{name.replace('_', '-')}",
-                        help=f"{field.description} (env STOMPGATE_{name.upper()}, default {field.default!r})",
-                        show_default=False,
-                    ),
-                    annotation=Optional[bool],
-                )
-            )
-            continue
-        kind = field.annotation if field.annotation in (int, float) else str
+            flags, kind = f"{flag}/--no-{name.replace('_', '-')}", bool
+        else:
+            flags, kind = flag, field.annotation if field.annotation in (int, float) else str
         params.append(
             inspect.Parameter(
                 name,
                 inspect.Parameter.KEYWORD_ONLY,
                 default=typer.Option(
                     None,
-                    f"--{name.replace('_', '-')}",
+                    flags,
                     help=f"{field.description} (env STOMPGATE_{name.upper()}, default {field.default!r})",
                     show_default=False,
                 ),

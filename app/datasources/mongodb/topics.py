@@ -188,12 +188,22 @@ class MongoTailQueue(TailQueue):
                                 pending[position] = doc
                                 if hole_since is None:
                                     hole_since = time.monotonic()
-                        # yield what is in order; skip a hole that stayed open for the settle window
+                        # yield what is in order; skip a hole only once it stayed open for the settle window
+                        # while the cursor was caught up (``doc is None``: nothing more to read right now) and a
+                        # direct look-up finds no document in it. The settle time alone is not enough: on FerretDB
+                        # the cursor reads one document per round trip, so another gateway's earlier positions,
+                        # inserted later in natural order, can take longer than the window to come round.
                         while pending:
                             if last + 1 not in pending:
                                 assert hole_since is not None
-                                if time.monotonic() - hole_since < REORDER_SETTLE_S:
+                                if doc is not None or time.monotonic() - hole_since < REORDER_SETTLE_S:
                                     break
+                                found = await self._coll.find_list(
+                                    {"position": {"$gt": last, "$lt": min(pending)}}
+                                )
+                                if found:
+                                    pending.update((int(d["position"]), d) for d in found)
+                                    continue
                                 log.info("topic log: positions %d..%d were never written; skipping", last + 1,
                                          min(pending) - 1)
                                 last = min(pending) - 1

@@ -87,7 +87,49 @@ def _require(headers: Mapping[str, str], name: str, command: str) -> str:
     return value
 
 
-class ServerConnection:
+class _Endpoint:
+    """What both roles share: the state, the negotiated version and heart-beat plan, and the outgoing buffer."""
+
+    _state: State
+    _version: str
+    _heartbeat: HeartbeatPlan
+    _out: list[bytes]
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    @property
+    def version(self) -> str:
+        """The negotiated version; "1.0" until CONNECT (server) or CONNECTED (client) says otherwise."""
+        return self._version
+
+    @property
+    def closed(self) -> bool:
+        return self._state is State.CLOSED
+
+    @property
+    def heartbeat(self) -> HeartbeatPlan:
+        """The negotiated heart-beat plan (all zeros until the CONNECT/CONNECTED exchange is done)."""
+        return self._heartbeat
+
+    def send_heartbeat(self) -> None:
+        if self._state is not State.CLOSED:
+            self._out.append(b"\n")
+
+    def close(self) -> None:
+        self._state = State.CLOSED
+
+    def data_to_send(self) -> bytes:
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+
+class ServerConnection(_Endpoint):
     """The server side of one STOMP connection."""
 
     def __init__(
@@ -120,25 +162,6 @@ class ServerConnection:
             "ABORT": self._on_abort,
             "DISCONNECT": self._on_disconnect,
         }
-
-    # ---- properties ----
-
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @property
-    def version(self) -> str:
-        return self._version
-
-    @property
-    def closed(self) -> bool:
-        return self._state is State.CLOSED
-
-    @property
-    def heartbeat(self) -> HeartbeatPlan:
-        """The plan ``accept`` negotiated (all zeros before)."""
-        return self._heartbeat
 
     # ---- receiving ----
 
@@ -335,23 +358,9 @@ class ServerConnection:
         self._out.append(encode_frame("ERROR", error.items(), payload, self._version))
         self._state = State.CLOSED
 
-    def send_heartbeat(self) -> None:
-        if self._state is not State.CLOSED:
-            self._out.append(b"\n")
-
-    def close(self) -> None:
-        self._state = State.CLOSED
-
-    def data_to_send(self) -> bytes:
-        out = self._out
-        if not out:
-            return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        return data
 
 
-class ClientConnection:
+class ClientConnection(_Endpoint):
     """The client side of one STOMP connection."""
 
     def __init__(self, *, limits: Limits = DEFAULT_LIMITS) -> None:
@@ -362,26 +371,6 @@ class ClientConnection:
         self._heartbeat = HeartbeatPlan()
         self._out: list[bytes] = []
         self._parser = FrameParser(limits, commands=SERVER_COMMANDS)
-
-    # ---- properties ----
-
-    @property
-    def state(self) -> State:
-        return self._state
-
-    @property
-    def version(self) -> str:
-        """The version the server chose; "1.0" until CONNECTED arrives (and outgoing frames are escaped for it)."""
-        return self._version
-
-    @property
-    def closed(self) -> bool:
-        return self._state is State.CLOSED
-
-    @property
-    def heartbeat(self) -> HeartbeatPlan:
-        """The client's heart-beat plan, known once CONNECTED arrived."""
-        return self._heartbeat
 
     # ---- sending ----
 
@@ -510,20 +499,6 @@ class ClientConnection:
     def disconnect(self, *, receipt: str | None = None) -> None:
         self._queue("DISCONNECT", self._extra([], receipt))
 
-    def send_heartbeat(self) -> None:
-        if self._state is not State.CLOSED:
-            self._out.append(b"\n")
-
-    def close(self) -> None:
-        self._state = State.CLOSED
-
-    def data_to_send(self) -> bytes:
-        out = self._out
-        if not out:
-            return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
-        out.clear()
-        return data
 
     # ---- receiving ----
 

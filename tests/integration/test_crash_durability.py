@@ -10,6 +10,24 @@ from tests.gateway_process import start_gateway
 from tests.raw_stomp import RawClient
 
 
+def drain(port: int, destination: str) -> set[str]:
+    """Consume until the queue stays quiet; return the sequence numbers of the bodies ("msg-N") received."""
+    consumer = RawClient(port)
+    consumer.connect()
+    consumer.frame("SUBSCRIBE", {"id": "s", "destination": destination, "prefetch-count": "1000"})
+    received: set[str] = set()
+    try:
+        while True:
+            frame = consumer.read(timeout=3)
+            if frame.command == "MESSAGE":
+                received.add(frame.body.decode().removeprefix("msg-"))
+    except EOFError:
+        pass
+    finally:
+        consumer.close()
+    return received
+
+
 def test_no_receipted_message_is_lost_on_sigkill(tmp_path: Path) -> None:
     store = f"sqlite:///{tmp_path}/crash.db"
     gw = start_gateway(tmp_path, store)
@@ -50,21 +68,10 @@ def test_no_receipted_message_is_lost_on_sigkill(tmp_path: Path) -> None:
 
     again = start_gateway(tmp_path, store)
     try:
-        consumer = RawClient(again.stomp_port)
-        consumer.connect()
-        consumer.frame("SUBSCRIBE", {"id": "s", "destination": "/queue/crash", "prefetch-count": "1000"})
-        received: set[str] = set()
-        try:
-            while True:
-                frame = consumer.read(timeout=3)
-                if frame.command == "MESSAGE":
-                    received.add(frame.body.decode().removeprefix("msg-"))
-        except EOFError:
-            pass
+        received = drain(again.stomp_port, "/queue/crash")
         missing = set(receipted) - received
         assert not missing, f"{len(missing)} receipted messages lost, e.g. {sorted(missing, key=int)[:5]}"
         assert len(received) <= sent
-        consumer.close()
     finally:
         producer.close()
         again.stop()
@@ -94,18 +101,6 @@ def test_sigterm_finishes_receipts_in_flight_and_tells_clients(tmp_path: Path) -
     assert receipted, "the SENDs already read should have been finished and receipted"
     again = start_gateway(tmp_path, store)
     try:
-        consumer = RawClient(again.stomp_port)
-        consumer.connect()
-        consumer.frame("SUBSCRIBE", {"id": "s", "destination": "/queue/graceful", "prefetch-count": "1000"})
-        received: set[str] = set()
-        try:
-            while True:
-                frame = consumer.read(timeout=2)
-                if frame.command == "MESSAGE":
-                    received.add(frame.body.decode().removeprefix("msg-"))
-        except EOFError:
-            pass
-        consumer.close()
-        assert receipted <= received
+        assert receipted <= drain(again.stomp_port, "/queue/graceful")
     finally:
         again.stop()

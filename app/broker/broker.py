@@ -32,6 +32,8 @@ __all__ = ["Broker"]
 
 log = logging.getLogger("stompgate.broker")
 
+ACK_ATTEMPTS = 5  # tries of one ACK batch against a failing database (about 0.75 s of back-off in all)
+
 
 class Broker:
     def __init__(
@@ -58,7 +60,7 @@ class Broker:
         self.queue_generation = 0
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
-        self._acker: Batcher[str] = Batcher(datasource.queues.ack)
+        self._acker: Batcher[str] = Batcher(self._ack_with_retry)
         self._cursor_saves: dict[str, int] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
@@ -154,6 +156,19 @@ class Broker:
         await self.datasource.topics.publish(messages)
 
     # ---- acknowledgements ----
+
+    async def _ack_with_retry(self, message_ids: list[str]) -> None:
+        """An ACK is a delete by id, so it is safe to repeat: a passing database error is retried a few times before
+        the session is told, because failing it would redeliver messages the client already processed."""
+        for attempt in range(ACK_ATTEMPTS):
+            try:
+                await self.datasource.queues.ack(message_ids)
+                return
+            except Exception as exc:
+                if attempt == ACK_ATTEMPTS - 1:
+                    raise
+                log.warning("ack of %d messages failed (attempt %d), retrying: %r", len(message_ids), attempt + 1, exc)
+                await asyncio.sleep(0.05 * 2**attempt)
 
     def ack_nowait(self, message_ids: list[str]) -> asyncio.Future[None]:
         return self._acker.submit(message_ids)

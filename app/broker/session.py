@@ -541,7 +541,8 @@ class Session:
         if self.conn.closed:
             return
         self.broker.metrics.error(message)
-        log.info("session %s from %s: ERROR %s: %s", self.id, self.peer, message, detail)
+        level = logging.WARNING if message == "Not stored" else logging.INFO  # our failure, not the client's
+        log.log(level, "session %s from %s: ERROR %s: %s", self.id, self.peer, message, detail)
         self.conn.send_error(message, body=detail, receipt_id=receipt)
         self.flush()
 

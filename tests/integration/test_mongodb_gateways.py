@@ -34,6 +34,9 @@ def consume(port: int, destination: str, received: list[str], stop: threading.Ev
             if frame.command == "MESSAGE":
                 received.append(frame.body.decode())
                 client.frame("ACK", {"id": frame.headers["ack"]})
+            elif frame.command == "ERROR":  # the test fails on it below, naming the gateway's reason
+                received.append(f"ERROR {frame.headers.get('message')}: {frame.body.decode(errors='replace')}")
+                return
     finally:
         client.close()
 
@@ -71,13 +74,17 @@ def test_two_gateways_four_consumers_each_message_exactly_once(tmp_path: Path, m
         stop.set()
         for thread in consumers:
             thread.join(timeout=10)
+        for producer in producers:
+            producer.close()
         counts = Counter(received)
+        if any(n > 1 for n in counts.values()) or len(counts) < total:
+            print("\n".join(gw.log()[-3000:] for gw in gateways))
+        errors = [body for body in counts if body.startswith("ERROR")]
+        assert not errors, errors
         duplicates = {body: n for body, n in counts.items() if n > 1}
         missing = {f"m{i}" for i in range(total)} - set(counts)
         assert not duplicates, f"{len(duplicates)} messages delivered more than once, e.g. {list(duplicates)[:5]}"
         assert not missing, f"{len(missing)} messages never delivered, e.g. {sorted(missing)[:5]}"
-        for producer in producers:
-            producer.close()
     finally:
         for gw in gateways:
             gw.stop()

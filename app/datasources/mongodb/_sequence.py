@@ -68,3 +68,14 @@ class SequenceAllocator:
             self._since_prune = 0
             await self._counters.delete_many({"name": name, "end": {"$lt": end - PRUNE_KEEP}})
         return start
+
+    async def allocated_end(self, name: str) -> int:
+        """The highest number reserved so far (0 before the first): written, in flight or abandoned. On FerretDB the
+        hint can lag (a lost ``$max``), so the reservation chain is walked from it."""
+        hint_doc = await self._counters.find_one({"_id": name})
+        end = int(hint_doc["n"]) if hint_doc is not None else 0
+        if not self._ferretdb:
+            return end
+        while (taken := await self._counters.find_one({"_id": f"{name}@{end + 1}"})) is not None:
+            end = int(taken["end"])
+        return end

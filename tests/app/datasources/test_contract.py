@@ -316,23 +316,23 @@ def published(event: TailEvent) -> Published:
     return event
 
 
-async def test_publish_positions_increase(datasource: Datasource) -> None:
-    assert await datasource.topics.last_position() == 0
-    first = await publish(datasource, 3)
-    second = await publish(datasource, 2, start=3)
+async def test_publish_positions_increase(tail_datasource: Datasource) -> None:
+    assert await tail_datasource.topics.last_position() == 0
+    first = await publish(tail_datasource, 3)
+    second = await publish(tail_datasource, 2, start=3)
     positions = first + second
     assert positions == sorted(positions) and len(set(positions)) == 5
-    assert await datasource.topics.last_position() == positions[-1]
-    assert await datasource.topics.publish([]) == []
+    assert await tail_datasource.topics.last_position() == positions[-1]
+    assert await tail_datasource.topics.publish([]) == []
 
 
-async def test_follow_from_none_is_live_only(datasource: Datasource) -> None:
-    await publish(datasource, 3)
-    follower = datasource.topics.follow(after=None)
+async def test_follow_from_none_is_live_only(tail_datasource: Datasource) -> None:
+    await publish(tail_datasource, 3)
+    follower = tail_datasource.topics.follow(after=None)
     try:
         first = asyncio.ensure_future(next_event(follower))
         await asyncio.sleep(0.3)  # let the follower attach (a backend may find "the end" when iteration starts)
-        positions = await publish(datasource, 2, start=3)
+        positions = await publish(tail_datasource, 2, start=3)
         events = [published(await first), published(await next_event(follower))]
         assert [e.position for e in events] == positions
         assert [e.message.headers["n"] for e in events] == ["3", "4"]
@@ -343,15 +343,15 @@ async def test_follow_from_none_is_live_only(datasource: Datasource) -> None:
         await follower.aclose()  # type: ignore[attr-defined]
 
 
-async def test_follow_after_a_position_replays_then_goes_live(datasource: Datasource) -> None:
-    positions = await publish(datasource, 5)
-    follower = datasource.topics.follow(after=positions[1])
+async def test_follow_after_a_position_replays_then_goes_live(tail_datasource: Datasource) -> None:
+    positions = await publish(tail_datasource, 5)
+    follower = tail_datasource.topics.follow(after=positions[1])
     try:
         replayed = [published(await next_event(follower)) for _ in range(3)]
         assert [e.position for e in replayed] == positions[2:]
         live_task = asyncio.ensure_future(next_event(follower))
         await asyncio.sleep(0.05)
-        [live_position] = await publish(datasource, 1, start=5)
+        [live_position] = await publish(tail_datasource, 1, start=5)
         live = published(await live_task)
         assert live.position == live_position
         assert live.message.headers["n"] == "5"
@@ -359,13 +359,13 @@ async def test_follow_after_a_position_replays_then_goes_live(datasource: Dataso
         await follower.aclose()  # type: ignore[attr-defined]
 
 
-async def test_two_followers_each_see_everything(datasource: Datasource) -> None:
-    a = datasource.topics.follow(after=None)
-    b = datasource.topics.follow(after=None)
+async def test_two_followers_each_see_everything(tail_datasource: Datasource) -> None:
+    a = tail_datasource.topics.follow(after=None)
+    b = tail_datasource.topics.follow(after=None)
     try:
         firsts = [asyncio.ensure_future(next_event(f)) for f in (a, b)]
         await asyncio.sleep(0.3)  # let the followers attach
-        positions = await publish(datasource, 4)
+        positions = await publish(tail_datasource, 4)
         for follower, first in zip((a, b), firsts):
             got = [published(await first).position] + [published(await next_event(follower)).position for _ in range(3)]
             assert got == positions
@@ -374,14 +374,14 @@ async def test_two_followers_each_see_everything(datasource: Datasource) -> None
         await b.aclose()  # type: ignore[attr-defined]
 
 
-async def test_follow_reports_a_gap_when_retention_was_trimmed(datasource: Datasource) -> None:
+async def test_follow_reports_a_gap_when_retention_was_trimmed(tail_datasource: Datasource) -> None:
     positions: list[int] = []
     for start in range(0, 4 * TOPIC_RETENTION, 25):
-        positions += await publish(datasource, 25, start=start)
-    trim = getattr(datasource.topics, "trim", None)  # a backend that trims lazily documents this hook
+        positions += await publish(tail_datasource, 25, start=start)
+    trim = getattr(tail_datasource.topics, "trim", None)  # a backend that trims lazily documents this hook
     if trim is not None:
         await trim()
-    follower = datasource.topics.follow(after=positions[0])
+    follower = tail_datasource.topics.follow(after=positions[0])
     try:
         gap = await next_event(follower)
         assert isinstance(gap, Gap), gap
@@ -394,17 +394,17 @@ async def test_follow_reports_a_gap_when_retention_was_trimmed(datasource: Datas
         await follower.aclose()  # type: ignore[attr-defined]
 
 
-async def test_no_gap_when_the_window_reaches_back(datasource: Datasource) -> None:
-    positions = await publish(datasource, 10)
-    follower = datasource.topics.follow(after=positions[0])
+async def test_no_gap_when_the_window_reaches_back(tail_datasource: Datasource) -> None:
+    positions = await publish(tail_datasource, 10)
+    follower = tail_datasource.topics.follow(after=positions[0])
     try:
         assert published(await next_event(follower)).position == positions[1]
     finally:
         await follower.aclose()  # type: ignore[attr-defined]
 
 
-async def test_cursors_save_and_load(datasource: Datasource) -> None:
-    topics = datasource.topics
+async def test_cursors_save_and_load(tail_datasource: Datasource) -> None:
+    topics = tail_datasource.topics
     assert await topics.load_cursor("client-1/sub-1") is None
     await topics.save_cursor("client-1/sub-1", 7)
     await topics.save_cursor("client-1/sub-2", 3)

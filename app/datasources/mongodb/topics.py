@@ -1,4 +1,5 @@
-"""TailQueue on MongoDB: one capped collection ``<ns>.topics`` per gateway namespace, followed with tailable cursors.
+"""TailQueue on MongoDB: one capped collection ``<ns>.topics`` per gateway namespace, followed with a tailable cursor
+(on FerretDB: by equality reads, see below).
 
 Documents: ``{_id (= message_id), message_id, destination, position, priority, expires_at, published_at,
 headers: [{k, v}], body}`` plus one seed ``{_id: "__stompgate_seed__", position: 0, seed: true}`` inserted when the
@@ -24,15 +25,23 @@ costs the whole log per delivered batch: every ``getMore`` that finds its iterat
 (filters other than top-level equality are applied in Go after decoding every document, ~0.1 ms each), skips to
 its last record id, sleeps 10 ms, and closes that iterator on return; and a first batch shorter than ``batchSize``
 closes the cursor, which forced ``batch_size=1``. Measured on FerretDB 1.24 / PostgreSQL: one follower delivered
-~20 messages/s on a fresh log and a range find over 100,000 documents takes 4.5 s. So on FerretDB each document
-also carries ``block = position // BLOCK``, and the follower reads the block of ``last + 1`` with an equality
-filter, which FerretDB pushes down to PostgreSQL (~1 ms on a small log, ~45 ms at 100,000 documents), and moves to
-the next block once it has yielded the last position of this one. It reads again at once after a publish of this
-gateway, every ``HOLE_POLL_S`` while positions reserved by another gateway (``SequenceAllocator.allocated_end``)
-are not all in, and every ``poll_interval`` when idle: another gateway's messages are seen within that bound. The
-reorder and hole rules are the same as above; every read is a fresh look at the block, so "caught up" holds at
-each one. The newest and oldest positions are found without a sorted read there too (the sequence's reserved
-end; an unsorted ``find`` with a limit, which FerretDB serves in insertion order from the start of the log).
+~20 messages/s on a fresh log, and a range find over 100,000 documents takes 4.5 s. There, instead:
+
+* a follower takes this gateway's own publishes from memory (the last ``RECENT`` documents or ``RECENT_BYTES`` of
+  bodies, kept once stored), so one gateway never reads back what it wrote;
+* what another gateway wrote is read with an equality filter, which FerretDB pushes down to PostgreSQL (a scan of
+  the table there, ~1 ms on a small log and ~45 ms at 100,000 documents, instead of decoding every document in
+  Go): each document carries the first and last position of its publish call (``batch``, ``batch_end``), so after
+  the end of one batch the follower reads exactly the next one (``{batch: last + 1}``); where it does not know
+  where batches start (when it begins, or after a hole) it reads ``{block: (last + 1) // BLOCK}``
+  (``block = position // BLOCK``);
+* it reads only when the next position is reserved and not at hand: at once after a local publish, every ``HOLE_POLL_S`` while positions
+  reserved by another gateway (``SequenceAllocator.allocated_end``, a look-up in a small collection) are not all
+  in, and every ``poll_interval`` when idle, which bounds how long another gateway's messages take to be seen.
+
+The reorder and hole rules are the ones above; each read is a complete look at its batch or block, so "caught up"
+holds at each one. The newest and oldest positions are found without a sorted read there too (the sequence's
+reserved end; an unsorted ``find`` with a limit, which FerretDB serves in insertion order from the start).
 Capped ``size``/``max`` are trimmed by FerretDB's background job (every minute by default), so they are soft
 limits there; ``trim()`` applies ``max`` on demand.
 """
@@ -90,6 +99,8 @@ MAX_BACKOFF_S = 2.0
 BLOCK = 64  # FerretDB: positions per ``block`` value, what one read of the log returns at most
 HOLE_POLL_S = 0.02  # FerretDB: re-read interval while positions another gateway reserved are still coming in
 SIGNAL = "topics"  # the ``Signals`` key a publish notifies (one log for every topic)
+RECENT = 8192  # FerretDB: this gateway's latest published documents, handed to its own followers without a read
+RECENT_BYTES = 32 * 1024 * 1024  # ... and at most this many bytes of their bodies
 FollowMode = Literal["cursor", "poll"]
 
 
@@ -101,11 +112,13 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         pass
 
 
-def topic_doc(message: NewMessage, position: int, *, ferretdb: bool) -> Doc:
-    """The stored form of a topic message; on FerretDB with the ``block`` its log is read by."""
+def topic_doc(message: NewMessage, position: int, batch: tuple[int, int], *, ferretdb: bool) -> Doc:
+    """The stored form of a topic message. On FerretDB it carries the keys its log is read by: ``block`` and the
+    first and last position of the publish call that wrote it (``batch``, ``batch_end``)."""
     doc = message_doc(message, seq_field="position", seq=position, flat_headers=False)
     if ferretdb:
         doc["block"] = position // BLOCK
+        doc["batch"], doc["batch_end"] = batch
     return doc
 
 
@@ -137,6 +150,11 @@ class MongoTailQueue(TailQueue):
         # starts and records its first position, so the follower can leave out exactly the ones begun after the call.
         self._publish_calls = 0
         self._recent_firsts: deque[tuple[int, int]] = deque(maxlen=1024)
+        # "poll" mode: position -> document of this gateway's latest publishes (insertion order, at most RECENT), so
+        # its own followers need not read back what it has just written
+        self._recent: dict[int, Doc] = {}
+        self._recent_last = 0
+        self._recent_bytes = 0
 
     async def setup(self) -> None:
         try:
@@ -161,15 +179,17 @@ class MongoTailQueue(TailQueue):
         if not msgs:
             return []
         first: int | None = None
+        docs: list[Doc] = []
         self._publish_calls += 1
         call = self._publish_calls
 
         async def write(retry: bool) -> int:
-            nonlocal first
+            nonlocal first, docs
             if first is None:
                 first = await self._sequences.allocate("topic", len(msgs))
                 self._recent_firsts.append((call, first))
-            docs = [topic_doc(m, first + i, ferretdb=self._ferretdb) for i, m in enumerate(msgs)]
+            batch = (first, first + len(msgs) - 1)
+            docs = [topic_doc(m, first + i, batch, ferretdb=self._ferretdb) for i, m in enumerate(msgs)]
             try:
                 await self._coll.insert_many(docs, ordered=not retry)
             except BulkWriteError as exc:
@@ -180,6 +200,14 @@ class MongoTailQueue(TailQueue):
             return first
 
         start = await self._writer.run(len(msgs), write)
+        if self.follow_mode == "poll":  # stored now: local followers take these from memory
+            recent = self._recent
+            for i, doc in enumerate(docs):
+                recent[start + i] = doc
+                self._recent_bytes += len(doc["body"])
+            self._recent_last = max(self._recent_last, start + len(docs) - 1)
+            while len(recent) > RECENT or self._recent_bytes > RECENT_BYTES:
+                self._recent_bytes -= len(recent.pop(next(iter(recent)))["body"])
         self._signals.notify(SIGNAL)
         return list(range(start, start + len(msgs)))
 
@@ -277,14 +305,17 @@ class MongoTailQueue(TailQueue):
                 raise
 
     async def _follow_blocks(self, last: int) -> AsyncIterator[TailEvent]:
-        """FerretDB: read the log one ``block`` at a time by equality (see module doc). Wakes at once on a local
-        publish, every ``HOLE_POLL_S`` while positions another gateway reserved are not all in yet, and every
-        ``poll_interval`` when idle."""
-        pending: dict[int, Doc] = {}  # read, not yet yielded (beyond a hole)
+        """FerretDB: yield this gateway's own publishes from memory and read the log one ``block`` at a time by
+        equality for the rest (see module doc). Reads when a position is missing: at once after a local publish,
+        every ``HOLE_POLL_S`` while positions another gateway reserved are not all in, every ``poll_interval``
+        when idle."""
+        pending: dict[int, Doc] = {}  # read from the log, not yet yielded (beyond a hole)
         hole_since: float | None = None  # when ``last + 1`` was first found missing with something to wait for
         stalled = False  # the settle window passed with nothing written after ``last + 1``: look less often
         backoff = 0.05
         check_trimmed = True
+        recent = self._recent
+        batch_start: int | None = None  # known first position of the next batch, when ``last`` ended one
         while not self._closed:
             try:
                 if check_trimmed:
@@ -294,36 +325,47 @@ class MongoTailQueue(TailQueue):
                         last = oldest - 1
                         pending = {p: d for p, d in pending.items() if p > last}
                     check_trimmed = False
-                wake = self._signals.event(SIGNAL)  # taken before the read: a publish during it still wakes us
-                block = (last + 1) // BLOCK
-                for doc in await self._coll.find_list({"block": block}):
-                    position = int(doc["position"])
-                    if position > last:
-                        pending[position] = doc
-                while last + 1 in pending:
-                    last += 1
-                    yield Published(position=last, message=stored_from_doc(pending.pop(last), seq_field="position"))
-                    hole_since, stalled = None, False
-                backoff = 0.05
-                if (last + 1) // BLOCK != block:
-                    continue  # this block is done: read the next one now
-                end = last
-                if not pending:
-                    end = await self._sequences.allocated_end("topic")
-                    if end <= last:
-                        # caught up with everything reserved: idle until a local publish or a reservation
-                        # elsewhere. Asking the sequence is a look-up in a small collection; reading the log is a
-                        # scan of all of it in PostgreSQL (~45 ms at 100,000 documents), so an idle follower does
-                        # not read the log.
+                wake = self._signals.event(SIGNAL)  # taken before any read: a publish meanwhile still wakes us
+                read = False
+                before = last
+                while True:
+                    while (doc := pending.pop(last + 1, None) or recent.get(last + 1)) is not None:
+                        last += 1
+                        # after a batch's last document the next position starts a batch: read just that one
+                        batch_start = last + 1 if doc.get("batch_end") == last else None
+                        yield Published(position=last, message=stored_from_doc(doc, seq_field="position"))
                         hole_since, stalled = None, False
-                        while not self._closed:
-                            await _wait(wake, self._options.poll_interval)
-                            if wake.is_set() or await self._sequences.allocated_end("topic") > last:
-                                break
-                        continue
+                    if read:
+                        break
+                    end = last
+                    if not pending and self._recent_last <= last:
+                        end = await self._sequences.allocated_end("topic")
+                        if end <= last:
+                            break  # caught up with everything reserved
+                    # ``last + 1`` is reserved and not at hand: read the batch it starts (another gateway's publish:
+                    # exactly the documents missing) or, not knowing where batches start, its block
+                    read = True
+                    key = {"batch": batch_start} if batch_start == last + 1 else {"block": (last + 1) // BLOCK}
+                    for doc in await self._coll.find_list(key):
+                        position = int(doc["position"])
+                        if position > last:
+                            pending[position] = doc
+                backoff = 0.05
+                if not read:
+                    # Idle until a local publish or a reservation elsewhere. Asking the sequence is a look-up in a
+                    # small collection; reading the log is a scan of all of it in PostgreSQL (~45 ms at 100,000
+                    # documents), so an idle follower does not read the log.
+                    hole_since, stalled = None, False
+                    while not self._closed:
+                        await _wait(wake, self._options.poll_interval)
+                        if wake.is_set() or await self._sequences.allocated_end("topic") > last:
+                            break
+                    continue
+                if last > before:
+                    continue  # progress: look again at once (the next block, or what came in meanwhile)
                 # ``last + 1`` is reserved but not in: another gateway's batch in flight, trimmed away while this
                 # follower was behind, or left by a publisher that died. Wait for it while it may hold back what
-                # is already in (``pending``), at most the settle window.
+                # is already in (``pending``, or this gateway's own later publishes), at most the settle window.
                 now = time.monotonic()
                 hole_since = hole_since or now
                 if now - hole_since < REORDER_SETTLE_S:
@@ -336,17 +378,21 @@ class MongoTailQueue(TailQueue):
                     pending = {p: d for p, d in pending.items() if p > last}
                     hole_since = None
                     continue
-                for later in range(block + 1, end // BLOCK + 1) if not pending else ():
-                    found = await self._coll.find_list({"block": later})
-                    if found:
-                        pending.update((int(d["position"]), d) for d in found if int(d["position"]) > last)
-                        break
-                if not pending:  # nothing written after it: it holds nothing back; look again less often
+                ahead = [p for p in (*pending, *recent) if p > last]
+                if not ahead:
+                    end = await self._sequences.allocated_end("topic")
+                    for block in range((last + 1) // BLOCK + 1, end // BLOCK + 1):
+                        found = [d for d in await self._coll.find_list({"block": block}) if int(d["position"]) > last]
+                        if found:
+                            pending.update((int(d["position"]), d) for d in found)
+                            ahead = list(pending)
+                            break
+                if not ahead:  # nothing written after it: it holds nothing back; look again less often
                     hole_since, stalled = now, True
                     continue
                 # the read just made found nothing at ``last + 1`` either: never written
-                log.info("topic log: positions %d..%d were never written; skipping", last + 1, min(pending) - 1)
-                last = min(pending) - 1
+                log.info("topic log: positions %d..%d were never written; skipping", last + 1, min(ahead) - 1)
+                last = min(ahead) - 1
                 hole_since = None
             except ConnectionFailure as exc:
                 log.warning("topic log: MongoDB unreachable (%s); retrying in %.2fs", exc, backoff)

@@ -237,8 +237,10 @@ async def test_a_follower_waits_for_earlier_positions_committed_later(
         def doc(position: int) -> dict[str, object]:
             message = NewMessage(message_id=f"p{position}", destination="/topic/order", headers={}, body=b"x",
                                  published_at=NOW)  # fmt: skip
-            return topic_doc(message, position, ferretdb=True)
+            return topic_doc(message, position, (1, 10) if position <= 10 else (11, 1000), ferretdb=True)
 
+        assert await topics._sequences.allocate("topic", 10) == 1  # gateway A reserves 1..10,
+        assert await topics._sequences.allocate("topic", 990) == 11  # gateway B 11..1000 and writes first
         await coll.insert_many([doc(p) for p in range(11, 1001)])
         await coll.insert_many([doc(p) for p in range(1, 11)])
         follower = topics.follow(after=0)
@@ -279,3 +281,32 @@ async def test_positions_reserved_and_never_written_are_skipped(mongodb_url: str
         assert [e.position for e in rest if isinstance(e, Published)] == list(range(71, 76))
     finally:
         await ds.close()
+
+
+@pytest.mark.parametrize("follow_mode", ["poll", "cursor"])
+async def test_two_gateways_follow_each_others_publishes_in_order(mongodb_url: str, follow_mode: str) -> None:
+    """Two gateways on one log, publishing interleaved batches: each follower yields every position in order, its
+    own batches (from memory, in "poll" mode) and the other's (read from the database)."""
+    options = DatasourceOptions(namespace=f"t{uuid.uuid4().hex[:8]}")
+    a, b = await open_datasource(mongodb_url, options), await open_datasource(mongodb_url, options)
+    try:
+        followers = []
+        for ds in (a, b):
+            assert isinstance(ds.topics, MongoTailQueue)
+            ds.topics.follow_mode = follow_mode  # type: ignore[assignment]
+            followers.append(ds.topics.follow(after=0))
+        t = "/topic/two"
+
+        async def publish(ds: Datasource, n: int) -> None:
+            for i in range(n):
+                await ds.topics.publish([msg(k, destination=t) for k in range(1 + i % 7)])
+
+        await asyncio.gather(publish(a, 30), publish(b, 30))
+        end = await a.topics.last_position()
+        assert end == 2 * sum(1 + i % 7 for i in range(30))
+        for follower in followers:
+            events = [await asyncio.wait_for(follower.__anext__(), 10) for _ in range(end)]
+            assert [e.position for e in events if isinstance(e, Published)] == list(range(1, end + 1))
+    finally:
+        await a.close()
+        await b.close()

@@ -9,12 +9,20 @@ like one gateway.
 
 Variants (``--baseline-variant``, repeatable; default: every variant that applies to the server and kind):
 
-* ``queue-claim`` - what the backend does. MongoDB: ``find_one_and_update`` per message (sorted ``priority desc,
-  seq``), sequence ranges by one ``$inc``. FerretDB: the backend's safe path: one shared *window* per destination
-  (a sorted ``find`` of the next 256 ready messages, re-read when empty, after a local insert or after 250 ms) whose
-  head each claimer pops; one unordered ``insert_many`` of claim tokens into ``<ns>.claims`` per claim call; one
-  ``update_one({_id, claims})`` per won message (up to 32 concurrently); sequence ranges by reservation (``find_one``
-  hint + ``insert_one`` reservation + ``update_one $max``). Exactly once.
+* ``queue-claim`` - what ``MongoPollQueue`` does, operation for operation. MongoDB: ``find_one_and_update`` per
+  message (sorted ``priority desc, seq``). FerretDB: the backend's safe path (see ``queues``' module doc): one
+  shared *window* per destination (``queues._Window``: a sorted ``find`` of the next ready messages, as many as
+  ``queues._window_size`` says, read again when it runs out or is no longer usable by the backend's own rules -
+  age, generation) whose head each claimer pops (``_Window.take``, skipping stale copies of messages this process
+  claimed or acked, ``queues._Held``); per claim call (up to ``MAX_CLAIM_ROUNDS`` rounds) one unordered
+  ``insert_many`` of claim tokens into ``<ns>.claims`` (a lost token is looked up by ``_id`` if it comes round
+  again, ``queues._Lost``, like the backend's ``_take_versions``) and one unordered ``bulk_write`` of
+  ``UpdateOne({_id, claims: <version read>}, {$set: lease})`` for the tokens won. A producer's ``insert_many``
+  merges its documents into the window (``_Window.merge``, the backend's ``_merge_into_windows``) instead of
+  invalidating it. Sequence ranges come
+  from the backend's ``SequenceAllocator`` itself (one ``$inc`` on MongoDB; a reservation walk on FerretDB).
+  The collections go through the backend's ``_common.Collection`` (busy retry; on FerretDB the client's write
+  gate and its ``FERRETDB_BULK`` statements per command), so the commands sent are the backend's. Exactly once.
 * ``queue-fam-unsafe`` (FerretDB only) - the plain MongoDB claim loop (``find_one_and_update`` per message) run on
   FerretDB as a reference. **Not exactly-once on FerretDB** (its findAndModify is read-then-update), so it may
   report DUPLICATED > 0; that is the point of the safe path.
@@ -24,10 +32,12 @@ Variants (``--baseline-variant``, repeatable; default: every variant that applie
   round-robin, as N gateways would.
 * ``topic-cursor-per-subscriber`` - one tailable cursor per subscriber (``--consumers`` cursors).
 
-Acks in both queue variants: one ``delete_one({_id})`` per message (FerretDB, up to 32 concurrently, the backend's
-path) or one ``delete_many({_id: {$in}})`` per claimed batch (MongoDB), done in the background while the
-consumer claims again, with at most ``--prefetch`` (default 100, the gateway's) claimed and not yet deleted per
-consumer, like a subscription's credit.
+Acks in both queue variants: ``MongoPollQueue.ack`` - one ``bulk_write`` of ``DeleteOne({_id})`` (FerretDB) or one
+``delete_many({_id: {$in}})`` (MongoDB) per batch, through the gateway's own ACK coalescing (``Batcher``: the ids
+acked while the previous batch was being written go in the next one, one batch at a time). Each consumer claims
+up to ``--prefetch`` (default 100, the gateway's) per call and acks all it claimed at once, like a client that
+acks every delivery, so its credit is free again right away: a subscription gets its credit back when the ACK
+frame arrives, not when the delete is done.
 
 Every variant uses fresh collections ``bench-<random>.*`` in the URL's database (default ``stompgate``) and drops
 them afterwards. The report is the workload's (``workload.summarize``): msgs/s from the first insert to the last
@@ -41,25 +51,40 @@ import contextlib
 import time
 import uuid
 from array import array
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from functools import partial
 from typing import Any, TypeVar
 
-from pymongo import AsyncMongoClient, CursorType, ReturnDocument
-from pymongo.errors import BulkWriteError, CollectionInvalid, DuplicateKeyError, OperationFailure
+from pymongo import AsyncMongoClient, CursorType, DeleteOne, ReturnDocument, UpdateOne
+from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure
 
 from app.bench.workload import SEND_BATCH, TS_HEADER, BenchConfig, summarize
+from app.broker.batching import Batcher
 from app.datasources.interface import DatasourceOptions, NewMessage
-from app.datasources.mongodb._common import is_busy, message_doc
+from app.datasources.mongodb._common import (
+    Collection,
+    is_busy,
+    is_duplicate_only,
+    limit_writes,
+    message_doc,
+)
+from app.datasources.mongodb._sequence import SequenceAllocator
+from app.datasources.mongodb.queues import (
+    MAX_CLAIM_ROUNDS,
+    SORT,
+    TOKEN_KEEP_MS,
+    TOKEN_PRUNE_EVERY,
+    _gather_limited,
+    _Held,
+    _Lost,
+    _Window,
+    _window_size,
+)
 
 __all__ = ["VARIANTS", "default_variants", "run_baseline"]
 
 VARIANTS = ("queue-claim", "queue-fam-unsafe", "topic-shared-cursor", "topic-cursor-per-subscriber")
-SORT = [("priority", -1), ("seq", 1)]
-WINDOW = 256  # queues.WINDOW
-WINDOW_S = 0.25  # queues.WINDOW_S
-PARALLEL_WRITES = 32  # queues.PARALLEL_WRITES
 CLAIM_BATCH = 256  # BrokerConfig.claim_batch
 DEFAULT_PREFETCH = 100  # BrokerConfig.default_prefetch
 LEASE_MS = 60_000  # BrokerConfig.lease_ms
@@ -79,13 +104,6 @@ async def _busy(call: Callable[[], Awaitable[T]]) -> T:
                 raise
         await asyncio.sleep(0.005 * min(attempt + 1, 10))
     raise AssertionError("unreachable")
-
-
-async def _limited(calls: list[Callable[[], Awaitable[T]]], limit: int = PARALLEL_WRITES) -> list[T]:
-    out: list[T] = []
-    for i in range(0, len(calls), limit):
-        out += await asyncio.gather(*(c() for c in calls[i : i + limit]))
-    return out
 
 
 def default_variants(kind: str, ferretdb: bool) -> list[str]:
@@ -109,14 +127,22 @@ class _Run:
         self.claims = db[f"{self.ns}.claims"]
         self.counters = db[f"{self.ns}.counters"]
         self.topics = db[f"{self.ns}.topics"]
-        self.seq_lock = asyncio.Lock()
+        # the backend's wrappers: busy retry, and on FerretDB the client's write gate and bulk chunking
+        self.q = Collection(self.queue)
+        self.c = Collection(self.claims)
+        self.sequences = SequenceAllocator(Collection(self.counters), ferretdb=ferretdb)
         self.put_event = asyncio.Event()
+        # MongoPollQueue's window state for the one destination (its ``_windows``/``_generation``/``_window_reads``);
+        # the generation moves on a release or purge only, which this workload never does
+        self.window: _Window | None = None
         self.generation = 0
-        self.window: deque[dict[str, Any]] = deque()
-        self.window_read_at = 0.0
-        self.window_generation = -1
-        self.window_complete = False
         self.window_reading: asyncio.Future[None] | None = None
+        self.held = _Held()
+        self.lost = _Lost()
+        # the gateway's ACK path (``Broker._acker``): ACKs coalesce while the previous batch is written, one
+        # ``ack`` call at a time
+        self.acker: Batcher[Any] = Batcher(self.ack)
+        self.tokens_since_prune = 0
         self.producers_done = 0
         self.stop = asyncio.Event()
         self.message_counter = 0
@@ -147,37 +173,11 @@ class _Run:
             with contextlib.suppress(Exception):
                 await coll.drop()
 
-    # -- sequence ranges (_sequence.SequenceAllocator) ---------------------------------------------------------
-    async def allocate(self, name: str, count: int) -> int:
-        if not self.ferretdb:
-            doc = await self.counters.find_one_and_update(
-                {"_id": name}, {"$inc": {"n": count}}, upsert=True, return_document=ReturnDocument.AFTER
-            )
-            return int(doc["n"]) - count + 1
-        async with self.seq_lock:
-            hint = await _busy(lambda: self.counters.find_one({"_id": name}))
-            start = int(hint["n"]) + 1 if hint is not None else 1
-            while True:
-                end = start + count - 1
-                try:
-                    doc = {"_id": f"{name}@{start}", "name": name, "start": start, "end": end}
-                    await _busy(lambda: self.counters.insert_one(doc))
-                    break
-                except DuplicateKeyError:
-                    taken = await _busy(lambda: self.counters.find_one({"_id": f"{name}@{start}"}))
-                    start = int(taken["end"]) + 1 if taken is not None else start + 1
-            try:
-                await _busy(lambda: self.counters.update_one({"_id": name}, {"$max": {"n": end}}, upsert=True))
-            except DuplicateKeyError:
-                await _busy(lambda: self.counters.update_one({"_id": name}, {"$max": {"n": end}}))
-            return start
-
     # -- producers ---------------------------------------------------------------------------------------------
     async def produce(self, pid: int, count: int) -> None:
         cfg = self.cfg
         size = cfg.body_size
         queue_kind = self.variant.startswith("queue")
-        coll = self.queue if queue_kind else self.topics
         seq = 0
         first_send = time.time_ns()
         error = None
@@ -194,7 +194,7 @@ class _Run:
                         headers={TS_HEADER: str(now_ns)}, body=f"{pid}:{seq + i}:".encode().ljust(size, b"x"),
                         priority=4, expires_at=None, published_at=now_ms,
                     ))  # fmt: skip
-                first = await self.allocate("queue" if queue_kind else "topic", n)
+                first = await self.sequences.allocate("queue" if queue_kind else "topic", n)
                 if queue_kind:
                     docs = []
                     for i, m in enumerate(msgs):
@@ -205,11 +205,15 @@ class _Run:
                 else:
                     docs = [message_doc(m, seq_field="position", seq=first + i, flat_headers=False)
                             for i, m in enumerate(msgs)]  # fmt: skip
-                await _busy(lambda: coll.insert_many(docs, ordered=True))
-                seq += n
-                if queue_kind:  # the backend invalidates its window and wakes local claimers after a put
-                    self.generation += 1
+                if queue_kind:
+                    await self.q.insert_many(docs, ordered=True)
+                    # the backend merges its own new messages into the window and wakes local claimers
+                    if self.ferretdb and self.window is not None:
+                        self.window.merge(docs)
                     self.put_event.set()
+                else:
+                    await _busy(partial(self.topics.insert_many, docs, ordered=True))
+                seq += n
         except Exception as exc:  # noqa: BLE001 - reported
             error = f"{type(exc).__name__}: {exc}"
         last = time.time_ns()
@@ -257,71 +261,113 @@ class _Run:
         return {"destination": self.cfg.destination, "expires_at": {"$gt": now_ms},
                 "$or": [{"state": "ready"}, {"state": "leased", "lease_until": {"$lte": now_ms}}]}  # fmt: skip
 
-    async def read_window(self, want: int, now_ms: int) -> None:
-        if self.window_reading is not None:
+    async def window_for(self, query: dict[str, Any], want: int, now_ms: int) -> _Window:
+        """``MongoPollQueue._window``: the usable window, or one shared sorted read of the next ready messages."""
+        window = self.window
+        if window is not None and window.docs and window.usable(now_ms, self.generation):
+            return window
+        if self.window_reading is not None:  # another claimer is reading it: share that read
             await asyncio.shield(self.window_reading)
-            if self.window and self.window_usable():
-                return
+            window = self.window
+            if window is not None and window.docs and window.usable(now_ms, self.generation):
+                return window
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.window_reading = done
         try:
             generation = self.generation
-            size = max(WINDOW, 2 * want)
-            docs = await _busy(lambda: self.queue.find(self.ready_query(now_ms), sort=SORT, limit=size).to_list())
-            self.window = deque(docs)
-            self.window_read_at = time.monotonic()
-            self.window_generation = generation
-            self.window_complete = len(docs) < size
+            size = _window_size(self.window, want)
+            started = time.monotonic()
+            docs = await self.q.find_list(query, sort=SORT, limit=size)
+            window = _Window(docs, now_ms, generation, len(docs) < size, time.monotonic() - started)
+            if self.generation == generation:
+                self.window = window
+            return window
         finally:
-            self.window_reading = None
+            if self.window_reading is done:
+                self.window_reading = None
             done.set_result(None)
 
-    def window_usable(self) -> bool:
-        return self.window_generation == self.generation and time.monotonic() - self.window_read_at < WINDOW_S
-
-    async def claim_tokens(self, limit: int, owner: str) -> list[dict[str, Any]]:
-        """The FerretDB path of ``MongoPollQueue._claim_window`` + ``_claim_batch_ferretdb`` + ``_take_versions``."""
+    async def claim_window(self, limit: int, owner: str) -> list[dict[str, Any]]:
+        """``MongoPollQueue._claim_window`` (FerretDB, no selector), called like the broker does: one ``now_ms``."""
+        now_ms = int(time.time() * 1000)
+        lease_until = now_ms + LEASE_MS
+        query = self.ready_query(now_ms)
         out: list[dict[str, Any]] = []
-        for _round in range(4):
-            now_ms = int(time.time() * 1000)
-            lease_until = now_ms + LEASE_MS
+        for _round in range(MAX_CLAIM_ROUNDS):
             want = limit - len(out)
-            if not (self.window and self.window_usable()):
-                await self.read_window(want, now_ms)
-            candidates: list[dict[str, Any]] = []
-            while self.window and len(candidates) < want:
-                doc = self.window.popleft()
-                if int(doc.get("expires_at", 0)) > now_ms:
-                    candidates.append(doc)
-            if candidates:
-                at = int(time.time() * 1000)
-                tokens = [{"_id": f"q|{d['_id']}|{int(d.get('claims', 0)) + 1}", "m": str(d["_id"]),
-                           "until": lease_until, "at": at} for d in candidates]  # fmt: skip
-                lost: set[int] = set()
-                try:
-                    await _busy(lambda: self.claims.insert_many(tokens, ordered=False))
-                except BulkWriteError as exc:
-                    lost = {int(e["index"]) for e in exc.details.get("writeErrors", []) if e.get("code") == 11000}
-                    if len(lost) != len(exc.details.get("writeErrors", [])):
-                        raise
-                won = [d for i, d in enumerate(candidates) if i not in lost]
-
-                def lease(doc: dict[str, Any], lease_until: int = lease_until) -> Callable[[], Awaitable[Any]]:
-                    version = int(doc.get("claims", 0))
-                    changes = {"state": "leased", "lease_until": lease_until, "owner": owner, "claims": version + 1,
-                               "deliveries": int(doc.get("deliveries", 0)) + 1}  # fmt: skip
-
-                    async def call() -> dict[str, Any] | None:
-                        result = await _busy(lambda: self.queue.update_one(
-                            {"_id": doc["_id"], "claims": version}, {"$set": changes}))  # fmt: skip
-                        return {**doc, **changes} if result.matched_count else None
-
-                    return call
-
-                out += [d for d in await _limited([lease(d) for d in won]) if d is not None]
-            if len(out) >= limit or (not self.window and self.window_complete):
+            window = await self.window_for(query, want, now_ms)
+            candidates = window.take(want, now_ms, self.held)
+            leased = await self.claim_batch(candidates, owner, lease_until, now_ms)
+            self.held.settle(candidates, leased)
+            out += leased
+            if len(out) >= limit or (not window.docs and window.complete):
                 break
         return out
+
+    async def claim_batch(
+        self, candidates: list[dict[str, Any]], owner: str, lease_until: int, now_ms: int
+    ) -> list[dict[str, Any]]:
+        """``MongoPollQueue._claim_batch_ferretdb``: tokens, then one ``bulk_write`` of ``UpdateOne({_id, claims})``."""
+        if not candidates:
+            return []
+        won = await self.take_versions(
+            [(f"q|{d['_id']}", str(d["_id"]), int(d.get("claims", 0))) for d in candidates], lease_until, now_ms
+        )
+        if not won:
+            return []
+        leased = [d for d in candidates if str(d["_id"]) in won]
+        changes = {
+            str(d["_id"]): {"state": "leased", "lease_until": lease_until, "owner": owner,
+                            "claims": won[str(d["_id"])], "deliveries": int(d.get("deliveries", 0)) + 1}
+            for d in leased
+        }  # fmt: skip
+        matched = await self.q.bulk_write(
+            [UpdateOne({"_id": d["_id"], "claims": int(d.get("claims", 0))}, {"$set": changes[str(d["_id"])]})
+             for d in leased]
+        )  # fmt: skip
+        out = [{**d, **changes[str(d["_id"])]} for d in leased]
+        if matched == len(leased):
+            return out
+        still = [await self.q.find_one({"_id": d["_id"], "claims": d["claims"], "owner": owner}) for d in out]
+        return [d for d, stored in zip(out, still, strict=True) if stored is not None]
+
+    async def take_versions(self, items: list[tuple[str, str, int]], until: int, now_ms: int) -> dict[str, int]:
+        """``MongoPollQueue._take_versions``: one unordered ``insert_many`` of claim tokens; a lost token is looked up
+        by ``_id`` when ``_Lost`` says it is due, and the next version tried if its holder's lease expired."""
+        at = int(time.time() * 1000)
+        won: dict[str, int] = {}
+        pending = [(key, message_id, version + 1) for key, message_id, version in items]
+        for _attempt in range(4):
+            if not pending:
+                break
+            tokens = [{"_id": f"{key}|{v}", "m": message_id, "until": until, "at": at} for key, message_id, v in pending]
+            lost: set[int] = set()
+            try:
+                await self.c.insert_many(tokens, ordered=False)
+            except BulkWriteError as exc:
+                if not is_duplicate_only(exc):
+                    raise
+                lost = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
+            for i, (key, message_id, v) in enumerate(pending):
+                if i not in lost:
+                    won[message_id] = v
+                    self.lost.won(key)
+            if not lost:
+                break
+            now_s = time.monotonic()
+            check = [tokens[i]["_id"] for i in sorted(lost) if self.lost.due(pending[i][0], pending[i][2], now_s)]
+            found = await _gather_limited([partial(self.c.find_one, {"_id": i}) for i in check])
+            held = {t["_id"]: t for t in found if t is not None}
+            pending = [
+                (key, message_id, v + 1)
+                for i, (key, message_id, v) in enumerate(pending)
+                if i in lost and (token := held.get(f"{key}|{v}")) is not None and int(token.get("until", 0)) <= now_ms
+            ]
+        self.tokens_since_prune += len(items)
+        if self.tokens_since_prune >= TOKEN_PRUNE_EVERY:
+            self.tokens_since_prune = 0
+            await self.c.delete_many({"at": {"$lt": at - TOKEN_KEEP_MS}})
+        return won
 
     async def claim_fam(self, limit: int, owner: str, state: dict[str, Any]) -> list[dict[str, Any]]:
         """``MongoPollQueue._claim_mongodb``: one find_one_and_update per message (each recorded as it arrives:
@@ -341,40 +387,29 @@ class _Run:
         return out
 
     async def ack(self, ids: list[Any]) -> None:
+        """``MongoPollQueue.ack``: on FerretDB one ``bulk_write`` of ``DeleteOne({_id})`` (no ``$in``: a full decode
+        there), else one ``delete_many({_id: {$in}})``."""
         if self.ferretdb:
-
-            def delete(doc_id: Any) -> Callable[[], Awaitable[Any]]:
-                return lambda: _busy(lambda: self.queue.delete_one({"_id": doc_id}))
-
-            await _limited([delete(i) for i in ids])
+            self.held.retire(ids)
+            await self.q.bulk_write([DeleteOne({"_id": i}) for i in dict.fromkeys(ids)])
         else:
-            await self.queue.delete_many({"_id": {"$in": ids}})
+            await self.q.delete_many({"_id": {"$in": ids}})
 
     async def consume_queue(self, cid: int, prefetch: int, safe: bool) -> None:
         state = self.new_consumer(cid)
         owner = self.gateway_id
-        unacked = 0
-        credit = asyncio.Event()
-        acks: set[asyncio.Task[None]] = set()
 
-        async def ack_later(ids: list[Any]) -> None:
-            nonlocal unacked
-            try:
-                await self.ack(ids)
-            finally:
-                unacked -= len(ids)
-                credit.set()
+        def ack_failed(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and (exc := future.exception()) is not None:
+                state["error"] = state["error"] or f"ack: {type(exc).__name__}: {exc}"
 
         try:
             while not self.stop.is_set():
-                room = prefetch - unacked
-                if room <= 0:
-                    credit.clear()
-                    await credit.wait()
-                    continue
-                limit = min(room, CLAIM_BATCH)
+                # every claimed message is acked at once (the client of a subscription acks each delivery), so the
+                # whole credit is free again: the gateway gives it back when the ACK arrives, not after the delete
+                limit = min(prefetch, CLAIM_BATCH)
                 if safe and self.ferretdb:
-                    docs = await self.claim_tokens(limit, owner)
+                    docs = await self.claim_window(limit, owner)
                     self.record(state, docs)
                 else:
                     docs = await self.claim_fam(limit, owner, state)
@@ -384,12 +419,7 @@ class _Run:
                         async with asyncio.timeout(DatasourceOptions().poll_interval):
                             await self.put_event.wait()
                     continue
-                unacked += len(docs)
-                task = asyncio.ensure_future(ack_later([d["_id"] for d in docs]))
-                acks.add(task)
-                task.add_done_callback(acks.discard)
-            if acks:
-                await asyncio.gather(*acks)
+                self.acker.submit([d["_id"] for d in docs]).add_done_callback(ack_failed)
         except Exception as exc:  # noqa: BLE001 - reported
             state["error"] = f"{type(exc).__name__}: {exc}"
 
@@ -474,6 +504,9 @@ class _Run:
             except TimeoutError:
                 for t in consumer_tasks:
                     t.cancel()
+            with contextlib.suppress(Exception):  # the deletes still queued (their failures are in the consumers)
+                async with asyncio.timeout(30):
+                    await self.acker.close()
         finally:
             await self.drop()
         raw = {
@@ -504,6 +537,8 @@ async def run_baseline(
         ferret = info.get("ferretdbVersion")
         server = {"version": str(info.get("version", "")), "ferretdb_version": str(ferret) if ferret else None}
         db = client.get_default_database("stompgate")
+        if ferret is not None:  # the backend's FerretDB write gate (``_common.limit_writes``), used by ``Collection``
+            limit_writes(client)
         chosen = variants or default_variants(cfg.kind, ferret is not None)
         runs = []
         for variant in chosen:

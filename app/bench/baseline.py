@@ -26,7 +26,16 @@ Variants (``--baseline-variant``, repeatable; default: every variant that applie
 * ``queue-fam-unsafe`` (FerretDB only) - the plain MongoDB claim loop (``find_one_and_update`` per message) run on
   FerretDB as a reference. **Not exactly-once on FerretDB** (its findAndModify is read-then-update), so it may
   report DUPLICATED > 0; that is the point of the safe path.
-* ``topic-shared-cursor`` - what the gateway does: one tailable awaitData cursor (``batch_size`` 1 on FerretDB, 100
+* ``topic-blocks`` (FerretDB) - what ``MongoTailQueue`` does there (``follow_mode`` "poll", see ``topics``' module
+  doc): producer *i* publishes as gateway *i* mod ``--gateways``, one publish at a time per gateway (the gateway's
+  topic ``Batcher`` writes one batch at a time): a sequence range, then ``insert_many`` of ``topics.topic_doc``
+  documents (with their ``block`` and ``batch`` keys); each gateway's follower takes its own gateway's documents
+  from memory once stored, and reads another gateway's by ``{batch: last + 1}`` (or ``{block: ...}`` when it does
+  not know where the next batch starts), looks at the reserved end (``SequenceAllocator.allocated_end``) when it
+  has nothing more at hand, and waits ``HOLE_POLL_S`` / ``poll_interval`` like the backend; every document fanned
+  out to the gateway's subscribers (``--consumers`` spread round-robin over the gateways). No hole skipping: this
+  workload leaves no holes, and a stall would show as LOST.
+* ``topic-shared-cursor`` - what the gateway does on MongoDB: one tailable awaitData cursor (``batch_size`` 1 on FerretDB, 100
   on MongoDB; ``maxAwaitTimeMS`` 500) per gateway, every document fanned out in process to all ``--consumers``
   subscribers (each delivery counted per subscriber). ``--gateways N`` runs N such cursors, subscribers spread
   round-robin, as N gateways would.
@@ -70,6 +79,7 @@ from app.datasources.mongodb._common import (
     message_doc,
 )
 from app.datasources.mongodb._sequence import SequenceAllocator
+from app.datasources.mongodb.topics import BLOCK, HOLE_POLL_S, topic_doc
 from app.datasources.mongodb.queues import (
     MAX_CLAIM_ROUNDS,
     SORT,
@@ -84,7 +94,7 @@ from app.datasources.mongodb.queues import (
 
 __all__ = ["VARIANTS", "default_variants", "run_baseline"]
 
-VARIANTS = ("queue-claim", "queue-fam-unsafe", "topic-shared-cursor", "topic-cursor-per-subscriber")
+VARIANTS = ("queue-claim", "queue-fam-unsafe", "topic-blocks", "topic-shared-cursor", "topic-cursor-per-subscriber")
 CLAIM_BATCH = 256  # BrokerConfig.claim_batch
 DEFAULT_PREFETCH = 100  # BrokerConfig.default_prefetch
 LEASE_MS = 60_000  # BrokerConfig.lease_ms
@@ -109,7 +119,7 @@ async def _busy(call: Callable[[], Awaitable[T]]) -> T:
 def default_variants(kind: str, ferretdb: bool) -> list[str]:
     if kind == "queue":
         return ["queue-claim", "queue-fam-unsafe"] if ferretdb else ["queue-claim"]
-    return ["topic-shared-cursor", "topic-cursor-per-subscriber"]
+    return ["topic-blocks"] if ferretdb else ["topic-shared-cursor", "topic-cursor-per-subscriber"]
 
 
 class _Run:
@@ -143,6 +153,12 @@ class _Run:
         # ``ack`` call at a time
         self.acker: Batcher[Any] = Batcher(self.ack)
         self.tokens_since_prune = 0
+        # topic-blocks: per simulated gateway, its publish lock, its own stored documents by position and a wake-up
+        self.t = Collection(self.topics)
+        self.publish_locks = [asyncio.Lock() for _ in range(self.gateways)]
+        self.recent: list[dict[int, dict[str, Any]]] = [{} for _ in range(self.gateways)]
+        self.recent_last = [0] * self.gateways
+        self.published = [asyncio.Event() for _ in range(self.gateways)]
         self.producers_done = 0
         self.stop = asyncio.Event()
         self.message_counter = 0
@@ -194,7 +210,8 @@ class _Run:
                         headers={TS_HEADER: str(now_ns)}, body=f"{pid}:{seq + i}:".encode().ljust(size, b"x"),
                         priority=4, expires_at=None, published_at=now_ms,
                     ))  # fmt: skip
-                first = await self.sequences.allocate("queue" if queue_kind else "topic", n)
+                if self.variant != "topic-blocks":
+                    first = await self.sequences.allocate("queue" if queue_kind else "topic", n)
                 if queue_kind:
                     docs = []
                     for i, m in enumerate(msgs):
@@ -202,6 +219,18 @@ class _Run:
                         doc.update(state="ready", lease_until=0, owner=None, deliveries=0, claims=0,
                                    original_destination=None)  # fmt: skip
                         docs.append(doc)
+                elif self.variant == "topic-blocks":
+                    async with self.publish_locks[pid % self.gateways]:  # one publish at a time per gateway
+                        first = await self.sequences.allocate("topic", n)
+                        span = (first, first + n - 1)
+                        docs = [topic_doc(m, first + i, span, ferretdb=True) for i, m in enumerate(msgs)]
+                        await self.t.insert_many(docs, ordered=True)
+                    gateway = pid % self.gateways
+                    self.recent[gateway].update((first + i, d) for i, d in enumerate(docs))
+                    self.recent_last[gateway] = max(self.recent_last[gateway], first + n - 1)
+                    self.published[gateway].set()
+                    seq += n
+                    continue
                 else:
                     docs = [message_doc(m, seq_field="position", seq=first + i, flat_headers=False)
                             for i, m in enumerate(msgs)]  # fmt: skip
@@ -461,6 +490,44 @@ class _Run:
             for state in states:
                 state["error"] = state["error"] or f"{type(exc).__name__}: {exc}"
 
+    async def follow_blocks(self, gateway: int, states: list[dict[str, Any]]) -> None:
+        """``MongoTailQueue._follow_blocks`` for one gateway (no holes to skip here), fanned out to ``states``."""
+        last = 0
+        pending: dict[int, dict[str, Any]] = {}
+        recent = self.recent[gateway]
+        wake = self.published[gateway]
+        batch_start: int | None = None
+        idle_s = DatasourceOptions().poll_interval
+        try:
+            while not self.stop.is_set():
+                wake.clear()
+                before = last
+                read = False
+                while True:
+                    while (doc := pending.pop(last + 1, None) or recent.pop(last + 1, None)) is not None:
+                        last += 1
+                        batch_start = last + 1 if doc.get("batch_end") == last else None
+                        for state in states:
+                            self.record(state, [doc])
+                    if read:
+                        break
+                    if not pending and self.recent_last[gateway] <= last:
+                        if await self.sequences.allocated_end("topic") <= last:
+                            break
+                    read = True
+                    key = {"batch": batch_start} if batch_start == last + 1 else {"block": (last + 1) // BLOCK}
+                    for doc in await self.t.find_list(key):
+                        if int(doc["position"]) > last:
+                            pending[int(doc["position"])] = doc
+                if last > before:
+                    continue
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(HOLE_POLL_S if read else idle_s):
+                        await wake.wait()
+        except Exception as exc:  # noqa: BLE001 - reported
+            for state in states:
+                state["error"] = state["error"] or f"{type(exc).__name__}: {exc}"
+
     # -- the run -----------------------------------------------------------------------------------------------
     async def run(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -471,6 +538,10 @@ class _Run:
                 prefetch = cfg.prefetch or DEFAULT_PREFETCH
                 consumers = [self.consume_queue(cid, prefetch, self.variant == "queue-claim")
                              for cid in range(cfg.consumers)]  # fmt: skip
+            elif self.variant == "topic-blocks":
+                states = [self.new_consumer(cid) for cid in range(cfg.consumers)]
+                consumers = [self.follow_blocks(g, states[g :: self.gateways]) for g in range(self.gateways)
+                             if states[g :: self.gateways]]  # fmt: skip
             elif self.variant == "topic-shared-cursor":
                 states = [self.new_consumer(cid) for cid in range(cfg.consumers)]
                 groups = [states[g :: self.gateways] for g in range(self.gateways)]
@@ -551,7 +622,8 @@ async def run_baseline(
             summary["exactly_once"] = not (variant == "queue-fam-unsafe" and ferret is not None)
             summary["insert_batch"] = batch
             summary["cursors"] = (
-                gateways if variant == "topic-shared-cursor" else cfg.consumers if kind == "topic" else None
+                gateways if variant in ("topic-shared-cursor", "topic-blocks")
+                else cfg.consumers if kind == "topic" else None
             )
             if not summary["exactly_once"]:  # a reference run: duplicates are expected, not a failure
                 summary["ok"] = summary["lost"] == 0 and not summary["errors"]

@@ -51,6 +51,19 @@ def test_topic_baseline_shared_cursor_fans_out(tmp_path: Path, mongodb_url: str)
     assert code == 0
 
 
+def test_topic_baseline_blocks_across_two_gateways(tmp_path: Path, mongodb_url: str) -> None:
+    """FerretDB's topic path: each simulated gateway takes its own publishes from memory and reads the other's."""
+    code, report = run_baseline(
+        tmp_path, mongodb_url, "--destination-kind", "topic", "--baseline-variant", "topic-blocks", "--gateways", "2",
+        "--messages", "600", "--producers", "2", "--consumers", "2", "--baseline-batch", "16",
+    )  # fmt: skip
+    [run] = report["runs"]
+    assert run["errors"] == []
+    assert run["cursors"] == 2
+    assert (run["sent"], run["deliveries"], run["lost"], run["duplicated"]) == (600, 1200, 0, 0)
+    assert code == 0
+
+
 def test_unknown_variant_is_refused(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "app.cli", "bench", "--baseline", "mongodb://127.0.0.1:1/", "--baseline-variant", "x"],

@@ -215,8 +215,9 @@ def bench(
     baseline_variant: list[str] = typer.Option(
         [], "--baseline-variant",
         help="With --baseline (repeatable): queue-claim (the backend's claim), queue-fam-unsafe (plain "
-        "find_one_and_update; not exactly-once on FerretDB), topic-shared-cursor (one tailable cursor per gateway, "
-        "fanned out: what the gateway does), topic-cursor-per-subscriber. Default: all that apply to the kind.",
+        "find_one_and_update; not exactly-once on FerretDB), topic-blocks (FerretDB's topic path: batch and block "
+        "reads), topic-shared-cursor (one tailable cursor per gateway, fanned out: what the gateway does on "
+        "MongoDB), topic-cursor-per-subscriber. Default: the ones that apply to the kind and the server.",
     ),  # fmt: skip
     baseline_batch: int = typer.Option(
         64, "--baseline-batch", min=1, help="With --baseline: messages per insert_many (default: the bench's SEND chunk)."

@@ -104,6 +104,7 @@ WINDOW_MAX = 1024
 WINDOW_BYTES = 4 * 1024 * 1024
 WINDOW_S = 0.25
 WINDOW_MS = 250
+RELEASE_HOLD_MS = 30_000  # how long a release's token keeps claimers off before they may step over it
 PARALLEL_WRITES = 4  # concurrent per-message releases and token look-ups of one call on FerretDB
 MAX_HELD = 100_000  # ``_Held`` entries kept at most (a leak guard: entries leave on release, or RETIRED_S after ack)
 RETIRED_S = 30.0  # an acked id stays in ``_Held`` this long: far longer than a window read before its delete lives
@@ -648,8 +649,11 @@ class MongoPollQueue(PollQueue):
             if doc is None:
                 return
             read_version = int(doc.get("claims", 0))
+            # the token is held RELEASE_HOLD_MS: a claimer steps over it only if this release died before its update
+            now_ms = int(time.time() * 1000)
             won = await self._take_versions(
-                [(f"q|{doc['_id']}", str(doc["_id"]), read_version)], 0, 0, look_up_at_once=True
+                [(f"q|{doc['_id']}", str(doc["_id"]), read_version)], now_ms + RELEASE_HOLD_MS, now_ms,
+                look_up_at_once=True,
             )
             version = won.get(str(doc["_id"]))
             if version is None:
@@ -659,7 +663,8 @@ class MongoPollQueue(PollQueue):
                 changes["original_destination"] = doc.get("original_destination") or doc["destination"]
                 changes["destination"] = f"{doc['destination']}.DLQ"
                 changes["deliveries"] = 0
-            await self._coll.update_one({"_id": doc["_id"]}, {"$set": changes})
+            # by the version read too: had someone stepped over our token meanwhile, their lease is not undone
+            await self._coll.update_one({"_id": doc["_id"], "claims": read_version}, {"$set": changes})
 
         await _gather_limited([lambda i=i: one(i) for i in dict.fromkeys(ids)])
 

@@ -15,8 +15,8 @@ Variants (``--baseline-variant``, repeatable; default: every variant that applie
   ``queues._window_size`` says, read again when it runs out or is no longer usable by the backend's own rules -
   age, generation) whose head each claimer pops (``_Window.take``, skipping stale copies of messages this process
   claimed or acked, ``queues._Held``); per claim call (up to ``MAX_CLAIM_ROUNDS`` rounds) one unordered
-  ``insert_many`` of claim tokens into ``<ns>.claims`` (a lost token is looked up by ``_id`` if it comes round
-  again, ``queues._Lost``, like the backend's ``_take_versions``) and one unordered ``bulk_write`` of
+  ``insert_many`` of claim tokens into ``<ns>.claims`` through the backend's own ``queues.ClaimTokens`` (a lost
+  token is looked up by ``_id`` if it comes round again) and one unordered ``bulk_write`` of
   ``UpdateOne({_id, claims: <version read>}, {$set: lease})`` for the tokens won. A producer's ``insert_many``
   merges its documents into the window (``_Window.merge``, the backend's ``_merge_into_windows``) instead of
   invalidating it. Sequence ranges come
@@ -66,7 +66,7 @@ from functools import partial
 from typing import Any, TypeVar
 
 from pymongo import AsyncMongoClient, CursorType, DeleteOne, ReturnDocument, UpdateOne
-from pymongo.errors import BulkWriteError, CollectionInvalid, OperationFailure
+from pymongo.errors import CollectionInvalid, OperationFailure
 
 from app.bench.workload import SEND_BATCH, TS_HEADER, BenchConfig, summarize
 from app.broker.batching import Batcher
@@ -74,23 +74,19 @@ from app.datasources.interface import DatasourceOptions, NewMessage
 from app.datasources.mongodb._common import (
     Collection,
     is_busy,
-    is_duplicate_only,
     limit_writes,
     message_doc,
 )
 from app.datasources.mongodb._sequence import SequenceAllocator
-from app.datasources.mongodb.topics import BLOCK, HOLE_POLL_S, topic_doc
 from app.datasources.mongodb.queues import (
     MAX_CLAIM_ROUNDS,
     SORT,
-    TOKEN_KEEP_MS,
-    TOKEN_PRUNE_EVERY,
-    _gather_limited,
+    ClaimTokens,
     _Held,
-    _Lost,
     _Window,
     _window_size,
 )
+from app.datasources.mongodb.topics import BLOCK, HOLE_POLL_S, topic_doc
 
 __all__ = ["VARIANTS", "default_variants", "run_baseline"]
 
@@ -148,11 +144,10 @@ class _Run:
         self.generation = 0
         self.window_reading: asyncio.Future[None] | None = None
         self.held = _Held()
-        self.lost = _Lost()
+        self.tokens = ClaimTokens(self.c)
         # the gateway's ACK path (``Broker._acker``): ACKs coalesce while the previous batch is written, one
         # ``ack`` call at a time
         self.acker: Batcher[Any] = Batcher(self.ack)
-        self.tokens_since_prune = 0
         # topic-blocks: per simulated gateway, its publish lock, its own stored documents by position and a wake-up
         self.t = Collection(self.topics)
         self.publish_locks = [asyncio.Lock() for _ in range(self.gateways)]
@@ -339,7 +334,7 @@ class _Run:
         """``MongoPollQueue._claim_batch_ferretdb``: tokens, then one ``bulk_write`` of ``UpdateOne({_id, claims})``."""
         if not candidates:
             return []
-        won = await self.take_versions(
+        won = await self.tokens.take(
             [(f"q|{d['_id']}", str(d["_id"]), int(d.get("claims", 0))) for d in candidates], lease_until, now_ms
         )
         if not won:
@@ -359,44 +354,6 @@ class _Run:
             return out
         still = [await self.q.find_one({"_id": d["_id"], "claims": d["claims"], "owner": owner}) for d in out]
         return [d for d, stored in zip(out, still, strict=True) if stored is not None]
-
-    async def take_versions(self, items: list[tuple[str, str, int]], until: int, now_ms: int) -> dict[str, int]:
-        """``MongoPollQueue._take_versions``: one unordered ``insert_many`` of claim tokens; a lost token is looked up
-        by ``_id`` when ``_Lost`` says it is due, and the next version tried if its holder's lease expired."""
-        at = int(time.time() * 1000)
-        won: dict[str, int] = {}
-        pending = [(key, message_id, version + 1) for key, message_id, version in items]
-        for _attempt in range(4):
-            if not pending:
-                break
-            tokens = [{"_id": f"{key}|{v}", "m": message_id, "until": until, "at": at} for key, message_id, v in pending]
-            lost: set[int] = set()
-            try:
-                await self.c.insert_many(tokens, ordered=False)
-            except BulkWriteError as exc:
-                if not is_duplicate_only(exc):
-                    raise
-                lost = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
-            for i, (key, message_id, v) in enumerate(pending):
-                if i not in lost:
-                    won[message_id] = v
-                    self.lost.won(key)
-            if not lost:
-                break
-            now_s = time.monotonic()
-            check = [tokens[i]["_id"] for i in sorted(lost) if self.lost.due(pending[i][0], pending[i][2], now_s)]
-            found = await _gather_limited([partial(self.c.find_one, {"_id": i}) for i in check])
-            held = {t["_id"]: t for t in found if t is not None}
-            pending = [
-                (key, message_id, v + 1)
-                for i, (key, message_id, v) in enumerate(pending)
-                if i in lost and (token := held.get(f"{key}|{v}")) is not None and int(token.get("until", 0)) <= now_ms
-            ]
-        self.tokens_since_prune += len(items)
-        if self.tokens_since_prune >= TOKEN_PRUNE_EVERY:
-            self.tokens_since_prune = 0
-            await self.c.delete_many({"at": {"$lt": at - TOKEN_KEEP_MS}})
-        return won
 
     async def claim_fam(self, limit: int, owner: str, state: dict[str, Any]) -> list[dict[str, Any]]:
         """``MongoPollQueue._claim_mongodb``: one find_one_and_update per message (each recorded as it arrives:
@@ -511,9 +468,12 @@ class _Run:
                             self.record(state, [doc])
                     if read:
                         break
-                    if not pending and self.recent_last[gateway] <= last:
-                        if await self.sequences.allocated_end("topic") <= last:
-                            break
+                    if (
+                        not pending
+                        and self.recent_last[gateway] <= last
+                        and await self.sequences.allocated_end("topic") <= last
+                    ):
+                        break
                     read = True
                     key = {"batch": batch_start} if batch_start == last + 1 else {"block": (last + 1) // BLOCK}
                     for doc in await self.t.find_list(key):

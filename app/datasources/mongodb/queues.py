@@ -88,7 +88,7 @@ from app.datasources.mongodb._common import (
 from app.datasources.mongodb._failover import FailoverWriter
 from app.datasources.mongodb._sequence import SequenceAllocator
 
-__all__ = ["MongoPollQueue", "WRAPPED_PREFIX"]
+__all__ = ["WRAPPED_PREFIX", "MongoPollQueue"]
 
 SORT: list[tuple[str, int]] = [("priority", -1), ("seq", 1)]
 MAX_CLAIM_ROUNDS = 4  # candidate reads per claim call before returning fewer than ``limit``
@@ -253,6 +253,66 @@ class _Lost:
         self.seen.pop(key, None)
 
 
+class ClaimTokens:
+    """FerretDB: the unique claim tokens of ``<ns>.claims`` (see module doc), with the losses this process saw
+    (``_Lost``) and their pruning. Shared with the bench's bare loop, which must take tokens the same way."""
+
+    def __init__(self, claims: Collection) -> None:
+        self._claims = claims
+        self._lost = _Lost()
+        self._since_prune = 0
+
+    async def take(
+        self, items: list[tuple[str, str, int]], until: int, now_ms: int, *, look_up_at_once: bool = False
+    ) -> dict[str, int]:
+        """For each ``(key, message_id, read_version)`` try to win the transition from
+        ``read_version`` by inserting the unique token ``<key>|<read_version + 1>``. A duplicate means another
+        claimer won, unless that token's own lease has expired while the document still shows ``read_version``:
+        its holder died between token and update, so the next version is tried (a few times at most). Whether it
+        expired is looked up when the loss is due (``_Lost``), or at once with ``look_up_at_once``.
+        Returns {message_id: version won}."""
+        at = int(time.time() * 1000)
+        won: dict[str, int] = {}
+        pending = [(key, message_id, version + 1) for key, message_id, version in items]
+        for _attempt in range(4):
+            if not pending:
+                break
+            tokens = [{"_id": f"{key}|{v}", "m": message_id, "until": until, "at": at} for key, message_id, v in pending]
+            lost: set[int] = set()
+            try:
+                await self._claims.insert_many(tokens, ordered=False)
+            except BulkWriteError as exc:
+                if not is_duplicate_only(exc):
+                    raise
+                lost = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
+            for i, (key, message_id, v) in enumerate(pending):
+                if i not in lost:
+                    won[message_id] = v
+                    self._lost.won(key)
+            if not lost:
+                break
+            now_s = time.monotonic()
+            check = [
+                tokens[i]["_id"]
+                for i in sorted(lost)
+                if look_up_at_once or self._lost.due(pending[i][0], pending[i][2], now_s)
+            ]
+            # one look-up by ``_id`` per token: an ``$in`` filter decodes the whole claims collection on FerretDB,
+            # which keeps TOKEN_KEEP_MS of tokens (tens of thousands under load)
+            found = await _gather_limited([partial(self._claims.find_one, {"_id": token_id}) for token_id in check])
+            held = {t["_id"]: t for t in found if t is not None}
+            pending = [
+                (key, message_id, v + 1)
+                for i, (key, message_id, v) in enumerate(pending)
+                if i in lost and (token := held.get(f"{key}|{v}")) is not None and int(token.get("until", 0)) <= now_ms
+            ]
+        self._since_prune += len(items)
+        if self._since_prune >= TOKEN_PRUNE_EVERY:
+            self._since_prune = 0
+            await self._claims.delete_many({"at": {"$lt": at - TOKEN_KEEP_MS}})
+        return won
+
+
 def _window_size(previous: _Window | None, want: int) -> int:
     """Documents to read for a destination's next window, given its previous one (see WINDOW_MAX)."""
     size = WINDOW
@@ -305,12 +365,11 @@ class MongoPollQueue(PollQueue):
         self._wrapped: dict[str, WrappedCollection] = {w.destination: w for w in wrapped}
         self._wrapped_by_collection: dict[str, WrappedCollection] = {w.collection: w for w in wrapped}
         self._signals = Signals()
-        self._tokens_since_prune = 0
+        self._tokens = ClaimTokens(self._claims)
         self._windows: dict[str, _Window] = {}
         self._generation: dict[str, int] = {}
         self._window_reads: dict[str, asyncio.Future[None]] = {}
         self._held = _Held()
-        self._lost = _Lost()
 
     def _merge_into_windows(self, docs: list[Doc]) -> None:
         """FerretDB: new ready messages of this gateway join the windows in delivery order. A window is a sorted
@@ -518,7 +577,7 @@ class MongoPollQueue(PollQueue):
         the documents leased (as stored now)."""
         if not candidates:
             return []
-        won = await self._take_versions(
+        won = await self._tokens.take(
             [(f"q|{d['_id']}", str(d["_id"]), int(d.get("claims", 0))) for d in candidates], lease_until, now_ms
         )
         if not won:
@@ -540,56 +599,6 @@ class MongoPollQueue(PollQueue):
             return out
         still = [await self._coll.find_one({"_id": d["_id"], "claims": d["claims"], "owner": owner}) for d in out]
         return [d for d, stored in zip(out, still, strict=True) if stored is not None]
-
-    async def _take_versions(
-        self, items: list[tuple[str, str, int]], until: int, now_ms: int, *, look_up_at_once: bool = False
-    ) -> dict[str, int]:
-        """FerretDB only: for each ``(key, message_id, read_version)`` try to win the transition from
-        ``read_version`` by inserting the unique token ``<key>|<read_version + 1>``. A duplicate means another
-        claimer won, unless that token's own lease has expired while the document still shows ``read_version``:
-        its holder died between token and update, so the next version is tried (a few times at most). Whether it
-        expired is looked up when the loss is due (``_Lost``), or at once with ``look_up_at_once``.
-        Returns {message_id: version won}."""
-        at = int(time.time() * 1000)
-        won: dict[str, int] = {}
-        pending = [(key, message_id, version + 1) for key, message_id, version in items]
-        for _attempt in range(4):
-            if not pending:
-                break
-            tokens = [{"_id": f"{key}|{v}", "m": message_id, "until": until, "at": at} for key, message_id, v in pending]
-            lost: set[int] = set()
-            try:
-                await self._claims.insert_many(tokens, ordered=False)
-            except BulkWriteError as exc:
-                if not is_duplicate_only(exc):
-                    raise
-                lost = {int(e["index"]) for e in exc.details.get("writeErrors", [])}
-            for i, (key, message_id, v) in enumerate(pending):
-                if i not in lost:
-                    won[message_id] = v
-                    self._lost.won(key)
-            if not lost:
-                break
-            now_s = time.monotonic()
-            check = [
-                tokens[i]["_id"]
-                for i in sorted(lost)
-                if look_up_at_once or self._lost.due(pending[i][0], pending[i][2], now_s)
-            ]
-            # one look-up by ``_id`` per token: an ``$in`` filter decodes the whole claims collection on FerretDB,
-            # which keeps TOKEN_KEEP_MS of tokens (tens of thousands under load)
-            found = await _gather_limited([partial(self._claims.find_one, {"_id": token_id}) for token_id in check])
-            held = {t["_id"]: t for t in found if t is not None}
-            pending = [
-                (key, message_id, v + 1)
-                for i, (key, message_id, v) in enumerate(pending)
-                if i in lost and (token := held.get(f"{key}|{v}")) is not None and int(token.get("until", 0)) <= now_ms
-            ]
-        self._tokens_since_prune += len(items)
-        if self._tokens_since_prune >= TOKEN_PRUNE_EVERY:
-            self._tokens_since_prune = 0
-            await self._claims.delete_many({"at": {"$lt": at - TOKEN_KEEP_MS}})
-        return won
 
     # -- ack / release / renew -----------------------------------------------------------------------------------
     async def ack(self, message_ids: Sequence[str]) -> None:
@@ -651,7 +660,7 @@ class MongoPollQueue(PollQueue):
             read_version = int(doc.get("claims", 0))
             # the token is held RELEASE_HOLD_MS: a claimer steps over it only if this release died before its update
             now_ms = int(time.time() * 1000)
-            won = await self._take_versions(
+            won = await self._tokens.take(
                 [(f"q|{doc['_id']}", str(doc["_id"]), read_version)], now_ms + RELEASE_HOLD_MS, now_ms,
                 look_up_at_once=True,
             )
@@ -795,7 +804,7 @@ class MongoPollQueue(PollQueue):
         for doc in await coll.find_list(query, sort=[("_id", 1)], limit=max(2 * limit, 16)):
             message_id = _wrapped_id(wrapped.collection, doc["_id"])
             read_version = int(doc.get("_sg_claims", 0))
-            version = (await self._take_versions([(f"w|{message_id}", message_id, read_version)], lease_until, now_ms)).get(
+            version = (await self._tokens.take([(f"w|{message_id}", message_id, read_version)], lease_until, now_ms)).get(
                 message_id
             )
             if version is None:

@@ -88,7 +88,7 @@ from app.datasources.mongodb._common import (
 from app.datasources.mongodb._failover import FailoverWriter
 from app.datasources.mongodb._sequence import SequenceAllocator
 
-__all__ = ["WRAPPED_PREFIX", "MongoPollQueue"]
+__all__ = ["WRAPPED_PREFIX", "ClaimTokens", "MongoPollQueue"]
 
 SORT: list[tuple[str, int]] = [("priority", -1), ("seq", 1)]
 MAX_CLAIM_ROUNDS = 4  # candidate reads per claim call before returning fewer than ``limit``

@@ -35,9 +35,10 @@ closes the cursor, which forced ``batch_size=1``. Measured on FerretDB 1.24 / Po
   the end of one batch the follower reads exactly the next one (``{batch: last + 1}``); where it does not know
   where batches start (when it begins, or after a hole) it reads ``{block: (last + 1) // BLOCK}``
   (``block = position // BLOCK``);
-* it reads only when the next position is reserved and not at hand: at once after a local publish, every ``HOLE_POLL_S`` while positions
-  reserved by another gateway (``SequenceAllocator.allocated_end``, a look-up in a small collection) are not all
-  in, and every ``poll_interval`` when idle, which bounds how long another gateway's messages take to be seen.
+* it reads only when the next position is reserved and not at hand: at once after a local publish, every
+  ``HOLE_POLL_S`` while positions reserved by another gateway (``SequenceAllocator.allocated_end``, a look-up in a
+  small collection) are not all in, and every ``poll_interval`` when idle, which bounds how long another
+  gateway's messages take to be seen.
 
 The reorder and hole rules are the ones above; each read is a complete look at its batch or block, so "caught up"
 holds at each one. The newest and oldest positions are found without a sorted read there too (the sequence's

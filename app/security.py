@@ -23,8 +23,10 @@ Failed logins are throttled: after ``login_failures_before_lockout`` failures in
 passcode is refused. STOMP logins are keyed by login name (the session does not pass its peer address); REST tokens
 by the client address. Log lines name the login and the peer, never a passcode or token.
 
-bcrypt is slow on purpose and STOMP's CONNECT is handled on the event loop, so a successful check is remembered (as
-an HMAC under a per-process key, never the passcode itself) and repeated logins cost one hash, not one bcrypt.
+bcrypt is slow on purpose (~0.25 s at the default cost), so a successful check is remembered (as an HMAC under a
+per-process key, never the passcode itself) and repeated logins cost one hash, not one bcrypt; a login that does
+need bcrypt (``needs_slow_check``) is checked by the session in a worker thread, so it never stalls the event loop
+that serves every other connection.
 """
 
 from __future__ import annotations
@@ -141,6 +143,11 @@ def verify_secret(secret: str, hashed: str) -> bool:
         return False
 
 
+def _login_key(login: str, passcode: str) -> bytes:
+    """What a verified STOMP login is remembered by (as an HMAC of this, never the passcode itself)."""
+    return b"p\0" + login.encode() + b"\0" + passcode.encode()
+
+
 class LoginThrottle:
     """Lock a key out after repeated failures, with a lockout that doubles per further failure. Thread-safe (REST
     checks tokens in a worker thread)."""
@@ -227,13 +234,23 @@ class ConfiguredAuthorizer:
         user = self._users.get(login)
         principal = None
         if user is not None and user.passcode_hash is not None:
-            principal = self._check(b"p\0" + login.encode() + b"\0" + passcode.encode(), passcode, (user.passcode_hash,), user)
+            principal = self._check(_login_key(login, passcode), passcode, (user.passcode_hash,), user)
         if principal is None:
             self.throttle.failed(key)
             log.warning("STOMP login failed for user %r", login)
             return None
         self.throttle.succeeded(key)
         return principal
+
+    def needs_slow_check(self, login: str | None, passcode: str | None) -> bool:
+        if not login or passcode is None:
+            return False
+        user = self._users.get(login)
+        if user is None or user.passcode_hash is None or user.passcode_hash.startswith("sha256:"):
+            return False
+        if self.throttle.locked_for("login:" + login) > 0:
+            return False
+        return not self._verified_before(_login_key(login, passcode), user)
 
     def authenticate_token(self, token: str | None, peer: str) -> Principal | None:
         """REST: a bearer token, throttled per client address."""
@@ -255,6 +272,11 @@ class ConfiguredAuthorizer:
             return None
         self.throttle.succeeded(key)
         return principal
+
+    def _verified_before(self, cache_input: bytes, user: _User) -> bool:
+        digest = hmac.new(self._cache_key, cache_input, hashlib.sha256).digest()
+        with self._verified_lock:
+            return self._verified.get(digest) is user.principal
 
     def _check(self, cache_input: bytes, secret: str, hashes: tuple[str, ...], user: _User) -> Principal | None:
         digest = hmac.new(self._cache_key, cache_input, hashlib.sha256).digest()

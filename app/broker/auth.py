@@ -22,7 +22,12 @@ ANONYMOUS = Principal("anonymous", frozenset({ADMIN_ROLE}))
 
 class Authorizer(Protocol):
     def authenticate(self, login: str | None, passcode: str | None) -> Principal | None:
-        """The principal for these credentials, or None when they are wrong."""
+        """The principal for these credentials, or None when they are wrong. Thread-safe: it may run in a worker
+        thread when ``needs_slow_check`` says so."""
+
+    def needs_slow_check(self, login: str | None, passcode: str | None) -> bool:
+        """True when ``authenticate`` would spend real time (a bcrypt hash), so the session runs it off the event
+        loop; False when it answers at once (unknown user, locked out, credentials verified before)."""
 
     def can_read(self, principal: Principal, destination: str) -> bool: ...
 
@@ -44,6 +49,9 @@ class AllowAll:
 
     def authenticate(self, login: str | None, passcode: str | None) -> Principal | None:
         return ANONYMOUS if not login else Principal(login, frozenset({ADMIN_ROLE}))
+
+    def needs_slow_check(self, login: str | None, passcode: str | None) -> bool:
+        return False
 
     def authenticate_token(self, token: str | None, peer: str) -> Principal | None:
         return ANONYMOUS

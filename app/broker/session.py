@@ -163,6 +163,8 @@ class Session:
         self._pending_sends: dict[Literal["queue", "topic"], tuple[list[NewMessage], asyncio.Future[None]]] = {}
         self._pending_acks: tuple[list[str], asyncio.Future[None]] | None = None
         self._destinations: dict[str, Destination] = {}  # parsed destination names, per connection
+        self._held: list[ServerEvent] | None = None  # frames that came after a CONNECT still being checked
+        self._login: asyncio.Task[None] | None = None  # that check (a reference keeps the task alive)
 
     # ---- from the transport ----
 
@@ -171,7 +173,13 @@ class Session:
         if self.finished:
             return
         events = self.conn.receive_data(data)
-        for event in events:
+        if self._held is not None:  # the CONNECT is being checked off the event loop: these wait for it
+            self._held.extend(events)
+            return
+        self._run(events)
+
+    def _run(self, events: list[ServerEvent]) -> None:
+        for i, event in enumerate(events):
             if self.conn.closed or self.finished:
                 break
             self.frames_in += 1
@@ -179,6 +187,9 @@ class Session:
                 self._dispatch(event)
             except SessionError as exc:
                 self._fail(exc.message, exc.detail, _receipt_of(event))
+            if self._held is not None:  # that was a CONNECT now checked in a thread: the rest waits for it
+                self._held.extend(events[i + 1 :])
+                return
         self._submit_sends()
         self.flush()
         if len(self._completions) > self.broker.config.max_inflight_per_session and not self._paused:
@@ -291,7 +302,34 @@ class Session:
                 log.info("session %s from %s: protocol violation: %s (%s)", self.id, self.peer, event.message, event.detail)
 
     def _on_connect(self, event: ConnectRequested) -> None:
-        principal = self.broker.authorizer.authenticate(event.login, event.passcode)
+        authorizer = self.broker.authorizer
+        if authorizer.needs_slow_check(event.login, event.passcode):
+            # a bcrypt check takes ~0.25 s: run it in a thread, and hold this connection's later frames meanwhile
+            self._held = []
+            self.transport.pause_reading()
+            self._login = asyncio.get_running_loop().create_task(self._connect_in_thread(event))
+            return
+        self._connected(event, authorizer.authenticate(event.login, event.passcode))
+
+    async def _connect_in_thread(self, event: ConnectRequested) -> None:
+        try:
+            principal = await asyncio.to_thread(self.broker.authorizer.authenticate, event.login, event.passcode)
+        except Exception:
+            log.exception("session %s: checking the login failed", self.id)
+            principal = None
+        held, self._held = self._held or [], None
+        if self.finished:
+            return
+        if not self._paused:
+            self.transport.resume_reading()
+        try:
+            self._connected(event, principal)
+        except SessionError as exc:
+            self._fail(exc.message, exc.detail, _receipt_of(event))
+            return
+        self._run(held)
+
+    def _connected(self, event: ConnectRequested, principal: Principal | None) -> None:
         if principal is None:
             self.broker.metrics.error("auth")
             log.warning("session %s from %s: login failed for user %r", self.id, self.peer, event.login)

@@ -7,6 +7,7 @@ import os
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import httpx
 import pytest
 import stomp
 
+from app.security import hash_secret
 from tests.app.api.users import ALICE_TOKEN, BOB_TOKEN, write_users_file
 from tests.gateway_process import Gateway, free_port, start_gateway
 from tests.integration.stomppy_helpers import Client
@@ -195,3 +197,46 @@ def test_allow_anonymous_on_a_public_address(tmp_path: Path) -> None:
     finally:
         process.terminate()
         process.wait(timeout=15)
+
+
+def test_a_first_login_is_checked_off_the_event_loop(tmp_path: Path) -> None:
+    """bcrypt at cost 13 takes ~0.5 s. While one client's first login is being checked, another connected client is
+    served at once (the check runs in a worker thread), and the frames pipelined behind the CONNECT wait for it and
+    are then answered in order."""
+    users = tmp_path / "users.toml"
+    users.write_text(
+        f'[[users]]\nname = "slow"\npasscode_hash = "{hash_secret("slow-secret", rounds=13)}"\nroles = ["admin"]\n'
+        f'[[users]]\nname = "fast"\npasscode_hash = "{hash_secret("fast-secret", rounds=4)}"\nroles = ["admin"]\n'
+    )
+    gateway = start_gateway(tmp_path, "memory://", extra=["--users-file", str(users)])
+    working, arriving = RawClient(gateway.stomp_port), RawClient(gateway.stomp_port)
+    try:
+        working.connect(login="fast", passcode="fast-secret")
+        arriving.send(
+            b"CONNECT\naccept-version:1.2\nhost:/\nlogin:slow\npasscode:slow-secret\n\n\x00"
+            b"SEND\ndestination:/queue/pipelined\nreceipt:r1\n\nafter connect\x00"
+            b"DISCONNECT\nreceipt:bye\n\n\x00"
+        )
+        time.sleep(0.05)  # the gateway has the CONNECT and is checking it
+        served: list[tuple[float, str]] = []
+
+        def serve_meanwhile() -> None:
+            working.frame("SEND", {"destination": "/queue/other", "receipt": "w1"}, b"meanwhile")
+            receipt = working.read(timeout=10).headers["receipt-id"]
+            served.append((time.monotonic(), receipt))
+
+        thread = threading.Thread(target=serve_meanwhile)
+        thread.start()
+        connected = arriving.read(timeout=10)
+        connected_at = time.monotonic()
+        replies = [connected, arriving.read(timeout=10), arriving.read(timeout=10)]
+        thread.join(10)
+        assert [r.command for r in replies] == ["CONNECTED", "RECEIPT", "RECEIPT"]
+        assert [r.headers.get("receipt-id") for r in replies[1:]] == ["r1", "bye"]
+        assert served and served[0][1] == "w1"
+        assert served[0][0] < connected_at  # the other client did not wait for the bcrypt
+        assert arriving.closed_by_peer()
+    finally:
+        working.close()
+        arriving.close()
+        gateway.stop()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from app.broker.auth import Principal
+from app.broker.auth import AllowAll, Principal
 from app.security import ConfiguredAuthorizer, LoginThrottle, SecurityConfigError, UsersFile, hash_secret
 from tests.app.api.conftest import Api, api_client
 from tests.app.api.test_publish import assert_problem
@@ -80,6 +80,22 @@ def test_stomp_login_lockout_and_logging(tmp_path: Path, caplog: pytest.LogCaptu
     assert authorizer.authenticate("mallory", "x") is None
     assert "wrong-guess" not in caplog.text and "alice-secret" not in caplog.text
     assert "alice" in caplog.text
+
+
+def test_which_logins_need_a_slow_check(tmp_path: Path) -> None:
+    """Only a bcrypt the authorizer would really run goes to a worker thread; everything else answers at once."""
+    clock = [0.0]
+    authorizer = ConfiguredAuthorizer(UsersFile.load(write_users_file(tmp_path)), LoginThrottle(2, 10, lambda: clock[0]))
+    assert authorizer.needs_slow_check("alice", "alice-secret")  # never verified: bcrypt
+    assert authorizer.authenticate("alice", "alice-secret") is not None
+    assert not authorizer.needs_slow_check("alice", "alice-secret")  # remembered
+    assert authorizer.needs_slow_check("alice", "another-guess")  # other credentials are checked again
+    assert not authorizer.needs_slow_check("mallory", "x")  # unknown user: refused without a hash
+    assert not authorizer.needs_slow_check(None, None) and not authorizer.needs_slow_check("alice", None)
+    for _ in range(2):
+        authorizer.authenticate("bob", "wrong")
+    assert not authorizer.needs_slow_check("bob", "bob-secret")  # locked out: refused unchecked
+    assert not AllowAll().needs_slow_check("anyone", "x")
 
 
 def test_globs() -> None:

@@ -185,6 +185,7 @@ def bench(
     body_size: int = typer.Option(256, "--body-size", min=16, help="Body size in bytes (producer id and sequence number, padded)."),
     receipts: bool = typer.Option(True, "--receipts/--no-receipts", help="Ask for a RECEIPT on every SEND (producers pipeline up to --window unreceipted SENDs)."),
     window: int = typer.Option(500, "--window", min=1, help="Most SENDs a producer has waiting for their RECEIPT."),
+    persistent: bool = typer.Option(False, "--persistent", help="Send persistent:true on every SEND (RabbitMQ/ActiveMQ then store messages on disk; stompgate always does)."),
     ack: AckMode = typer.Option(AckMode.auto, "--ack", help="Subscription ack mode (client-individual ACKs every message; client ACKs the last of each read)."),
     prefetch: Optional[int] = typer.Option(None, "--prefetch", min=1, help="Sent as the SUBSCRIBE header prefetch-count (default: the server's)."),
     version: Version = typer.Option(Version.v12, "--version", help="STOMP version to ask for (accept-version)."),
@@ -282,7 +283,7 @@ def bench(
                 duration=duration, body_size=body_size, receipts=receipts, window=window, ack=ack.value,
                 prefetch=prefetch, version=version.value, vhost=vhost, login=login, passcode=passcode,
                 processes=processes, drain_timeout=drain_timeout, connect_timeout=connect_timeout, loop=loop.value,
-                extra_endpoints=tuple((g.host, g.stomp_port) for g in spawned[1:]),
+                extra_endpoints=tuple((g.host, g.stomp_port) for g in spawned[1:]), persistent=persistent,
             )  # fmt: skip
             cpu_before = _cpu_sum(pids)
             own_before = _own_cpu()

@@ -58,6 +58,9 @@ class BenchConfig:
     # more STOMP endpoints (``--gateways N``): producer i and consumer i connect to ``endpoint(i)``, round-robin over
     # (host, port) followed by these
     extra_endpoints: tuple[tuple[str, int], ...] = ()
+    # ``persistent:true`` on every SEND: RabbitMQ and ActiveMQ then write the message to disk before confirming it
+    # (stompgate stores every message durably anyway, so it makes no difference there)
+    persistent: bool = False
 
     def endpoint(self, index: int) -> tuple[str, int]:
         endpoints = ((self.host, self.port), *self.extra_endpoints)
@@ -141,6 +144,7 @@ class Producer:
         dest = cfg.destination
         size = cfg.body_size
         receipts = cfg.receipts
+        persistent = cfg.persistent
         window = cfg.window
         pending = self.pending
         prefix = f"{self.pid}:"
@@ -167,6 +171,8 @@ class Producer:
                 for _ in range(batch):
                     body = f"{prefix}{seq}:".encode().ljust(size, b"x")
                     headers = {TS_HEADER: str(time.time_ns())}
+                    if persistent:
+                        headers["persistent"] = "true"
                     if receipts:
                         rid = str(seq)
                         pending.add(rid)

@@ -39,12 +39,13 @@ def test_memory_store(tmp_path: Path, kind: str, ack: str) -> None:
     assert code == 0
 
 
-def test_sqlite_store_two_processes_client_ack(tmp_path: Path) -> None:
+def test_sqlite_store_two_processes_client_ack_persistent(tmp_path: Path) -> None:
     code, report = run_bench(
         tmp_path, "--spawn", f"sqlite:///{tmp_path}/bench.db", "--ack", "client", "--messages", "2000",
-        "--processes", "2", "--producers", "2", "--consumers", "2",
+        "--processes", "2", "--producers", "2", "--consumers", "2", "--persistent",
     )  # fmt: skip
     assert report["errors"] == []
+    assert report["config"]["persistent"] is True
     assert (report["sent"], report["delivered"], report["lost"], report["duplicated"]) == (2000, 2000, 0, 0)
     assert code == 0
 

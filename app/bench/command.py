@@ -97,8 +97,8 @@ def _run_baseline(url: str, *, kind: str, producers: int, consumers: int, messag
         server = report.get("server") or {}
         name = f"FerretDB {server['ferretdb_version']}" if server.get("ferretdb_version") else f"MongoDB {server.get('version', '?')}"
         for run in report["runs"]:
-            typer.echo(f"baseline {run['variant']} (bare PyMongo, no gateway) on {name}: insert_many of {run['insert_batch']}"
-                       + (f", {run['cursors']} tailable cursor(s)" if run.get("cursors") else "")
+            typer.echo(f"baseline {run['variant']} (the backend, no gateway) on {name}: {run['insert_batch']} messages per store"
+                       + (f", {run['cursors']} follower(s)" if run.get("cursors") else "")
                        + ("" if run["exactly_once"] else "; NOT exactly-once on FerretDB (reference only)"))  # fmt: skip
             _print_text(run)
             typer.echo("")
@@ -209,9 +209,9 @@ def bench(
     ),  # fmt: skip
     baseline: Optional[str] = typer.Option(
         None, "--baseline", metavar="MONGODB_URL",
-        help="No gateway: run a bare PyMongo loop doing the MongoDB backend's datastore operations for this workload "
-        "(same producers, consumers, document shape and batch size) against this database, and report it in the same "
-        "format: the database's own ceiling. See app/bench/baseline.py.",
+        help="No gateway: drive the MongoDB backend directly with this workload (same producers, consumers and "
+        "batch size, no STOMP) against this database, and report it in the same format: the database's own ceiling "
+        "for the gateway's datastore operations. See app/bench/baseline.py.",
     ),  # fmt: skip
     baseline_variant: list[str] = typer.Option(
         [], "--baseline-variant",

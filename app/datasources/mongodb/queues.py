@@ -57,7 +57,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from bson import json_util
 from pymongo import DeleteOne, ReturnDocument, UpdateOne
@@ -88,7 +88,7 @@ from app.datasources.mongodb._common import (
 from app.datasources.mongodb._failover import FailoverWriter
 from app.datasources.mongodb._sequence import SequenceAllocator
 
-__all__ = ["WRAPPED_PREFIX", "ClaimTokens", "MongoPollQueue"]
+__all__ = ["WRAPPED_PREFIX", "MongoPollQueue"]
 
 SORT: list[tuple[str, int]] = [("priority", -1), ("seq", 1)]
 MAX_CLAIM_ROUNDS = 4  # candidate reads per claim call before returning fewer than ``limit``
@@ -253,9 +253,9 @@ class _Lost:
         self.seen.pop(key, None)
 
 
-class ClaimTokens:
+class _ClaimTokens:
     """FerretDB: the unique claim tokens of ``<ns>.claims`` (see module doc), with the losses this process saw
-    (``_Lost``) and their pruning. Shared with the bench's bare loop, which must take tokens the same way."""
+    (``_Lost``) and their pruning."""
 
     def __init__(self, claims: Collection) -> None:
         self._claims = claims
@@ -360,12 +360,15 @@ class MongoPollQueue(PollQueue):
         self._coll = Collection(db[f"{namespace}.queue"])
         self._claims = Collection(db[f"{namespace}.claims"])
         self._ferretdb = ferretdb
+        # how a claim without a Python selector is made: "atomic" is one find_one_and_update per message (exactly
+        # once on MongoDB only); the bench's reference loop sets it on FerretDB to show why "tokens" is used there
+        self.claim_mode: Literal["atomic", "tokens"] = "tokens" if ferretdb else "atomic"
         self._writer = writer
         self._sequences = sequences
         self._wrapped: dict[str, WrappedCollection] = {w.destination: w for w in wrapped}
         self._wrapped_by_collection: dict[str, WrappedCollection] = {w.collection: w for w in wrapped}
         self._signals = Signals()
-        self._tokens = ClaimTokens(self._claims)
+        self._tokens = _ClaimTokens(self._claims)
         self._windows: dict[str, _Window] = {}
         self._generation: dict[str, int] = {}
         self._window_reads: dict[str, asyncio.Future[None]] = {}
@@ -463,7 +466,7 @@ class MongoPollQueue(PollQueue):
             if native_selector:
                 query = {"$and": [query, translate_selector(native_selector, ferretdb=self._ferretdb)]}
             lease_until = now_ms + lease_ms
-            if not self._ferretdb and selector is None:
+            if self.claim_mode == "atomic" and selector is None:
                 return await self._claim_mongodb(query, owner, limit, lease_until)
             if self._ferretdb and selector is None and not native_selector:
                 return await self._claim_window(destination, query, owner, limit, lease_until, now_ms)

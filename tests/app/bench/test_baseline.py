@@ -1,4 +1,5 @@
-"""``stompgate bench --baseline MONGODB_URL``: the bare PyMongo loop against the test MongoDB server (FerretDB).
+"""``stompgate bench --baseline MONGODB_URL``: the MongoDB backend driven without a gateway, against the test
+MongoDB server (FerretDB).
 
 Uses the ``mongodb_url`` fixture, which fails (not skips) when FerretDB is missing and ``CI=true``.
 """

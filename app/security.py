@@ -274,16 +274,16 @@ class ConfiguredAuthorizer:
         return principal
 
     def _verified_before(self, cache_input: bytes, user: _User) -> bool:
-        digest = hmac.new(self._cache_key, cache_input, hashlib.sha256).digest()
         with self._verified_lock:
-            return self._verified.get(digest) is user.principal
+            return self._verified.get(self._digest(cache_input)) is user.principal
+
+    def _digest(self, cache_input: bytes) -> bytes:
+        return hmac.new(self._cache_key, cache_input, hashlib.sha256).digest()
 
     def _check(self, cache_input: bytes, secret: str, hashes: tuple[str, ...], user: _User) -> Principal | None:
-        digest = hmac.new(self._cache_key, cache_input, hashlib.sha256).digest()
-        with self._verified_lock:
-            cached = self._verified.get(digest)
-        if cached is not None and cached is user.principal:
-            return cached
+        if self._verified_before(cache_input, user):
+            return user.principal
+        digest = self._digest(cache_input)
         if not any(verify_secret(secret, hashed) for hashed in hashes):
             return None
         with self._verified_lock:

@@ -5,15 +5,20 @@ parser, the serializer and the transition table of :mod:`stomp_core.states`.
 
 Server contract:
 - ``receive_data(data)`` never raises. It returns the events of every complete frame in order (frames pipelined behind
-  CONNECT included: the app handles ``ConnectRequested`` before the rest of the list). ``b""`` means nothing (not
-  EOF). A protocol violation or crossed limit queues an ERROR frame (``message``, ``content-type:text/plain``,
-  ``receipt-id`` when the bad frame asked for a receipt, the detail as body), ends the list with a
-  ``ProtocolViolation`` and closes the connection; after that, and after DISCONNECT, ``receive_data`` returns [].
+  CONNECT included: the app handles ``ConnectRequested`` before the rest of the list; once a CONNECT is parsed the
+  frames behind it get the full frame-size limit, since the app checks the login before it acts on them). ``b""``
+  means nothing (not EOF). A protocol violation or crossed limit ends the list with a ``ProtocolViolation`` and moves
+  to ``FAILING``: nothing more is parsed, and the app finishes the valid frames before it (RECEIPTs may still be sent;
+  MESSAGEs are silently dropped), then sends the ERROR with ``send_error`` (``message``, ``content-type:text/plain``,
+  ``receipt-id`` when the bad frame asked for a receipt, the detail as body). After that, and after DISCONNECT,
+  ``receive_data`` returns [].
 - ``accept(...)`` queues CONNECTED, switches to the full frame-size limit and returns the negotiated
   :class:`HeartbeatPlan`; CONNECTED advertises 0 for a direction the negotiation turned off.
 - ``send_message``/``send_receipt``/``send_error``/``send_heartbeat`` queue frames; ``data_to_send()`` drains them.
   Once ``closed`` (an ERROR was queued or ``close()`` was called) every send is a silent no-op, so a delivery racing
-  the close is harmless; sending MESSAGE or RECEIPT before CONNECTED is a :class:`UsageError`.
+  the close is harmless; sending MESSAGE or RECEIPT before CONNECTED is a :class:`UsageError`. A MESSAGE header that
+  the connection's version cannot carry (a line break in 1.0, a CR in 1.1, a ':' in a 1.0 name, a NUL anywhere) is
+  left out of that MESSAGE rather than break the frame: one producer's header never stops another's delivery.
 - The I/O layer sends ``data_to_send()`` and closes the socket once ``closed`` is True.
 
 API::
@@ -24,6 +29,7 @@ API::
       .accept(*, session, heartbeat=(0, 0), headers=None) -> HeartbeatPlan
       .send_message(*, destination, subscription, message_id, ack, headers, body)  # ack written only in 1.2
       .send_receipt(receipt_id) / .send_error(message, *, body=b"", receipt_id=None, headers=None)
+      .send_violation(violation)                 # the ERROR for a ProtocolViolation it reported
       .send_heartbeat() / .close() / .data_to_send() -> bytes
 
     ClientConnection(*, limits=DEFAULT_LIMITS)
@@ -94,6 +100,7 @@ class _Endpoint:
     _version: str
     _heartbeat: HeartbeatPlan
     _out: list[bytes]
+    _out_bytes: int = 0
 
     @property
     def state(self) -> State:
@@ -115,10 +122,19 @@ class _Endpoint:
 
     def send_heartbeat(self) -> None:
         if self._state is not State.CLOSED:
-            self._out.append(b"\n")
+            self._queue_out(b"\n")
 
     def close(self) -> None:
         self._state = State.CLOSED
+
+    @property
+    def bytes_to_send(self) -> int:
+        """Bytes queued and not yet taken by ``data_to_send`` (for output limits)."""
+        return self._out_bytes
+
+    def _queue_out(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_bytes += len(data)
 
     def data_to_send(self) -> bytes:
         out = self._out
@@ -126,6 +142,7 @@ class _Endpoint:
             return b""
         data = out[0] if len(out) == 1 else b"".join(out)
         out.clear()
+        self._out_bytes = 0
         return data
 
 
@@ -167,7 +184,7 @@ class ServerConnection(_Endpoint):
 
     def receive_data(self, data: bytes) -> list[ServerEvent]:
         state = self._state
-        if state is State.CLOSED or state is State.CLOSING or not data:
+        if state is State.CLOSED or state is State.CLOSING or state is State.FAILING or not data:
             return []
         parser = self._parser
         parser.append(data)
@@ -201,13 +218,10 @@ class ServerConnection(_Endpoint):
         return event
 
     def _violation(self, exc: ProtocolError) -> ProtocolViolation:
-        headers = {"message": exc.message, "content-type": "text/plain"}
-        if exc.receipt_id is not None:
-            headers["receipt-id"] = exc.receipt_id
-        headers.update(exc.headers)
-        self._out.append(encode_frame("ERROR", headers.items(), exc.detail.encode(), self._version))
-        self._state = State.CLOSED
-        return ProtocolViolation(exc.message, exc.detail, isinstance(exc, LimitExceeded))
+        self._state = State.FAILING
+        return ProtocolViolation(
+            exc.message, exc.detail, isinstance(exc, LimitExceeded), exc.receipt_id, tuple(exc.headers.items())
+        )
 
     def _on_connect(self, frame: Frame) -> ConnectRequested:
         headers = frame.headers
@@ -217,6 +231,9 @@ class ServerConnection(_Endpoint):
         heartbeat = (0, 0) if version == "1.0" else parse_heartbeat(headers.get("heart-beat"))
         self._version = self._parser.version = version
         self._client_heartbeat = heartbeat
+        # The frames behind a CONNECT wait for the app's login check (reading is paused meanwhile), so they may be as
+        # large as any authenticated frame; a failed login closes the connection before any of them is acted on.
+        self._parser.use_frame_limit("max_frame_bytes")
         return ConnectRequested(
             version, headers.get("host"), headers.get("login"), headers.get("passcode"), heartbeat, headers
         )
@@ -314,7 +331,7 @@ class ServerConnection(_Endpoint):
         connected = {"version": self._version, "server": self._server, "session": session, "heart-beat": f"{sx},{sy}"}
         if headers:
             connected.update(headers)
-        self._out.append(encode_frame("CONNECTED", connected.items(), b"", self._version))
+        self._queue_out(encode_frame("CONNECTED", connected.items(), b"", self._version))
         self._state = TRANSITIONS[(self._state, "CONNECTED")]
         self._accepted = True
         self._heartbeat = plan
@@ -331,12 +348,18 @@ class ServerConnection(_Endpoint):
         headers: Mapping[str, str],
         body: bytes,
     ) -> None:
-        if self._state is State.OPEN or self._may_send("MESSAGE"):
-            self._out.append(encode_message(destination, subscription, message_id, ack, headers, body, self._version))
+        if self._state is State.OPEN or (self._state is not State.FAILING and self._may_send("MESSAGE")):
+            self._queue_out(encode_message(destination, subscription, message_id, ack, headers, body, self._version))
 
     def send_receipt(self, receipt_id: str) -> None:
         if self._may_send("RECEIPT"):
-            self._out.append(encode_frame("RECEIPT", (("receipt-id", receipt_id),), b"", self._version))
+            self._queue_out(encode_frame("RECEIPT", (("receipt-id", receipt_id),), b"", self._version))
+
+    def send_violation(self, violation: ProtocolViolation) -> None:
+        """Queue the ERROR for a ``ProtocolViolation`` this connection reported, and close."""
+        self.send_error(
+            violation.message, body=violation.detail, receipt_id=violation.receipt_id, headers=dict(violation.headers)
+        )
 
     def send_error(
         self,
@@ -355,7 +378,7 @@ class ServerConnection(_Endpoint):
         if headers:
             error.update(headers)
         payload = body.encode() if isinstance(body, str) else body
-        self._out.append(encode_frame("ERROR", error.items(), payload, self._version))
+        self._queue_out(encode_frame("ERROR", error.items(), payload, self._version))
         self._state = State.CLOSED
 
 
@@ -378,7 +401,7 @@ class ClientConnection(_Endpoint):
         new = TRANSITIONS.get((self._state, command))
         if new is None:
             raise UsageError(f"Cannot send {command} while {self._state.value}")
-        self._out.append(encode_frame(command, headers, body, self._version))
+        self._queue_out(encode_frame(command, headers, body, self._version))
         self._state = new
 
     @staticmethod

@@ -10,7 +10,7 @@ import re
 
 from .errors import ProtocolError, UsageError
 
-__all__ = ["RAW_COMMANDS", "escape", "unescape"]
+__all__ = ["RAW_COMMANDS", "escape", "unescape", "can_carry"]
 
 RAW_COMMANDS = frozenset({"CONNECT", "CONNECTED"})
 
@@ -39,8 +39,11 @@ def unescape(value: str, version: str) -> str:
 def escape(value: str, version: str) -> str:
     """Encode a header name or value for sending.
 
-    A character the version cannot carry (LF or CR in 1.0, CR in 1.1) is a ``UsageError``: it would break the frame.
+    A character the version cannot carry (NUL in any, LF or CR in 1.0, CR in 1.1) is a ``UsageError``: it would
+    break the frame.
     """
+    if "\0" in value:
+        raise UsageError(f"No STOMP version can carry a NUL in a header: {value!r}")
     if version == "1.0":
         if "\n" in value or "\r" in value:
             raise UsageError(f"STOMP 1.0 cannot carry a line break in a header: {value!r}")
@@ -54,3 +57,17 @@ def escape(value: str, version: str) -> str:
     if "\\" in value or "\n" in value or ":" in value or "\r" in value:
         return value.translate(_ESCAPE_12)
     return value
+
+
+def can_carry(name: str, value: str, version: str) -> bool:
+    """Whether a header can travel on a ``version`` connection: never a NUL (it would end the frame early and let
+    the rest be read as a forged frame); in 1.0 no line break and no ':' in the name; in 1.1 no CR."""
+    if "\0" in value or "\0" in name:
+        return False
+    if version == "1.2":
+        return True
+    if "\r" in value or "\r" in name:
+        return False
+    if version == "1.1":
+        return True
+    return "\n" not in value and "\n" not in name and ":" not in name

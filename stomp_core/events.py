@@ -115,12 +115,18 @@ class Disconnect:
 
 @dataclass(frozen=True, slots=True)
 class ProtocolViolation:
-    """The peer broke the protocol or crossed a limit. The connection has already queued an ERROR frame (with
-    ``receipt-id`` when the bad frame asked for a receipt) and is closing: send ``data_to_send()``, then close."""
+    """The peer broke the protocol or crossed a limit; always the last event of its list.
+
+    On a server connection nothing is queued yet: the connection stops reading (state ``FAILING``) so that the app
+    can first finish the valid frames that came before the bad one (their RECEIPTs included), then send the ERROR
+    with ``send_error(message, body=detail, receipt_id=receipt_id, headers=dict(headers))`` and close. A client
+    connection is closed at once and queues nothing."""
 
     message: str
     detail: str
     limit: bool = False  # True when a named limit was crossed
+    receipt_id: str | None = None  # the bad frame's ``receipt`` header, for the ERROR's ``receipt-id``
+    headers: tuple[tuple[str, str], ...] = ()  # extra ERROR headers (``version`` on a version mismatch)
 
 
 ServerEvent = (

@@ -14,6 +14,9 @@ __all__ = ["HeartbeatPlan", "negotiate", "parse_heartbeat", "GRACE_MS"]
 # Slack for the peer's lateness: it is dead only after more than 2 periods plus this much silence. Two periods is what
 # stompjs, Artemis and CoilMQ allow; the constant covers scheduling jitter on short periods.
 GRACE_MS = 1000
+# Digits of one heart-beat period: up to 999,999,999 ms (11 days) is any real period, and a bound keeps int() cheap
+# (CPython refuses over 4300 digits with a ValueError, which must never escape the parser).
+MAX_HEARTBEAT_DIGITS = 9
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,4 +57,6 @@ def parse_heartbeat(value: str | None) -> tuple[int, int]:
     first, second = first.strip(), second.strip()
     if not sep or not (first.isascii() and first.isdigit() and second.isascii() and second.isdigit()):
         raise ProtocolError("Invalid header", f"heart-beat must be two non-negative integers 'x,y', not {value[:32]!r}")
+    if len(first) > MAX_HEARTBEAT_DIGITS or len(second) > MAX_HEARTBEAT_DIGITS:
+        raise ProtocolError("Invalid header", f"heart-beat periods must be below 10**{MAX_HEARTBEAT_DIGITS} ms")
     return (int(first), int(second))

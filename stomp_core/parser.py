@@ -218,6 +218,8 @@ class FrameParser:
             text = buf[pos:block_end].decode()
         except UnicodeDecodeError:
             raise ProtocolError("Invalid header", "Headers must be UTF-8") from None
+        if "\0" in text:  # relayed, a NUL would end the consumer's frame early and forge another from the rest
+            raise ProtocolError("Invalid header", "Headers must not contain NUL")
         lines = text.split("\n")
         if "\r" in text:
             for i, line in enumerate(lines):
@@ -267,7 +269,8 @@ class FrameParser:
                 raise ProtocolError(
                     "Invalid header", f"content-length must be a non-negative integer, not {cl[:32]!r}", receipt_id=receipt
                 )
-            length = int(cl)
+            # more digits than any allowed body needs is too large (and int() refuses over 4300 digits)
+            length = int(cl) if len(cl) <= 12 else limits.max_body_bytes + 1
             if length > limits.max_body_bytes:
                 raise self._body_too_large(receipt)
             if body_start - pos + length >= self._frame_limit:

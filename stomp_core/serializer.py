@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from .errors import UsageError
-from .escaping import RAW_COMMANDS, escape
+from .escaping import RAW_COMMANDS, can_carry, escape
 from .frame import Frame
 
 __all__ = ["serialize", "encode_frame", "encode_message"]
@@ -64,7 +64,7 @@ def encode_message(
     version: str,
 ) -> bytes:
     """The MESSAGE hot path. ``ack`` is written only when given and the version is 1.2; extra ``headers`` never
-    override the core ones."""
+    override the core ones, and those the version cannot carry (:func:`~stomp_core.escaping.can_carry`) are left out."""
     head = (
         f"MESSAGE\ndestination:{escape(destination, version)}\nmessage-id:{escape(message_id, version)}\n"
         f"subscription:{escape(subscription, version)}\n"
@@ -74,9 +74,9 @@ def encode_message(
     if headers:
         extra = []
         for name, value in headers.items():
-            if name not in _MESSAGE_RESERVED:
-                if version == "1.0" and ":" in name:
-                    raise UsageError(f"STOMP 1.0 header names cannot hold ':': {name!r}")
+            # A header this connection's version cannot carry is left out of this MESSAGE (other consumers still
+            # get it): one producer's header must never stop a delivery.
+            if name not in _MESSAGE_RESERVED and can_carry(name, value, version):
                 extra.append(f"{escape(name, version)}:{escape(value, version)}\n")
         head += "".join(extra)
     return f"{head}content-length:{len(body)}\n\n".encode() + body + b"\0"

@@ -17,6 +17,7 @@ class State(Enum):
     CONNECTING = "connecting"  # CONNECT seen, CONNECTED not yet
     OPEN = "open"
     CLOSING = "closing"  # DISCONNECT seen: only the RECEIPT (and late MESSAGEs) may follow
+    FAILING = "failing"  # a protocol violation seen: RECEIPTs for the frames before it, then the ERROR
     CLOSED = "closed"  # after ERROR or close(): nothing more
 
 
@@ -36,6 +37,8 @@ TRANSITIONS: dict[tuple[State, str], State] = {
     (State.CLOSING, "CONNECTED"): State.CLOSING,  # CONNECT and DISCONNECT pipelined, then accepted
     (State.CLOSING, "MESSAGE"): State.CLOSING,
     (State.CLOSING, "RECEIPT"): State.CLOSING,
+    (State.FAILING, "CONNECTED"): State.FAILING,  # a valid CONNECT before the bad frame is still answered
+    (State.FAILING, "RECEIPT"): State.FAILING,
     **{(state, "ERROR"): State.CLOSED for state in State if state is not State.CLOSED},
     **{(state, "close"): State.CLOSED for state in State},
 }

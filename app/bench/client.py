@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from stomp_core import (
     ClientConnection,
@@ -59,7 +59,7 @@ class BenchClient(asyncio.Protocol):
             if cls is MessageReceived:
                 messages.append(event)  # type: ignore[arg-type]
             elif cls is ReceiptReceived:
-                rid = event.receipt_id  # type: ignore[union-attr]
+                rid = cast(ReceiptReceived, event).receipt_id
                 waiter = self._waiters.pop(rid, None)
                 if waiter is not None:
                     if not waiter.done():

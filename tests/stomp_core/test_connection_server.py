@@ -41,6 +41,9 @@ def connected(version: str = "1.2", limits: Limits = Limits()) -> ServerConnecti
 def violation(conn: ServerConnection, data: bytes) -> tuple[ProtocolViolation, Frame]:
     events = conn.receive_data(data)
     assert isinstance(events[-1], ProtocolViolation), events
+    assert conn.state is State.FAILING and not conn.closed and conn.data_to_send() == b""
+    assert conn.receive_data(b"SEND\ndestination:/q\n\n\x00") == []  # nothing more is parsed
+    conn.send_violation(events[-1])
     assert conn.closed and conn.state is State.CLOSED
     (error,) = parse(conn.data_to_send(), conn.version)
     assert error.command == "ERROR"
@@ -125,12 +128,49 @@ def test_connect_then_disconnect_pipelined() -> None:
     assert conn.closed
 
 
-def test_accept_after_a_pipelined_violation_is_a_no_op() -> None:
+def test_frames_before_a_pipelined_violation_are_still_answered_then_the_error() -> None:
     conn = ServerConnection()
-    events = conn.receive_data(b"CONNECT\n\n\x00BOGUS\n\n\x00")
-    assert isinstance(events[0], ConnectRequested) and isinstance(events[1], ProtocolViolation)
+    events = conn.receive_data(b"CONNECT\n\n\x00SEND\ndestination:/q\nreceipt:r1\n\na\x00BOGUS\n\n\x00")
+    assert isinstance(events[0], ConnectRequested) and isinstance(events[1], Send)
+    violation = events[2]
+    assert isinstance(violation, ProtocolViolation)
+    assert conn.state is State.FAILING
     assert conn.accept(session="s") == HeartbeatPlan()
-    assert [f.command for f in parse(conn.data_to_send())] == ["ERROR"]
+    conn.send_receipt("r1")
+    conn.send_message(destination="/q", subscription="1", message_id="m", ack=None, headers={}, body=b"x")  # dropped
+    conn.send_violation(violation)
+    conn.send_receipt("late")  # after the ERROR: nothing
+    assert [f.command for f in parse(conn.data_to_send(), "1.0")] == ["CONNECTED", "RECEIPT", "ERROR"]
+
+
+def test_headers_behind_a_connect_get_the_full_frame_limit() -> None:
+    conn = ServerConnection(limits=Limits(max_frame_bytes_before_connect=1024))
+    big = b"SEND\ndestination:/q\n\n" + b"x" * 4096 + b"\x00"
+    events = conn.receive_data(b"CONNECT\naccept-version:1.2\nhost:/\n\n\x00" + big)
+    assert [type(e) for e in events] == [ConnectRequested, Send]
+    assert ServerConnection(limits=Limits(max_frame_bytes_before_connect=1024)).receive_data(big)[-1] == (
+        ProtocolViolation(
+            "Frame too large: limit max_frame_bytes_before_connect=1024",
+            "A frame may hold at most 1024 bytes",
+            True,
+        )
+    )
+
+
+def test_a_nul_inside_headers_is_refused_with_the_receipt_id() -> None:
+    conn = connected("1.2")
+    event, error = violation(conn, b"SEND\ndestination:/q\nreceipt:r\nx-evil:a\x00MESSAGE\n\nbody\x00")
+    assert event.message == "Invalid header" and "NUL" in event.detail
+    assert "receipt-id" not in error.headers  # the headers of a frame with a NUL are not trusted, the receipt too
+
+
+def test_absurd_numbers_are_refused_not_raised() -> None:
+    conn = connected("1.2")
+    event, _ = violation(conn, b"SEND\ndestination:/q\ncontent-length:" + b"9" * 5000 + b"\n\n\x00")
+    assert event.limit
+    conn = ServerConnection()
+    event, _ = violation(conn, b"CONNECT\naccept-version:1.2\nheart-beat:" + b"9" * 5000 + b",0\n\n\x00")
+    assert event.message == "Invalid header" and "heart-beat" in event.detail
 
 
 def test_work_frames_per_version() -> None:
@@ -275,7 +315,9 @@ def test_limit_is_lifted_after_accept() -> None:
 
 def test_escaped_error_message_in_11() -> None:
     conn = connected("1.1", Limits(max_frame_bytes=100))
-    conn.receive_data(b"SEND\n" + b"x" * 200)
+    (event,) = conn.receive_data(b"SEND\n" + b"x" * 200)
+    assert isinstance(event, ProtocolViolation)
+    conn.send_violation(event)
     wire = conn.data_to_send()
     assert b"message:Frame too large\\c limit max_frame_bytes=100\n" in wire
 
@@ -332,3 +374,16 @@ def test_close_without_error() -> None:
     conn.close()
     assert conn.closed and conn.data_to_send() == b""
     assert conn.receive_data(b"SEND\ndestination:/q\n\n\x00") == []
+
+
+def test_accept_after_the_error_is_a_no_op_and_bytes_to_send_counts_the_queue() -> None:
+    conn = ServerConnection()
+    events = conn.receive_data(b"CONNECT\n\n\x00BOGUS\n\n\x00")
+    violation = events[-1]
+    assert isinstance(violation, ProtocolViolation)
+    conn.send_violation(violation)
+    queued = conn.bytes_to_send
+    assert conn.accept(session="s") == HeartbeatPlan()
+    wire = conn.data_to_send()
+    assert len(wire) == queued and [f.command for f in parse(wire, "1.0")] == ["ERROR"]
+    assert conn.bytes_to_send == 0

@@ -48,6 +48,8 @@ def test_server_never_raises(prefix: bytes, data: bytes) -> None:
         if isinstance(event, ProtocolViolation):
             assert i == len(events) - 1
             assert documented(event.message), event
+            assert not conn.closed and conn.receive_data(b"SEND\ndestination:/q\n\n\x00") == []
+            conn.send_violation(event)
             assert conn.closed
             assert conn.data_to_send().endswith(b"\x00")
 
@@ -61,11 +63,11 @@ def test_server_never_raises_on_random_bytes(data: bytes) -> None:
 
 
 def _header_text(version: str, raw: bool, name: bool) -> st.SearchStrategy[str]:
-    forbidden = ""
+    forbidden = "\x00"  # no version carries a NUL in a header
     if raw or version == "1.0":
-        forbidden = "\r\n" + (":" if name else "")
+        forbidden += "\r\n" + (":" if name else "")
     elif version == "1.1":
-        forbidden = "\r"
+        forbidden += "\r"
     alphabet = st.characters(blacklist_categories=("Cs",), blacklist_characters=forbidden)
     text = st.text(alphabet, min_size=1 if name else 0, max_size=12)
     if version == "1.0" and not raw and not name:

@@ -3,7 +3,7 @@ import pytest
 from stomp_core.errors import UsageError
 from stomp_core.frame import Frame
 from stomp_core.parser import FrameParser
-from stomp_core.serializer import encode_message, serialize
+from stomp_core.serializer import encode_frame, encode_message, serialize
 
 
 def test_send_always_has_content_length() -> None:
@@ -70,7 +70,18 @@ def test_encode_message_without_ack_header_before_12(version: str) -> None:
     assert wire == b"MESSAGE\ndestination:/q\nmessage-id:m\nsubscription:s\ncontent-length:0\n\n\x00"
 
 
-def test_encode_message_rejects_colon_names_in_10() -> None:
-    with pytest.raises(UsageError):
-        encode_message("/q", "s", "m", None, {"a:b": "1"}, b"", "1.0")
+def test_encode_message_leaves_out_headers_the_version_cannot_carry() -> None:
+    headers = {"a:b": "1", "multi": "x\ny", "cr": "x\ry", "nul": "x\x00y", "ok": "1"}
+    ten = encode_message("/q", "s", "m", None, headers, b"", "1.0")
+    assert b"a:b" not in ten and b"multi" not in ten and b"cr:" not in ten and b"nul" not in ten and b"\nok:1\n" in ten
+    eleven = encode_message("/q", "s", "m", None, headers, b"", "1.1")
+    assert b"a\\cb:1\n" in eleven and b"multi:x\\ny\n" in eleven and b"cr:" not in eleven and b"nul" not in eleven
+    twelve = encode_message("/q", "s", "m", None, headers, b"", "1.2")
+    assert b"cr:x\\ry\n" in twelve and b"nul" not in twelve and twelve.count(b"\x00") == 1
     assert b"\na:b:1\n" in encode_message("/q", "s", "m", None, {"x": "1", "a": "b:1"}, b"", "1.0")
+
+
+def test_escape_refuses_a_nul_in_every_version() -> None:
+    for version in ("1.0", "1.1", "1.2"):
+        with pytest.raises(UsageError):
+            encode_frame("RECEIPT", [("receipt-id", "a\x00b")], b"", version)

@@ -4,8 +4,13 @@ A selector filters the messages delivered to a subscription by looking at their 
 strings; header names are case-sensitive. A selector is compiled once, when the subscription is made, by
 :func:`compile_selector`; :meth:`Selector.matches` then runs on every delivery without re-parsing anything. A bad
 selector raises :class:`SelectorError` (a ``ValueError``) whose message is one sentence naming the problem and, where
-there is one, the 0-based character position. Selectors are at most :data:`MAX_SELECTOR_LENGTH` characters and nest
-at most :data:`MAX_SELECTOR_DEPTH` levels deep.
+there is one, the 0-based character position.
+
+Selectors come from clients, so both compiling one and evaluating it against a message are bounded. A selector is at
+most :data:`MAX_SELECTOR_LENGTH` characters, nests at most :data:`MAX_SELECTOR_DEPTH` levels deep and has at most
+:data:`MAX_SELECTOR_NODES` conditions and logical operators. Every pattern runs in time linear in the header value:
+``LIKE`` with a matcher of its own, ``$regex`` on RE2 (at most :data:`MAX_SELECTOR_REGEXES` of them). What is left,
+the steps needed per character of a header value, is at most :data:`MAX_SELECTOR_COST` (see there).
 
 There are two forms. Text whose first non-blank character is ``{`` is a MongoDB-style query document; anything else
 is an SQL-like expression.
@@ -42,9 +47,12 @@ A JSON object whose keys are header names (dots are part of the name, not paths)
 
 * ``{"h": value}`` is ``{"h": {"$eq": value}}``.
 * Field operators: ``$eq``, ``$ne``, ``$gt``, ``$gte``, ``$lt``, ``$lte``, ``$in``, ``$nin``, ``$exists``
-  (``true``/``false``), ``$regex`` (a Python ``re`` pattern that may match anywhere, with optional ``$options`` of
-  ``i``, ``m``, ``s``, ``x``) and ``$not`` (an operator document to negate). Several operators on one field must all
-  hold.
+  (``true``/``false``), ``$regex`` (a pattern that may match anywhere, with optional ``$options`` of ``i``, ``m``,
+  ``s``, ``x``) and ``$not`` (an operator document to negate). Several operators on one field must all hold.
+* ``$regex`` patterns use RE2 syntax, which runs in linear time: that of Python's ``re`` and PCRE without
+  backreferences, lookaround, atomic groups or possessive quantifiers, which are refused. ``\d``, ``\w``, ``\s`` and
+  ``\b`` are ASCII-only (as in MongoDB), ``$`` without ``m`` matches only at the very end (``\z``; ``\Z`` is
+  refused), and ``x`` drops unescaped whitespace and ``#`` comments outside character classes.
 * Top level: ``$and``, ``$or``, ``$nor``, each a non-empty array of query documents; several keys must all hold.
   As in MongoDB, ``$not`` is a field operator, not a top-level one.
 
@@ -63,14 +71,42 @@ import operator
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final, NoReturn, cast
+from typing import Any, Final, NoReturn, Protocol, cast
 
-__all__ = ["MAX_SELECTOR_DEPTH", "MAX_SELECTOR_LENGTH", "Selector", "SelectorError", "compile_selector"]
+import re2  # type: ignore[import-untyped]  # google-re2 ships no type information
+
+__all__ = [
+    "MAX_SELECTOR_COST",
+    "MAX_SELECTOR_DEPTH",
+    "MAX_SELECTOR_LENGTH",
+    "MAX_SELECTOR_NODES",
+    "MAX_SELECTOR_REGEXES",
+    "Selector",
+    "SelectorError",
+    "compile_selector",
+]
 
 # Selectors come from clients. These bounds keep compiling cheap and keep the recursive-descent parser and the JSON
 # decoder far from Python's recursion limit.
 MAX_SELECTOR_LENGTH: Final = 4096  # characters of selector text
 MAX_SELECTOR_DEPTH: Final = 32  # nested parentheses/NOTs, or nested JSON objects/arrays
+# Evaluation runs once per candidate message on every poll and peek, so a selector's cost is multiplied by the
+# backlog. Conditions and logical operators each cost a call or more per message; 256 is far beyond hand-written
+# selectors and keeps the per-message overhead in the tens of microseconds.
+MAX_SELECTOR_NODES: Final = 256
+# Each compiled regex may hold up to _REGEX_MEMORY (its program and its lazily built DFA) for as long as the
+# subscription lives: 16 bound one selector to 4 MiB.
+MAX_SELECTOR_REGEXES: Final = 16
+_REGEX_MEMORY: Final = 256 * 1024
+# Linear time is not yet short time: when RE2's DFA gives up (patterns such as "([ab]{1,10}){1,50}c" make it), its NFA
+# steps through every instruction of the program for each byte of the value, about 12 ns a step (measured). The cost
+# of a selector is that worst case in steps per character of a header value: a regex costs its RE2 program size
+# (Unicode classes are large: "\pL" alone is about 1200), a LIKE that has to search for a run containing "_" costs
+# _LIKE_SCAN_COST (a Python-level shift-and step per character, 0.2-0.4 us), the rest costs nothing worth counting.
+# 1000 keeps a selector under about 12 us per character: 100 ms on an 8 KiB header line (the default
+# max_header_line_bytes), under 1 ms on typical values of tens of characters.
+MAX_SELECTOR_COST: Final = 1000
+_LIKE_SCAN_COST: Final = 40
 
 # A compiled predicate: True, False, or None for SQL's "unknown". Query documents only ever return True or False.
 _Pred = Callable[[Mapping[str, str]], "bool | None"]
@@ -105,10 +141,44 @@ def compile_selector(text: str) -> Selector:
     stripped = text.strip()
     if not stripped:
         raise SelectorError("Selector is empty.", 0)
+    budget = _Budget()
     if stripped.startswith("{"):
         document = _load_document(text)
-        return Selector(text, document, _document(document))
-    return Selector(text, None, _Parser(_tokenize(text)).parse())
+        return Selector(text, document, _document(document, budget))
+    return Selector(text, None, _Parser(_tokenize(text), budget).parse())
+
+
+class _Budget:
+    """What one selector has spent of its limits while it is compiled; going over one raises :class:`SelectorError`."""
+
+    __slots__ = ("_cost", "_nodes", "_regexes")
+
+    def __init__(self) -> None:
+        self._nodes = self._regexes = self._cost = 0
+
+    def node(self, pos: int | None = None) -> None:
+        """Count one condition or logical operator (``pos`` where it is, in SQL-like text)."""
+        self._nodes += 1
+        if self._nodes > MAX_SELECTOR_NODES:
+            where = "" if pos is None else f" at position {pos}"
+            raise SelectorError(
+                f"Selector has more than {MAX_SELECTOR_NODES} conditions and operators{where}.", pos
+            )
+
+    def regex(self) -> None:
+        self._regexes += 1
+        if self._regexes > MAX_SELECTOR_REGEXES:
+            raise SelectorError(f"Selector has more than {MAX_SELECTOR_REGEXES} $regex operators.")
+
+    def charge(self, cost: int, what: str, pos: int | None = None) -> None:
+        """Add ``cost`` steps per character of a header value (see :data:`MAX_SELECTOR_COST`) for ``what``."""
+        self._cost += cost
+        if self._cost > MAX_SELECTOR_COST:
+            raise SelectorError(
+                f"Selector is too costly to evaluate: with {what} it needs {self._cost} steps per character of a "
+                f"header value, more than the limit of {MAX_SELECTOR_COST}.",
+                pos,
+            )
 
 
 # --- values -----------------------------------------------------------------------------------------------------------
@@ -362,30 +432,115 @@ def _compare(left: _Operand, symbol: str, right: _Operand, pos: int, what: str =
     return two_headers
 
 
-def _like_regex(pattern: str, escape: str | None, pos: int) -> re.Pattern[str]:
-    parts: list[str] = []
+# LIKE is matched without a regex: backtracking regex engines take time exponential in the number of "%" on values
+# that nearly match. The pattern is cut at each "%" into segments of fixed length (literal characters and "_"); the
+# first must match at the start of the value, the last at its end, and the ones between are each found leftmost after
+# the previous one. Leftmost is always right (it leaves the most room for the rest), so there is no backtracking:
+# literal segments are found by str.find and segments with "_" by a bit-parallel (shift-and) scan, each once.
+
+
+@dataclass(frozen=True, slots=True)
+class _LikeSegment:
+    """A run of a LIKE pattern between two ``%``: literal characters and ``_`` (any one character)."""
+
+    length: int
+    literal: str | None  # the whole run when it has no "_": compared with startswith, found with str.find
+    chunks: tuple[tuple[int, str], ...]  # otherwise its literal pieces as (offset, text), to check one position
+    masks: Mapping[str, int]  # shift-and: bit i is set when item i accepts the character
+    wildcards: int  # the bits of the "_" items, which accept a character absent from masks
+
+    @staticmethod
+    def of(items: list[str | None]) -> _LikeSegment:
+        """The segment of these items: a character each, or None for ``_``."""
+        if None not in items:
+            return _LikeSegment(len(items), "".join(cast(list[str], items)), (), {}, 0)
+        chunks: list[tuple[int, str]] = []
+        masks: dict[str, int] = {}
+        wildcards = 0
+        for index, item in enumerate(items):
+            if item is None:
+                wildcards |= 1 << index
+                continue
+            masks[item] = masks.get(item, 0) | 1 << index
+            if chunks and chunks[-1][0] + len(chunks[-1][1]) == index:
+                chunks[-1] = (chunks[-1][0], chunks[-1][1] + item)
+            else:
+                chunks.append((index, item))
+        return _LikeSegment(
+            len(items), None, tuple(chunks), {char: mask | wildcards for char, mask in masks.items()}, wildcards
+        )
+
+    def at(self, value: str, start: int) -> bool:
+        """Whether the segment matches ``value`` at ``start`` (the caller knows that it fits there)."""
+        if self.literal is not None:
+            return value.startswith(self.literal, start)
+        return all(value.startswith(text, start + offset) for offset, text in self.chunks)
+
+    def find(self, value: str, start: int, end: int) -> int:
+        """The leftmost offset at or after ``start`` where the segment matches within ``value[:end]``, or -1."""
+        if self.literal is not None:
+            return value.find(self.literal, start, end)
+        masks, wildcards = self.masks, self.wildcards
+        state, last = 0, 1 << (self.length - 1)
+        for index in range(start, end):
+            state = ((state << 1) | 1) & masks.get(value[index], wildcards)
+            if state & last:
+                return index - self.length + 1
+        return -1
+
+
+def _like_matcher(pattern: str, escape: str | None, pos: int, budget: _Budget) -> Callable[[str], bool]:
+    """A function telling whether a whole value matches the LIKE pattern (see the comment above)."""
+    runs: list[list[str | None]] = [[]]
     index = 0
     while index < len(pattern):
         char = pattern[index]
         if char == escape:
             if index + 1 == len(pattern):
                 raise SelectorError(f"LIKE pattern at position {pos} ends with its escape character.", pos)
-            parts.append(re.escape(pattern[index + 1]))
+            runs[-1].append(pattern[index + 1])
             index += 2
             continue
-        parts.append(".*" if char == "%" else "." if char == "_" else re.escape(char))
+        if char == "%":
+            runs.append([])
+        else:
+            runs[-1].append(None if char == "_" else char)
         index += 1
-    return re.compile("".join(parts), re.DOTALL)
+    first = _LikeSegment.of(runs[0])
+    if len(runs) == 1:
+        return lambda value: len(value) == first.length and first.at(value, 0)
+    last = _LikeSegment.of(runs[-1])
+    middle = tuple(_LikeSegment.of(run) for run in runs[1:-1] if run)  # "%%" is one "%"
+    if any(segment.literal is None for segment in middle):
+        budget.charge(_LIKE_SCAN_COST, f"the LIKE at position {pos}", pos)
+    shortest = first.length + sum(segment.length for segment in middle) + last.length
+
+    def like(value: str) -> bool:
+        if len(value) < shortest or not first.at(value, 0):
+            return False
+        end = len(value) - last.length
+        if not last.at(value, end):
+            return False
+        start = first.length
+        for segment in middle:
+            found = segment.find(value, start, end)
+            if found < 0:
+                return False
+            start = found + segment.length
+        return True
+
+    return like
 
 
 class _Parser:
     """Recursive descent over the tokens; each method returns the compiled predicate of what it parsed."""
 
-    __slots__ = ("_tokens", "_index")
+    __slots__ = ("_budget", "_index", "_tokens")
 
-    def __init__(self, tokens: list[_Token]) -> None:
+    def __init__(self, tokens: list[_Token], budget: _Budget) -> None:
         self._tokens = tokens
         self._index = 0
+        self._budget = budget
 
     def _peek(self) -> _Token:
         return self._tokens[self._index]
@@ -410,16 +565,20 @@ class _Parser:
 
     def _or(self, depth: int) -> _Pred:
         parts = [self._and(depth)]
-        while self._peek().is_keyword("OR"):
+        while (token := self._peek()).is_keyword("OR"):
             self._advance()
             parts.append(self._and(depth))
+            if len(parts) == 2:
+                self._budget.node(token.pos)
         return _any(parts)
 
     def _and(self, depth: int) -> _Pred:
         parts = [self._not(depth)]
-        while self._peek().is_keyword("AND"):
+        while (token := self._peek()).is_keyword("AND"):
             self._advance()
             parts.append(self._not(depth))
+            if len(parts) == 2:
+                self._budget.node(token.pos)
         return _all(parts)
 
     def _deeper(self, depth: int, token: _Token) -> int:
@@ -433,6 +592,7 @@ class _Parser:
         token = self._peek()
         if token.is_keyword("NOT"):
             inner_depth = self._deeper(depth, token)
+            self._budget.node(token.pos)
             self._advance()
             return _negate(self._not(inner_depth))
         return self._predicate(depth)
@@ -470,6 +630,7 @@ class _Parser:
             return inner
         left = self._operand()
         token = self._peek()
+        self._budget.node(token.pos)
         if token.kind == "op":
             self._advance()
             return _compare(left, token.value, self._operand(), token.pos)
@@ -507,11 +668,11 @@ class _Parser:
                 self._fail("a one-character string after ESCAPE", token)
             self._advance()
             escape = token.value
-        fullmatch = _like_regex(pattern.value, escape, pattern.pos).fullmatch
+        matches = _like_matcher(pattern.value, escape, pattern.pos, self._budget)
 
         def like(headers: Mapping[str, str]) -> bool | None:
             raw = headers.get(name)
-            return None if raw is None else fullmatch(raw) is not None
+            return None if raw is None else matches(raw)
 
         return like
 
@@ -585,7 +746,8 @@ _MONGO_ORDERING: Final[dict[str, _Compare]] = {
     "$lt": operator.lt,
     "$lte": operator.le,
 }
-_REGEX_OPTIONS: Final = {"i": re.IGNORECASE, "m": re.MULTILINE, "s": re.DOTALL, "x": re.VERBOSE}
+_REGEX_OPTIONS: Final = frozenset("imsx")
+_EXTENDED_WHITESPACE: Final = frozenset(" \t\n\r\v\f")  # what extended mode ignores, as in Python's re and PCRE
 
 
 def _check_json_depth(text: str) -> None:
@@ -671,17 +833,18 @@ def _match_not(inner: _MatchPred) -> _MatchPred:
     return lambda headers: not inner(headers)
 
 
-def _document(document: Mapping[str, object]) -> _MatchPred:
+def _document(document: Mapping[str, object], budget: _Budget) -> _MatchPred:
     parts: list[_MatchPred] = []
     for key, value in document.items():
         if key in ("$and", "$or", "$nor"):
             if not isinstance(value, list) or not value:
                 raise SelectorError(f"{key} needs a non-empty array of query documents.")
+            budget.node()
             subs: list[_MatchPred] = []
             for index, item in enumerate(value):
                 if not isinstance(item, dict):
                     raise SelectorError(f"{key} item {index} is not a query document (a JSON object).")
-                subs.append(_document(item))
+                subs.append(_document(item, budget))
             if key == "$and":
                 parts.append(_match_all(subs))
             elif key == "$or":
@@ -693,24 +856,27 @@ def _document(document: Mapping[str, object]) -> _MatchPred:
         elif key.startswith("$"):
             raise SelectorError(f"Unknown top-level query operator {key!r}.")
         else:
-            parts.append(_field(key, value))
+            parts.append(_field(key, value, budget))
     return _match_all(parts)
 
 
-def _field(name: str, condition: object) -> _MatchPred:
+def _field(name: str, condition: object, budget: _Budget) -> _MatchPred:
     if not isinstance(condition, dict):
+        budget.node()
         return _equals(name, condition, "$eq")
     operators = [key for key in condition if key.startswith("$")]
     if operators and len(operators) == len(condition):
-        return _operators(name, condition)
+        return _operators(name, condition, budget)
     if operators:
         raise SelectorError(f"Condition for header {name!r} mixes operators with plain keys.")
     raise SelectorError(f'Condition for header {name!r} is an object without operators; use one such as {{"$eq": 1}}.')
 
 
-def _operators(name: str, condition: Mapping[str, object]) -> _MatchPred:
+def _operators(name: str, condition: Mapping[str, object], budget: _Budget) -> _MatchPred:
     parts: list[_MatchPred] = []
     for key, operand in condition.items():
+        if key != "$options":  # $options belongs to its $regex
+            budget.node()
         if key == "$eq":
             parts.append(_equals(name, operand, key))
         elif key == "$ne":
@@ -724,14 +890,14 @@ def _operators(name: str, condition: Mapping[str, object]) -> _MatchPred:
         elif key == "$exists":
             parts.append(_exists(name, operand))
         elif key == "$regex":
-            parts.append(_regex(name, operand, condition.get("$options", "")))
+            parts.append(_regex(name, operand, condition.get("$options", ""), budget))
         elif key == "$options":
             if "$regex" not in condition:
                 raise SelectorError(f"$options for header {name!r} needs a $regex beside it.")
         elif key == "$not":
             if not isinstance(operand, dict) or not operand or not all(k.startswith("$") for k in operand):
                 raise SelectorError(f'$not for header {name!r} needs an operator document such as {{"$gt": 5}}.')
-            parts.append(_match_not(_operators(name, operand)))
+            parts.append(_match_not(_operators(name, operand, budget)))
         else:
             raise SelectorError(f"Unknown query operator {key!r} for header {name!r}.")
     return _match_all(parts)
@@ -825,23 +991,85 @@ def _exists(name: str, operand: object) -> _MatchPred:
     return lambda headers: name not in headers
 
 
-def _regex(name: str, operand: object, options: object) -> _MatchPred:
+class _Regex(Protocol):
+    """What is used of a compiled ``re2`` pattern."""
+
+    @property
+    def programsize(self) -> int: ...
+
+    def search(self, text: bytes) -> object | None: ...
+
+
+def _strip_extended(pattern: str) -> str:
+    """The pattern without the whitespace and ``#`` comments that extended mode (option ``x``) ignores: RE2 has no
+    such mode. Escaped characters, ``\\Q...\\E`` quoting and character classes keep their whitespace."""
+    out: list[str] = []
+    index, length = 0, len(pattern)
+    in_class = False
+    while index < length:
+        char = pattern[index]
+        if not in_class and char in _EXTENDED_WHITESPACE:
+            index += 1
+            continue
+        if not in_class and char == "#":
+            closing = pattern.find("\n", index)
+            index = length if closing < 0 else closing + 1
+            continue
+        end = index + 1
+        if char == "\\":
+            end = index + 2
+            if pattern.startswith("Q", index + 1):
+                closing = pattern.find("\\E", index + 2)
+                end = length if closing < 0 else closing + 2
+        elif in_class:
+            if pattern.startswith("[:", index) and (closing := pattern.find(":]", index + 2)) >= 0:
+                end = closing + 2  # a POSIX class such as [:alpha:] does not end the class at its "]"
+            in_class = char != "]"
+        elif char == "[":
+            in_class = True
+            end += pattern.startswith("^", end)
+            end += pattern.startswith("]", end)  # a "]" first in a class is a member, not its end
+        out.append(pattern[index:end])
+        index = end
+    return "".join(out)
+
+
+def _regex(name: str, operand: object, options: object, budget: _Budget) -> _MatchPred:
     if not isinstance(operand, str):
         raise SelectorError(f"$regex for header {name!r} needs a string pattern.")
     if not isinstance(options, str):
         raise SelectorError(f"$options for header {name!r} needs a string such as \"i\".")
-    flags = 0
     for letter in options:
         if letter not in _REGEX_OPTIONS:
             raise SelectorError(f"$options for header {name!r} has unknown option {letter!r}; use i, m, s or x.")
-        flags |= _REGEX_OPTIONS[letter]
     try:
-        search = re.compile(operand, flags).search
-    except (re.error, FutureWarning) as exc:  # FutureWarning is raised only where warnings are errors
-        raise SelectorError(f"$regex for header {name!r} is not a valid regular expression: {exc}.") from None
+        operand.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's "\ud800" can produce
+        raise SelectorError(f"$regex for header {name!r} is not valid Unicode.") from None
+    budget.regex()
+    settings = re2.Options()
+    settings.max_mem = _REGEX_MEMORY
+    settings.never_capture = True  # only whether it matches is wanted
+    settings.log_errors = False  # a client's bad pattern is no news for the gateway's log
+    settings.case_sensitive = "i" not in options
+    settings.dot_nl = "s" in options
+    pattern = _strip_extended(operand) if "x" in options else operand
+    if "m" in options:
+        pattern = "(?m)" + pattern  # RE2's Perl mode has no option for it, only the flag
+    try:
+        compiled: _Regex = re2.compile(pattern, settings)
+    except re2.error as exc:
+        detail = exc.args[0].decode("utf-8", "replace") if exc.args and isinstance(exc.args[0], bytes) else str(exc)
+        raise SelectorError(
+            f"$regex for header {name!r} is refused: {detail} (patterns run on RE2, which has no backreferences, "
+            "lookaround, atomic groups or possessive quantifiers, and limits their size)."
+        ) from None
+    budget.charge(compiled.programsize, f"the $regex for header {name!r}")
+    search = compiled.search
 
     def regex(headers: Mapping[str, str]) -> bool:
         raw = headers.get(name)
-        return raw is not None and search(raw) is not None
+        # surrogatepass: a value that is not valid Unicode (say, read back from a database) cannot match, not raise
+        return raw is not None and search(raw.encode("utf-8", "surrogatepass")) is not None
 
     return regex

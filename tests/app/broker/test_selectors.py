@@ -575,8 +575,8 @@ def test_query_document_names_are_not_paths() -> None:
         ('{"a": {"$options": "i"}}', "$options for header 'a' needs a $regex beside it."),
         (
             '{"a": {"$regex": "(x"}}',
-            "$regex for header 'a' is not a valid regular expression: "
-            "missing ), unterminated subpattern at position 0.",
+            "$regex for header 'a' is refused: missing ): (x (patterns run on RE2, which has no backreferences, "
+            "lookaround, atomic groups or possessive quantifiers, and limits their size).",
         ),
         ('{"a": {"$not": 5}}', '$not for header \'a\' needs an operator document such as {"$gt": 5}.'),
         ('{"a": {"$not": {}}}', '$not for header \'a\' needs an operator document such as {"$gt": 5}.'),
@@ -599,10 +599,36 @@ def test_query_document_error_positions() -> None:
     assert info.value.position is None
 
 
-def test_regex_future_warning_becomes_selector_error() -> None:
-    # pytest runs with warnings as errors, so re's "possible nested set" FutureWarning is raised
-    with pytest.raises(SelectorError, match="is not a valid regular expression: Possible nested set"):
-        compile_selector('{"a": {"$regex": "[[a]"}}')
+def test_regex_syntax_is_re2() -> None:
+    # "[[a]" is a class of "[" and "a" (Python's re would warn about a possible nested set)
+    assert mongo({"a": {"$regex": "^[[a]$"}}, {"a": "["})
+    assert not mongo({"a": {"$regex": "^[[a]$"}}, {"a": "]"})
+    # \d is ASCII-only, as in MongoDB; $ without "m" is the very end of the value
+    assert not mongo({"a": {"$regex": "^\\d$"}}, {"a": "\u0663"})
+    assert not mongo({"a": {"$regex": "x$"}}, {"a": "x\n"})
+    assert mongo({"a": {"$regex": "x$", "$options": "m"}}, {"a": "x\ny"})
+    assert mongo({"a": {"$regex": "x.y", "$options": "s"}}, {"a": "x\ny"})
+    assert not mongo({"a": {"$regex": "x.y"}}, {"a": "x\ny"})
+    assert mongo({"a": {"$regex": "É", "$options": "i"}}, {"a": "café"})
+
+
+@pytest.mark.parametrize(
+    ("pattern", "value", "expected"),
+    [
+        ("a b  c", "abc", True),
+        ("a\\ b", "a b", True),
+        ("a[ ]b", "a b", True),
+        ("a[] ]b", "a b", True),
+        ("a[^] ]b", "a b", False),
+        ("a[[:alpha:] ]b", "a b", True),
+        ("a\\Q b\\Eb", "a bb", True),
+        ("a # a comment\n b", "ab", True),
+        ("a#b", "a", True),
+        ("a\\#b", "a#b", True),
+    ],
+)
+def test_regex_extended_option(pattern: str, value: str, expected: bool) -> None:
+    assert mongo({"a": {"$regex": "^" + pattern + "$", "$options": "x"}}, {"a": value}) is expected
 
 
 def test_query_document_nesting() -> None:

@@ -3,6 +3,9 @@
 The page polls ``GET /destinations`` when the REST API serves it and ``/console/api/overview`` (below) for
 connections and subscriptions, and talks STOMP over the gateway's own WebSocket for publishing and tailing.
 Assets live in ``app/static``: plain JavaScript, no build step and no CDN.
+
+The page and its assets hold no data, so they load for anyone; the overview names users, peers and destinations, so
+with a users file it needs an ``admin`` bearer token, which the page asks for and keeps in ``sessionStorage``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse
 
+from app.api.auth import AdminPrincipal
 from app.broker.broker import Broker
 
 __all__ = ["router", "overview"]
@@ -39,7 +43,7 @@ async def console_asset(name: str) -> FileResponse:
 
 
 @router.get("/console/api/overview")
-async def console_overview(request: Request) -> dict[str, Any]:
+async def console_overview(request: Request, principal: AdminPrincipal) -> dict[str, Any]:
     return await overview(request.state.broker)
 
 

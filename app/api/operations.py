@@ -1,4 +1,8 @@
-"""Operations: ``/ready`` (the datasource answers) and Prometheus ``/metrics``."""
+"""Operations: ``/ready`` (the datasource answers) and Prometheus ``/metrics``.
+
+``/ready`` stays open for probes; ``/metrics`` names every destination, so with a users file it needs a token of a
+user with the ``metrics`` (or ``admin``) role.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +10,14 @@ from collections.abc import Iterable
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from app.api.auth import broker_of
+from app.api.auth import MetricsPrincipal, broker_of
 from app.api.errors import ProblemError, problem_responses
 from app.api.models import Readiness
+from app.broker.broker import Broker
 from app.datasources.interface import DatasourceUnavailable
+from app.security import ConfiguredAuthorizer
 
 __all__ = ["router"]
 
@@ -50,12 +56,16 @@ class _Snapshot:
     summary="Prometheus metrics",
     description="The broker's counters (frames, bytes, messages, deliveries, redeliveries, dead letters, errors by "
     "kind, connections by transport) plus gauges computed at scrape time: queue depth and unacked messages per "
-    "destination, and whether the datasource answers.",
+    "destination, and whether the datasource answers; with a users file, login checks and refusals too. With a "
+    "users file it needs a bearer token of a user with the `metrics` or `admin` role.",
     operation_id="metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"}},
+    responses={
+        200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format"},
+        **problem_responses(401, 403),
+    },
 )
-async def metrics(request: Request) -> Response:
+async def metrics(request: Request, principal: MetricsPrincipal) -> Response:
     broker = broker_of(request)
     depth = GaugeMetricFamily("stompgate_queue_depth", "Queue messages ready for delivery", labels=["destination"])
     unacked = GaugeMetricFamily("stompgate_queue_unacked", "Queue messages delivered, not yet acknowledged", labels=["destination"])
@@ -70,6 +80,21 @@ async def metrics(request: Request) -> Response:
     except DatasourceUnavailable:
         up.add_metric([], 0)
     scrape = CollectorRegistry(auto_describe=False)
-    scrape.register(_Snapshot([depth, unacked, up]))
+    scrape.register(_Snapshot([depth, unacked, up, *_login_families(broker)]))
     body = generate_latest(broker.metrics.registry) + generate_latest(scrape)
     return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+
+def _login_families(broker: Broker) -> list[Metric]:
+    """The authorizer's own counters (it is not the broker's registry's to hold): bcrypt checks run, and attempts
+    refused without one (locked out, or over the global budget). Nothing without a users file."""
+    authorizer = broker.authorizer
+    if not isinstance(authorizer, ConfiguredAuthorizer):
+        return []
+    stats = authorizer.stats
+    checks = CounterMetricFamily("stompgate_login_checks", "bcrypt checks of passcodes and tokens (unknown users too)")
+    checks.add_metric([], stats.slow_checks)
+    refused = CounterMetricFamily("stompgate_login_refused_unchecked", "Logins refused without a check", labels=["reason"])
+    refused.add_metric(["locked_out"], stats.refused_locked)
+    refused.add_metric(["over_budget"], stats.refused_over_budget)
+    return [checks, refused]

@@ -25,10 +25,50 @@
   stomp.onerror = (error) => console.warn('STOMP', error.message);
   stomp.start();
 
+  // ---- bearer token: with a users file the overview needs an admin's token; sessionStorage keeps it for this tab ----
+  const TOKEN_KEY = 'stompgate.console.token';
+  const storedToken = () => sessionStorage.getItem(TOKEN_KEY);
+
+  function withToken(headers) {
+    const token = storedToken();
+    return Object.assign(token ? { Authorization: 'Bearer ' + token } : {}, headers);
+  }
+
+  async function problemDetail(response) {
+    try { const problem = await response.json(); return problem.detail || problem.title || 'HTTP ' + response.status; }
+    catch (e) { return 'HTTP ' + response.status; } // not JSON
+  }
+
+  // Show the sign-in form with why: no token yet, a token not accepted (401), or a user without the admin role (403).
+  function askForToken(status, detail) {
+    let why;
+    if (status === 403) why = 'This token\'s user may not use the console (' + detail + '): give the token of a user with the admin role.';
+    else if (storedToken()) why = 'The gateway did not accept this token (' + detail + '): give another one.';
+    else why = 'This gateway has users: give the bearer token of a user with the admin role.';
+    $('#auth-message').textContent = why;
+    $('#auth').hidden = false;
+    $('#auth-forget').hidden = !storedToken();
+  }
+
+  $('#auth-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(TOKEN_KEY, $('#auth-token').value.trim());
+    $('#auth-token').value = '';
+    rest.checkedAt = 0; // ask GET /destinations again with the token
+    poll();
+  });
+  $('#auth-forget').addEventListener('click', () => {
+    sessionStorage.removeItem(TOKEN_KEY);
+    poll(); // with users, this asks for a token again; without, nothing changes
+  });
+
   // ---- polling ----
   async function fetchJson(url) {
-    const response = await fetch(url, { cache: 'no-store' });
-    if (!response.ok) throw Object.assign(new Error(url + ': HTTP ' + response.status), { status: response.status });
+    const response = await fetch(url, { cache: 'no-store', headers: withToken({}) });
+    if (!response.ok) {
+      const detail = await problemDetail(response);
+      throw Object.assign(new Error(url + ': ' + detail), { status: response.status, detail });
+    }
     return response.json();
   }
 
@@ -50,10 +90,14 @@
     try {
       const [overview, restList] = await Promise.all([fetchJson('/console/api/overview'), restDestinations(now)]);
       update(overview, restList, now);
+      $('#auth').hidden = true;
+      $('#auth-forget').hidden = !storedToken();
       $('#poll-state').textContent = 'live';
       $('#poll-state').className = 'pill ok';
     } catch (error) {
-      $('#poll-state').textContent = 'gateway unreachable';
+      const refused = error.status === 401 || error.status === 403;
+      if (refused) askForToken(error.status, error.detail);
+      $('#poll-state').textContent = refused ? 'sign-in needed' : 'gateway unreachable';
       $('#poll-state').className = 'pill bad';
     }
   }
@@ -297,12 +341,12 @@
     // REST names a destination by its kind and name as path segments: /queue/orders -> /destinations/queue/orders
     const path = destination.replace(/^\/+/, '').split('/').map(encodeURIComponent).join('/');
     const response = await fetch('/destinations/' + path, {
-      method: 'POST', body, headers: Object.assign({ 'Content-Type': headers['content-type'] || 'text/plain' }, stompHeaders),
+      method: 'POST', body, headers: withToken(Object.assign({ 'Content-Type': headers['content-type'] || 'text/plain' }, stompHeaders)),
     });
     if (response.status === 404 || response.status === 405) return false; // no REST publishing here: use STOMP
     if (!response.ok) {
-      let detail = 'HTTP ' + response.status;
-      try { const problem = await response.json(); detail = problem.detail || problem.title || detail; } catch (e) { /* not JSON */ }
+      const detail = await problemDetail(response);
+      if (response.status === 401) askForToken(401, detail);
       throw new Error(detail);
     }
     return true;

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.broker.auth import AllowAll, Principal
-from app.security import ConfiguredAuthorizer, LoginThrottle, SecurityConfigError, UsersFile, hash_secret
+from app.security import CheckBudget, ConfiguredAuthorizer, LoginThrottle, SecurityConfigError, UsersFile, hash_secret
 from tests.app.api.conftest import Api, api_client
 from tests.app.api.test_publish import assert_problem
 from tests.app.api.users import ALICE_TOKEN, BOB_TOKEN, ROOT_TOKEN, write_users_file
@@ -59,6 +59,28 @@ async def test_token_guessing_locks_the_peer_out(secured: Api) -> None:
     assert_problem(locked, 401)
 
 
+async def test_a_verified_token_outlives_a_lockout_of_its_address(secured: Api) -> None:
+    """Behind one NAT address, a client guessing (or retrying a stale token) must not lock the admin out: a token
+    already verified costs no bcrypt and is accepted; a token never verified waits out the lockout."""
+    c = secured.client
+    assert (await c.get("/connections", headers=bearer(ROOT_TOKEN))).status_code == 200
+    for _ in range(5):
+        assert_problem(await c.get("/destinations", headers=bearer("guess")), 401)
+    assert (await c.get("/connections", headers=bearer(ROOT_TOKEN))).status_code == 200
+    assert (await c.get("/connections", headers=bearer(ROOT_TOKEN))).status_code == 200  # and it does not unlock
+    assert_problem(await c.get("/destinations", headers=bearer(ALICE_TOKEN)), 401)
+
+
+async def test_token_checks_beyond_the_budget_are_a_503(secured: Api) -> None:
+    authorizer = secured.broker.authorizer
+    assert isinstance(authorizer, ConfiguredAuthorizer)
+    authorizer.budget = CheckBudget(per_second=0, burst=0)
+    busy = await secured.client.get("/destinations", headers=bearer(ROOT_TOKEN))
+    assert_problem(busy, 503, "login-checks-busy")
+    assert busy.headers["retry-after"] == "1"
+    assert authorizer.stats.slow_checks == 0
+
+
 def test_stomp_login_lockout_and_logging(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     clock = [0.0]
     authorizer = ConfiguredAuthorizer(UsersFile.load(write_users_file(tmp_path)), LoginThrottle(3, 10, lambda: clock[0]))
@@ -71,11 +93,11 @@ def test_stomp_login_lockout_and_logging(tmp_path: Path, caplog: pytest.LogCaptu
     assert authorizer.authenticate("alice", "alice-secret") is not None
     for _ in range(3):
         authorizer.authenticate("alice", "wrong-guess")
-    assert authorizer.throttle.locked_for("login:alice") == pytest.approx(10)
+    assert authorizer.throttle.locked_for("login:alice@") == pytest.approx(10)  # no peer: keyed by the login alone
     authorizer.authenticate("alice", "wrong-guess")  # refused unchecked while locked: not counted
     clock[0] = 21
     authorizer.authenticate("alice", "wrong-guess")  # the first failure after a lockout doubles it
-    assert authorizer.throttle.locked_for("login:alice") == pytest.approx(20)
+    assert authorizer.throttle.locked_for("login:alice@") == pytest.approx(20)
     assert authorizer.authenticate(None, None) is None
     assert authorizer.authenticate("mallory", "x") is None
     assert "wrong-guess" not in caplog.text and "alice-secret" not in caplog.text
@@ -90,7 +112,7 @@ def test_which_logins_need_a_slow_check(tmp_path: Path) -> None:
     assert authorizer.authenticate("alice", "alice-secret") is not None
     assert not authorizer.needs_slow_check("alice", "alice-secret")  # remembered
     assert authorizer.needs_slow_check("alice", "another-guess")  # other credentials are checked again
-    assert not authorizer.needs_slow_check("mallory", "x")  # unknown user: refused without a hash
+    assert authorizer.needs_slow_check("mallory", "x")  # unknown user: a dummy bcrypt, so it takes as long
     assert not authorizer.needs_slow_check(None, None) and not authorizer.needs_slow_check("alice", None)
     for _ in range(2):
         authorizer.authenticate("bob", "wrong")

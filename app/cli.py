@@ -25,6 +25,9 @@ from app.settings import Settings, load_settings
 
 __all__ = ["main", "cli"]
 
+# bcrypt hashes at most 72 bytes of secret (bcrypt 5 refuses longer ones with a ValueError instead of truncating).
+BCRYPT_MAX_SECRET_BYTES = 72
+
 cli = typer.Typer(help="stompgate: a STOMP gateway that keeps its messages in a database you already run.", no_args_is_help=True)
 
 
@@ -99,13 +102,51 @@ def serve_with(settings: Settings) -> None:
         lifespan="on",
         log_level=settings.log_level,
         log_config=None,
-        ws="websockets-sansio" if _has_sansio_ws() else "auto",
         timeout_graceful_shutdown=10,
+        **server_options(settings),
     )
     server = uvicorn.Server(config)
     server.run()
     if not server.started:
         raise StartupError("the gateway did not start; the log above says why")
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The uvicorn options the gateway's rules depend on, for every server that runs it (``serve``, tests).
+
+    ``ws_max_size``: the websockets layer gathers every fragment of a WebSocket message, up to this size, before the
+    app sees a byte, and holds one more whole message queued for the app. uvicorn's 16 MiB default let a client that
+    never logs in make us hold that much per connection; the frame limit plus the pre-login limit as a margin (so a
+    frame just over max_frame_bytes still gets a STOMP ERROR naming it, not a bare close 1009) bounds it to what a
+    logged-in client may send anyway. Before CONNECTED the app refuses more than max_frame_bytes_before_connect."""
+    frame_limit = settings.max_frame_bytes
+    margin = min(settings.max_frame_bytes_before_connect, frame_limit)
+    return {
+        "http": _http_protocol(),
+        "ws": "websockets-sansio" if _has_sansio_ws() else "auto",
+        "ws_max_size": frame_limit + margin,
+    }
+
+
+def _http_protocol() -> Any:
+    """uvicorn's httptools protocol, answering a request its parser refuses (bad header bytes, a bad Content-Length,
+    ...) with problem JSON like the app's other 400s instead of uvicorn's text/plain. That answer is written in
+    ``send_400_response``, not a public hook: tests/app/api/test_http_layer_errors.py notices if uvicorn changes it.
+    Without httptools (PyPy) uvicorn picks h11 and answers text/plain."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    from app.api.errors import invalid_http_response
+
+    class ProblemHttpToolsProtocol(HttpToolsProtocol):
+        def send_400_response(self, msg: str) -> None:
+            target: bytes = getattr(self, "url", b"")  # unset when the request line itself was refused
+            self.transport.write(invalid_http_response(target, self.server_state.default_headers))
+            self.transport.close()
+
+    return ProblemHttpToolsProtocol
 
 
 def _is_loopback(host: str) -> bool:
@@ -207,6 +248,17 @@ def hash_passcode(
         secret = sys.stdin.readline().rstrip("\r\n")
     if not secret:
         typer.echo("stompgate: an empty passcode cannot be hashed", err=True)
+        raise typer.Exit(2)
+    try:
+        size = len(secret.encode())
+    except UnicodeEncodeError:  # stdin decodes with surrogateescape: bytes that are not UTF-8 end up here
+        typer.echo("stompgate: the passcode is not valid UTF-8", err=True)
+        raise typer.Exit(2) from None
+    if size > BCRYPT_MAX_SECRET_BYTES:
+        typer.echo(
+            f"stompgate: the passcode is {size} bytes in UTF-8; bcrypt takes at most {BCRYPT_MAX_SECRET_BYTES} bytes",
+            err=True,
+        )
         raise typer.Exit(2)
     typer.echo(hash_secret(secret, rounds))
 

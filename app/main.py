@@ -8,9 +8,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 
 from app.api import install as install_api
+from app.api.auth import CurrentPrincipal
 from app.broker.broker import Broker
 from app.broker.config import BrokerConfig
 from app.datasources.interface import Datasource, DatasourceOptions
@@ -47,9 +50,12 @@ def broker_config(settings: Settings) -> BrokerConfig:
         heartbeat_receive_ms=settings.heartbeat_ms,
         login_timeout=settings.login_timeout,
         max_connections=settings.max_connections,
+        max_connections_per_address=settings.max_connections_per_address,
         max_subscriptions_per_connection=settings.max_subscriptions_per_connection,
         max_transactions_per_connection=settings.max_transactions_per_connection,
         max_frames_per_transaction=settings.max_frames_per_transaction,
+        max_transaction_bytes=settings.max_transaction_bytes,
+        max_transaction_bytes_total=settings.max_transaction_bytes_total,
         default_prefetch=min(settings.default_prefetch, settings.max_prefetch),
         max_prefetch=settings.max_prefetch,
         max_deliveries=settings.max_deliveries,
@@ -92,9 +98,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await asyncio.wait_for(server.wait_closed(), timeout=5)
             await datasource.close()
 
-    app = FastAPI(title="stompgate", version="0.1.0", lifespan=lifespan)
+    # FastAPI's own document routes answer anyone: ours below follow the API's auth instead.
+    app = FastAPI(title="stompgate", version="0.1.0", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
 
     install_api(app)
+    _install_documents(app)
     app.include_router(websocket_router)
     app.include_router(console_router)
 
@@ -103,6 +111,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return {"status": "ok"}
 
     return app
+
+
+def _install_documents(app: FastAPI) -> None:
+    """``/openapi.json``, ``/docs`` and ``/redoc`` as FastAPI serves them, but for any authenticated user only when a
+    users file is configured: the document maps every route. (A browser cannot send a bearer token when it opens
+    a page, so with users configured they serve API clients; the committed openapi/openapi.json is the same.)"""
+
+    def document_url(request: Request) -> str:
+        return str(request.scope.get("root_path", "")).rstrip("/") + "/openapi.json"
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi_document(principal: CurrentPrincipal) -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request, principal: CurrentPrincipal) -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url=document_url(request), title=f"{app.title} - Swagger UI")
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request, principal: CurrentPrincipal) -> HTMLResponse:
+        return get_redoc_html(openapi_url=document_url(request), title=f"{app.title} - ReDoc")
 
 
 def _redact(url: str) -> str:

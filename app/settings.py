@@ -22,6 +22,13 @@ class Settings(BaseSettings):
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port: WebSocket /stomp, REST, /health, /metrics.")
     store: str = Field(DEFAULT_URL, description="Datasource URL: sqlite:///path, mongodb://..., memory://")
     max_connections: int = Field(10_000, ge=1, description="Most STOMP connections at once (TCP + WebSocket).")
+    max_connections_per_address: int = Field(
+        256,
+        ge=1,
+        description="Most STOMP connections (TCP + WebSocket, logged in or not) from one client IP address, so one host "
+        "cannot take every slot; 256 leaves room for many clients behind one NAT. Loopback counts too: raise it behind "
+        "a local reverse proxy.",
+    )
     max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest frame a client may send.")
     max_frame_bytes_before_connect: int = Field(64 * 1024, ge=256, description="Largest frame before CONNECTED.")
     max_headers: int = Field(100, ge=1, description="Most headers in one frame.")
@@ -29,6 +36,17 @@ class Settings(BaseSettings):
     max_subscriptions_per_connection: int = Field(256, ge=1, description="Subscriptions one connection may hold.")
     max_transactions_per_connection: int = Field(16, ge=1, description="Open transactions per connection.")
     max_frames_per_transaction: int = Field(10_000, ge=1, description="SEND/ACK/NACK frames in one transaction.")
+    max_transaction_bytes: int = Field(
+        64 * 1024 * 1024,
+        ge=1024,
+        description="Bytes (bodies and headers) one connection's open transactions may hold in memory until COMMIT.",
+    )
+    max_transaction_bytes_total: int = Field(
+        512 * 1024 * 1024,
+        ge=1024,
+        description="Bytes all connections' open transactions together may hold; past it a transactional SEND gets "
+        "an ERROR naming the limit.",
+    )
     login_timeout: float = Field(10.0, gt=0, description="Seconds a connection may wait before sending CONNECT.")
     heartbeat_ms: int = Field(10_000, ge=0, description="Heart-beat period the server offers both ways (ms, 0 = off).")
     default_prefetch: int = Field(100, ge=1, description="Unacked messages per subscription without prefetch-count.")
@@ -52,7 +70,7 @@ class Settings(BaseSettings):
     tls_certfile: str | None = Field(None, description="PEM certificate chain: the STOMP TCP listener speaks TLS.")
     tls_keyfile: str | None = Field(None, description="PEM private key for tls_certfile (omit when the chain file holds it).")
     login_failures_before_lockout: int = Field(
-        5, ge=1, description="Failed logins (per login name, or per peer for REST tokens) before a lockout."
+        5, ge=1, description="Failed logins (per login and client address; per client address for REST tokens) before a lockout."
     )
     login_lockout_seconds: float = Field(
         2.0, gt=0, description="First lockout after too many failed logins; each further failure doubles it (max 15 min)."

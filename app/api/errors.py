@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from http import HTTPStatus
 from typing import Any
 
@@ -14,10 +15,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from app.datasources.interface import DatasourceUnavailable
 
-__all__ = ["PROBLEM_JSON", "Problem", "ProblemError", "problem_responses", "install_error_handlers", "problem_openapi"]
+__all__ = [
+    "PROBLEM_JSON",
+    "Problem",
+    "ProblemError",
+    "problem_document",
+    "invalid_http_response",
+    "problem_responses",
+    "install_error_handlers",
+    "problem_openapi",
+]
 
 log = logging.getLogger("stompgate.api")
 
@@ -52,6 +63,21 @@ class ProblemError(Exception):
         self.headers = dict(headers or {})
 
 
+def problem_document(
+    status: int, detail: str, *, instance: str | None, slug: str | None = None, title: str | None = None
+) -> dict[str, Any]:
+    """The problem document's members; ``instance`` is left out only when no request path is known."""
+    body: dict[str, Any] = {
+        "type": _TYPE_PREFIX + slug if slug else "about:blank",
+        "title": title or _phrase(status),
+        "status": status,
+        "detail": detail,
+    }
+    if instance is not None:
+        body["instance"] = instance
+    return body
+
+
 def problem_response(
     request: Request,
     status: int,
@@ -62,16 +88,34 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {
-        "type": _TYPE_PREFIX + slug if slug else "about:blank",
-        "title": title or _phrase(status),
-        "status": status,
-        "detail": detail,
-        "instance": request.url.path,
-    }
+    body = problem_document(status, detail, instance=request.url.path, slug=slug, title=title)
     if extra:
         body.update(jsonable_encoder(extra))
     return JSONResponse(body, status_code=status, headers=dict(headers or {}), media_type=PROBLEM_JSON)
+
+
+INVALID_HTTP_DETAIL = (
+    "the request is not valid HTTP/1.1: check the request line, header names and values (no control bytes), "
+    "Content-Length and chunked encoding"
+)
+
+
+def invalid_http_response(target: bytes, default_headers: Sequence[tuple[bytes, bytes]] = ()) -> bytes:
+    """A whole HTTP/1.1 400 answer, as bytes, for a request the server's HTTP parser refused before any route saw
+    it (uvicorn would answer text/plain). ``target`` is the request target read so far (empty if none)."""
+    path = target.split(b"?", 1)[0].decode("latin-1")
+    document = problem_document(
+        400, INVALID_HTTP_DETAIL, instance=path if path.startswith("/") else None, slug="invalid-http", title="Bad Request"
+    )
+    body = json.dumps(document).encode()  # ASCII-only: whatever bytes the target held arrive escaped
+    head = [b"HTTP/1.1 400 Bad Request"]
+    head += [name + b": " + value for name, value in default_headers]
+    head += [
+        b"content-type: " + PROBLEM_JSON.encode(),
+        b"content-length: " + str(len(body)).encode(),
+        b"connection: close",
+    ]
+    return b"\r\n".join(head) + b"\r\n\r\n" + body
 
 
 def _phrase(status: int) -> str:
@@ -118,6 +162,14 @@ async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:
     )  # fmt: skip
 
 
+async def _on_client_disconnect(request: Request, exc: Exception) -> JSONResponse:
+    """The client left before sending its whole body: its doing, so one log line, no traceback. The answer
+    reaches no one but keeps the ASGI cycle complete."""
+    log.info("%s %s: the client left before sending the whole request", request.method, request.url.path)
+    return problem_response(request, 400, "the client closed the connection before sending the whole request",
+                            slug="incomplete-request", title="Incomplete request")  # fmt: skip
+
+
 async def _on_unhandled(request: Request, exc: Exception) -> JSONResponse:
     log.error("unhandled error on %s %s: %r", request.method, request.url.path, exc, exc_info=exc)
     return problem_response(request, 500, "the gateway failed unexpectedly; its log says why", slug="internal")
@@ -128,6 +180,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(DatasourceUnavailable, _on_unavailable)
+    app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
     app.add_exception_handler(Exception, _on_unhandled)
 
 

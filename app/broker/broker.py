@@ -9,7 +9,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Coroutine, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from app.broker.auth import AllowAll, Authorizer
 from app.broker.batching import Batcher
@@ -28,11 +28,19 @@ from app.datasources.interface import (
     StoredMessage,
 )
 
-__all__ = ["Broker"]
+__all__ = ["Broker", "Refusal"]
 
 log = logging.getLogger("stompgate.broker")
 
 ACK_ATTEMPTS = 5  # tries of one ACK batch against a failing database (about 0.75 s of back-off in all)
+
+
+class Refusal(NamedTuple):
+    """A connection the broker will not take: the ERROR frame's ``message`` and body, and the metrics label."""
+
+    message: str
+    detail: str
+    metric: str
 
 
 class Broker:
@@ -53,8 +61,12 @@ class Broker:
         self._message_counter = itertools.count(1)
         self._session_counter = itertools.count(1)
         self.sessions: dict[str, Session] = {}
+        # Open sessions per client IP address (for max_connections_per_address), and each session's address.
+        self.connections_per_address: dict[str, int] = {}
+        self._address_of: dict[str, str] = {}
         self.topic_subscriptions: dict[str, set[TopicSubscription]] = defaultdict(set)
         self.durable_in_use: set[str] = set()
+        self.transaction_bytes = 0  # held by every session's open transactions (max_transaction_bytes_total)
         # Bumped whenever queue work became ready through this gateway (a put or a requeue): a consumer whose claim
         # came back empty re-claims at once instead of sleeping when it sees the number moved meanwhile.
         self.queue_generation = 0
@@ -107,19 +119,47 @@ class Broker:
     def new_session_id(self) -> str:
         return f"{self.gateway_id}-s{next(self._session_counter)}"
 
-    def open_session(self, transport: Any, *, peer: str, kind: str) -> Session | None:
-        """A new connection; None when the gateway is full or stopping (the transport then closes it)."""
-        if not self.accepting or len(self.sessions) >= self.config.max_connections:
-            self.metrics.error("connection limit" if self.accepting else "shutting down")
+    def refusal(self, address: str | None = None) -> Refusal | None:
+        """Why a new connection from IP ``address`` would be refused; None when it is welcome."""
+        if not self.accepting:
+            return Refusal("Connection refused", "the gateway is shutting down", "shutting down")
+        limit = self.config.max_connections
+        if len(self.sessions) >= limit:
+            return Refusal(
+                f"Connection refused (limit max_connections={limit})", "the gateway is at max_connections", "connection limit"
+            )
+        per_address = self.config.max_connections_per_address
+        if address is not None and self.connections_per_address.get(address, 0) >= per_address:
+            return Refusal(
+                f"Connection refused (limit max_connections_per_address={per_address})",
+                f"{address} already holds max_connections_per_address={per_address} STOMP connections",
+                "address connection limit",
+            )
+        return None
+
+    def open_session(self, transport: Any, *, peer: str, kind: str, address: str | None = None) -> Session | None:
+        """A new connection from IP ``address``; None when ``refusal`` says no (the transport then closes it)."""
+        if (refused := self.refusal(address)) is not None:
+            self.metrics.error(refused.metric)
             return None
         session = Session(self, transport, peer=peer, kind=kind)
         self.sessions[session.id] = session
+        if address is not None:
+            self._address_of[session.id] = address
+            self.connections_per_address[address] = self.connections_per_address.get(address, 0) + 1
         self.metrics.connections.labels(kind).inc()
         return session
 
     def forget_session(self, session: Session) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.metrics.connections.labels(session.kind).dec()
+        address = self._address_of.pop(session.id, None)
+        if address is not None:
+            left = self.connections_per_address[address] - 1
+            if left:
+                self.connections_per_address[address] = left
+            else:
+                del self.connections_per_address[address]  # no entry per address ever seen: the dict stays bounded
 
     # ---- publishing ----
 

@@ -17,9 +17,17 @@ class BrokerConfig:
     heartbeat_receive_ms: int = 10_000
     login_timeout: float = 10.0  # seconds a connection may stay without a CONNECT (RabbitMQ uses 10 s)
     max_connections: int = 10_000  # STOMP connections over TCP and WebSocket together
+    # From one IP address, logged in or not: one host cannot take every slot with bare sockets (40 addresses are
+    # needed to fill 10,000), while many clients behind one NAT or proxy still fit. Loopback is not exempt.
+    max_connections_per_address: int = 256
     max_subscriptions_per_connection: int = 256
     max_transactions_per_connection: int = 16
     max_frames_per_transaction: int = 10_000
+    # Bytes of SEND bodies and headers one connection may hold in open transactions (they live in memory until
+    # COMMIT): 64 MiB is 16 maximum-size frames, and bounds what a single client can make the gateway hold.
+    max_transaction_bytes: int = 64 * 1024 * 1024
+    # The same, summed over every connection of this gateway, so that many clients together cannot exhaust memory.
+    max_transaction_bytes_total: int = 512 * 1024 * 1024
     default_prefetch: int = 100  # unacked messages per subscription when the client does not say
     max_prefetch: int = 10_000  # a client cannot ask for more: "never unlimited"
     max_deliveries: int = 5  # deliveries before a queue message moves to its .DLQ

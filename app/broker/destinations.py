@@ -13,6 +13,11 @@ __all__ = ["Destination", "InvalidDestination", "parse_destination", "dead_lette
 MAX_NAME_LENGTH = 200
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-:/]*")
 _PREFIXES: dict[str, Literal["queue", "topic"]] = {"/queue/": "queue", "/topic/": "topic"}
+# C0 controls (NUL included) and DEL: they could split a log line or a header, and never belong in a name.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Path segments that name another place ("orders/../reports" is "reports" to anyone who normalises paths, yet
+# starts with "orders" for a prefix permission), and the empty segment that "a//b" would hide.
+_BAD_SEGMENTS = frozenset({"", ".", ".."})
 
 
 class InvalidDestination(ValueError):
@@ -36,7 +41,14 @@ def parse_destination(text: str) -> Destination:
                 raise InvalidDestination(f"destination {text!r} has no name after {prefix}")
             if len(name) > MAX_NAME_LENGTH:
                 raise InvalidDestination(f"destination name is longer than {MAX_NAME_LENGTH} characters")
-            if not _NAME.fullmatch(name) or name.endswith("/"):
+            if _CONTROL.search(name):
+                raise InvalidDestination(f"destination {text!r} holds a control character")
+            for segment in name.split("/"):
+                if segment in _BAD_SEGMENTS:
+                    raise InvalidDestination(
+                        f"destination {text!r} has an empty, '.' or '..' segment ({segment!r}) between '/'s"
+                    )
+            if not _NAME.fullmatch(name):
                 raise InvalidDestination(
                     f"destination {text!r} has characters outside letters, digits and _ . - : /"
                 )

@@ -6,25 +6,53 @@ from collections.abc import Mapping
 
 from app.datasources.interface import NewMessage, StoredMessage
 
-__all__ = ["HeaderError", "CONTROL_HEADERS", "new_message", "delivery_headers", "DEFAULT_PRIORITY"]
+__all__ = [
+    "HeaderError",
+    "CONTROL_HEADERS",
+    "BROKER_HEADERS",
+    "DROPPED_HEADERS",
+    "new_message",
+    "delivery_headers",
+    "DEFAULT_PRIORITY",
+]
 
 DEFAULT_PRIORITY = 4
 # Headers that steer one frame and must not travel with the message.
 CONTROL_HEADERS = frozenset({"destination", "receipt", "transaction", "content-length", "message-id", "subscription", "ack"})
+# Headers only the broker sets on a delivery (redelivery, dead-lettering, a durable subscriber's gap). A producer's
+# value would lie to consumers ("redelivered:true" on a first delivery, a fake DLQ origin), so it is dropped on SEND
+# and REST publish. Dropped, not refused, as RabbitMQ and ActiveMQ do: a consumer that forwards a message it received
+# copies these headers along, and that must keep working.
+BROKER_HEADERS = frozenset({"redelivered", "x-delivery-count", "x-original-destination", "x-missed-from", "x-missed-to"})
+# Everything a producer may send that is not stored with the message: the single list both SEND and REST go through.
+DROPPED_HEADERS = CONTROL_HEADERS | BROKER_HEADERS
 
 
 class HeaderError(ValueError):
     """A SEND header has a value the broker cannot use; the message names the header."""
 
 
+# The largest time the broker stores, in epoch ms: 2**53 - 1, the largest integer every datasource and JSON client
+# holds exactly (SQLite and MongoDB store 64-bit integers; JavaScript numbers are exact up to 2**53). It is about
+# 285,000 years from now, so no real deadline is refused, and an absurd one fails at SEND, never in a group commit
+# where it would fail other clients' writes with it.
+MAX_TIME_MS = 2**53 - 1
+
+
 def _int_header(headers: Mapping[str, str], name: str) -> int | None:
     raw = headers.get(name)
     if raw is None or raw == "":
         return None
+    text = raw.strip()
+    if len(text) > 20:  # no header we read needs more digits (and int() refuses over 4300 with a ValueError)
+        raise HeaderError(f"header {name!r} must be an integer of at most 20 digits, got {raw[:32]!r}...")
     try:
-        return int(raw.strip())
+        value = int(text)
     except ValueError:
-        raise HeaderError(f"header {name!r} must be an integer, got {raw!r}") from None
+        raise HeaderError(f"header {name!r} must be an integer, got {raw[:64]!r}") from None
+    if not -MAX_TIME_MS <= value <= MAX_TIME_MS:
+        raise HeaderError(f"header {name!r} must be between {-MAX_TIME_MS} and {MAX_TIME_MS}, got {raw[:64]!r}")
+    return value
 
 
 def new_message(
@@ -39,14 +67,16 @@ def new_message(
         raise HeaderError(f"header 'priority' must be between 0 and 9, got {priority}")
     deadlines = []
     expires = _int_header(headers, "expires")
+    if expires is not None and expires < 0:
+        raise HeaderError(f"header 'expires' must not be negative, got {expires}")
     if expires:
         deadlines.append(expires)
     expiration = _int_header(headers, "expiration")
     if expiration is not None:
         if expiration < 0:
             raise HeaderError(f"header 'expiration' must not be negative, got {expiration}")
-        deadlines.append(now_ms + expiration)
-    kept = {k: v for k, v in headers.items() if k not in CONTROL_HEADERS}
+        deadlines.append(min(now_ms + expiration, MAX_TIME_MS))
+    kept = {k: v for k, v in headers.items() if k not in DROPPED_HEADERS}
     return NewMessage(
         message_id=message_id,
         destination=destination,

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
-from app.broker.auth import Principal
+from app.broker.auth import ANONYMOUS, Principal
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
 from app.broker.messages import HeaderError, delivery_headers
 from app.broker.selectors import SelectorError, compile_selector
@@ -83,6 +83,7 @@ class SessionError(Exception):
 class Transaction:
     sends: list[NewMessage] = field(default_factory=list)
     settlements: list[tuple[Subscription, list[str], Release | None]] = field(default_factory=list)
+    size: int = 0  # bytes of the SENDs held (bodies and headers), counted against the transaction limits
 
     def __len__(self) -> int:
         return len(self.sends) + len(self.settlements)
@@ -148,6 +149,7 @@ class Session:
         self.client_id: str | None = None
         self.subscriptions: dict[str, Subscription] = {}
         self.transactions: dict[str, Transaction] = {}
+        self.transaction_bytes = 0  # held by this connection's open transactions
         self.heartbeat: HeartbeatPlan | None = None
         now = time.monotonic()
         self.opened_at = now
@@ -156,6 +158,7 @@ class Session:
         self.frames_in = 0
         self.messages_out = 0
         self.finished = False
+        self._failing = False  # an ERROR is due once the frames before the bad one are done: read and deliver no more
         self._paused = False
         self._completions = Completions(self._maybe_resume)
         self._ending: asyncio.Task[None] | None = None
@@ -170,7 +173,7 @@ class Session:
 
     def receive(self, data: bytes) -> None:
         self.last_received = time.monotonic()
-        if self.finished:
+        if self.finished or self._failing:
             return
         events = self.conn.receive_data(data)
         if self._held is not None:  # the CONNECT is being checked off the event loop: these wait for it
@@ -180,13 +183,13 @@ class Session:
 
     def _run(self, events: list[ServerEvent]) -> None:
         for i, event in enumerate(events):
-            if self.conn.closed or self.finished:
+            if self.conn.closed or self.finished or self._failing:
                 break
             self.frames_in += 1
             try:
                 self._dispatch(event)
             except SessionError as exc:
-                self._fail(exc.message, exc.detail, _receipt_of(event))
+                self._fail_after_earlier_frames(exc.message, exc.detail, _receipt_of(event))
             if self._held is not None:  # that was a CONNECT now checked in a thread: the rest waits for it
                 self._held.extend(events[i + 1 :])
                 return
@@ -229,13 +232,23 @@ class Session:
         self._flush_scheduled = False
         self.flush()
 
+    @property
+    def accepts_deliveries(self) -> bool:
+        """False once the connection is failing or closed: a MESSAGE would not be sent."""
+        return not (self._failing or self.finished or self.conn.closed)
+
     def write_backlog(self) -> int:
-        return self.transport.write_backlog()
+        """Bytes on their way to this client: queued in the connection and not yet flushed, plus the transport's."""
+        return self.conn.bytes_to_send + self.transport.write_backlog()
 
     async def drained(self) -> None:
         await self.transport.drained()
 
-    def deliver(self, subscription: Subscription, message: StoredMessage) -> None:
+    def deliver(self, subscription: Subscription, message: StoredMessage) -> bool:
+        """Queue one MESSAGE; False when this connection takes no more (it is failing or closed), so the caller
+        keeps the message for release instead of counting it delivered."""
+        if not self.accepts_deliveries:
+            return False
         headers = delivery_headers(message)
         if isinstance(subscription, DurableTopicSubscription) and subscription.pending_gap is not None:
             headers = {**headers, **dict(subscription.gap_headers())}
@@ -248,12 +261,13 @@ class Session:
             body=message.body,
         )
         self.messages_out += 1
-        if self.transport.write_backlog() > self.broker.config.max_session_buffer:
+        if self.write_backlog() > self.broker.config.max_session_buffer:
             self._fail(
                 "Slow consumer",
                 f"more than max_session_buffer={self.broker.config.max_session_buffer} bytes are waiting to be read",
                 None,
             )
+        return True
 
     def send_heartbeat(self) -> None:
         self.conn.send_heartbeat()
@@ -290,7 +304,7 @@ class Session:
             case Commit():
                 self._on_commit(event)
             case Abort():
-                if self.transactions.pop(event.transaction, None) is None:
+                if self._end_transaction(event.transaction) is None:
                     raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
                 self._receipt_after(None, event.receipt)
             case ConnectRequested():
@@ -298,22 +312,22 @@ class Session:
             case Disconnect():
                 self._on_disconnect(event)
             case ProtocolViolation():
-                self.broker.metrics.error("limit" if event.limit else "protocol")
-                log.info("session %s from %s: protocol violation: %s (%s)", self.id, self.peer, event.message, event.detail)
+                self._fail_after_earlier_frames(event.message, event.detail, event.receipt_id, event)
 
     def _on_connect(self, event: ConnectRequested) -> None:
         authorizer = self.broker.authorizer
-        if authorizer.needs_slow_check(event.login, event.passcode):
+        if authorizer.needs_slow_check(event.login, event.passcode, peer=self.peer):
             # a bcrypt check takes ~0.25 s: run it in a thread, and hold this connection's later frames meanwhile
             self._held = []
             self.transport.pause_reading()
             self._login = asyncio.get_running_loop().create_task(self._connect_in_thread(event))
             return
-        self._connected(event, authorizer.authenticate(event.login, event.passcode))
+        self._connected(event, authorizer.authenticate(event.login, event.passcode, peer=self.peer))
 
     async def _connect_in_thread(self, event: ConnectRequested) -> None:
         try:
-            principal = await asyncio.to_thread(self.broker.authorizer.authenticate, event.login, event.passcode)
+            authenticate = self.broker.authorizer.authenticate
+            principal = await asyncio.to_thread(authenticate, event.login, event.passcode, peer=self.peer)
         except Exception:
             log.exception("session %s: checking the login failed", self.id)
             principal = None
@@ -366,6 +380,7 @@ class Session:
             raise SessionError("Invalid header", str(exc)) from None
         if event.transaction is not None:
             tx = self._transaction(event.transaction)
+            self._hold_for_transaction(tx, len(event.body) + sum(len(k) + len(v) for k, v in event.headers.items()))
             tx.sends.append(message)
             self._receipt_after(None, event.receipt)
             return
@@ -406,6 +421,36 @@ class Session:
                 f"limit max_frames_per_transaction={self.broker.config.max_frames_per_transaction}",
             )
         return tx
+
+    def _hold_for_transaction(self, tx: Transaction, size: int) -> None:
+        """Count ``size`` bytes against this connection's and the gateway's transaction memory, or refuse."""
+        config = self.broker.config
+        if self.transaction_bytes + size > config.max_transaction_bytes:
+            raise SessionError(
+                "Transaction too large",
+                f"limit max_transaction_bytes={config.max_transaction_bytes}: open transactions of one connection "
+                "may hold no more",
+            )
+        if self.broker.transaction_bytes + size > config.max_transaction_bytes_total:
+            raise SessionError(
+                "Transaction too large",
+                f"limit max_transaction_bytes_total={config.max_transaction_bytes_total}: the gateway holds as much "
+                "uncommitted data as it allows; commit smaller transactions or retry later",
+            )
+        tx.size += size
+        self.transaction_bytes += size
+        self.broker.transaction_bytes += size
+
+    def _end_transaction(self, name: str) -> Transaction | None:
+        tx = self.transactions.pop(name, None)
+        if tx is not None:
+            self.transaction_bytes -= tx.size
+            self.broker.transaction_bytes -= tx.size
+        return tx
+
+    def _end_all_transactions(self) -> None:
+        for name in list(self.transactions):
+            self._end_transaction(name)
 
     def _find_unacked(self, ack_id: str, subscription_id: str | None) -> tuple[Subscription, list[str]]:
         message_id, _, sub_from_ack = ack_id.partition("@")
@@ -468,10 +513,9 @@ class Session:
         common = dict(id=event.id, destination=destination, ack=event.ack, prefetch=prefetch, selector=selector)
         sub: Subscription
         if destination.kind == "queue":
-            sub = QueueSubscription(self, **common)  # type: ignore[arg-type]
+            sub = QueueSubscription(self, **common)
         elif event.headers.get("durable", event.headers.get("persistent")) == "true":
-            owner = self.client_id or (self.principal.name if self.principal else "anonymous")
-            cursor = f"{owner}/{event.id}"
+            cursor = self._durable_cursor_name(event.id)
             if cursor in self.broker.durable_in_use:
                 raise SessionError("Durable subscription in use", f"{cursor!r} is already consumed by another connection")
             sub = DurableTopicSubscription(self, cursor_name=cursor, **common)
@@ -482,6 +526,20 @@ class Session:
         self.subscriptions[event.id] = sub
         sub.start()
         self._receipt_after(None, event.receipt)
+
+    def _durable_cursor_name(self, sub_id: str) -> str:
+        """Where a durable subscription's place is kept. It belongs to the authenticated login: ``client-id`` only
+        names subscriptions within that login's own space, so no other login can reach it (a ``client-id:bob``
+        from alice names ``alice/bob/<id>``, never bob's). Without users (everyone anonymous) it is
+        ``<client-id>/<id>``."""
+        principal = self.principal
+        assert principal is not None
+        client = self.client_id or principal.name
+        if principal == ANONYMOUS:
+            return f"{client}/{sub_id}"
+        if client == principal.name:
+            return f"{principal.name}/{sub_id}"
+        return f"{principal.name}/{client}/{sub_id}"
 
     def _prefetch(self, event: Subscribe) -> int:
         raw = event.headers.get("prefetch-count") or event.headers.get("activemq.prefetchSize")
@@ -524,7 +582,7 @@ class Session:
         self._receipt_after(None, event.receipt)
 
     def _on_commit(self, event: Commit) -> None:
-        tx = self.transactions.pop(event.transaction, None)
+        tx = self._end_transaction(event.transaction)
         if tx is None:
             raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
         self._submit_sends()  # SENDs before this COMMIT are written before the transaction's
@@ -548,7 +606,7 @@ class Session:
             self.conn.close()
             self.flush()
 
-        self.transactions.clear()  # DISCONNECT aborts open transactions
+        self._end_all_transactions()  # DISCONNECT aborts open transactions
         self._completions.push(None, finish)
 
     # ---- completions ----
@@ -575,18 +633,39 @@ class Session:
             self._paused = False
             self.transport.resume_reading()
 
+    def _fail_after_earlier_frames(
+        self, message: str, detail: str, receipt: str | None, violation: ProtocolViolation | None = None
+    ) -> None:
+        """The client broke a rule: stop reading and delivering now, let the valid frames it sent before the bad one
+        finish (their RECEIPTs go out in order), then send the ERROR and close."""
+        self._failing = True  # from now on received bytes are discarded unread (``receive``)
+        self._submit_sends()
+
+        def send_error(_: BaseException | None) -> None:
+            if violation is not None and not self.conn.closed:
+                self._count_error(message, detail)
+                self.conn.send_violation(violation)
+                self.flush()
+            else:
+                self._fail(message, detail, receipt)
+
+        self._completions.push(None, send_error)
+
+    def _count_error(self, message: str, detail: str) -> None:
+        self.broker.metrics.error(message.partition(":")[0])  # "Frame too large: limit ..." counts as "Frame too large"
+        level = logging.WARNING if message == "Not stored" else logging.INFO  # our failure, not the client's
+        log.log(level, "session %s from %s: ERROR %s: %s", self.id, self.peer, message, detail)
+
     def _fail(self, message: str, detail: str, receipt: str | None) -> None:
         if self.conn.closed:
             return
-        self.broker.metrics.error(message)
-        level = logging.WARNING if message == "Not stored" else logging.INFO  # our failure, not the client's
-        log.log(level, "session %s from %s: ERROR %s: %s", self.id, self.peer, message, detail)
+        self._count_error(message, detail)
         self.conn.send_error(message, body=detail, receipt_id=receipt)
         self.flush()
 
     async def _end(self) -> None:
         self._completions.cancel_all()
-        self.transactions.clear()
+        self._end_all_transactions()
         subs = list(self.subscriptions.values())
         self.subscriptions.clear()
         for sub in subs:

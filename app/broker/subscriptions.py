@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -19,6 +20,15 @@ if TYPE_CHECKING:
 __all__ = ["Subscription", "QueueSubscription", "TopicSubscription", "DurableTopicSubscription"]
 
 log = logging.getLogger("stompgate.subscriptions")
+
+# Bytes a subscription lets wait in its connection's buffers before it takes more work. It equals the transports'
+# write high-water mark (1 MiB, where TCP and WebSocket pause), so a claim is sized to the room left below it: a
+# client that reads slowly holds back claims instead of making the gateway buffer (and, in auto mode, delete)
+# messages it has not read.
+WRITE_BUDGET = 1024 * 1024
+# What a claim assumes a message weighs before it has seen any: small, so the first claim is not a batch of 4 MiB
+# bodies; the estimate then follows the largest body of the last claim.
+INITIAL_SIZE_ESTIMATE = 64 * 1024
 
 
 @dataclass(slots=True)
@@ -100,11 +110,15 @@ class Subscription:
     def matches(self, message: StoredMessage) -> bool:
         return self.selector is None or self.selector.matches(message.headers)
 
-    def _deliver(self, message: StoredMessage, position: int = 0) -> None:
-        self.delivered += 1
+    def _deliver(self, message: StoredMessage, position: int = 0) -> bool:
+        """Hand one message to the connection; False when it takes no more (failing or closed). An unacked
+        delivery is remembered either way, so closing the subscription releases it."""
         if self.needs_ack:
             self.unacked[message.message_id] = Delivery(message, position)
-        self.session.deliver(self, message)
+        sent = self.session.deliver(self, message)
+        if sent:
+            self.delivered += 1
+        return sent
 
 
 class QueueSubscription(Subscription):
@@ -119,82 +133,153 @@ class QueueSubscription(Subscription):
     def _credit_left(self) -> int:
         return self.prefetch - len(self.unacked)
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._held: deque[StoredMessage] = deque()  # claimed, not yet handed to the connection (no room yet)
+        self._auto_in_flight: list[str] = []  # auto mode: handed to the connection, acked once it took them
+        self._size_estimate = INITIAL_SIZE_ESTIMATE
+
     async def _run(self) -> None:
+        broker = self.session.broker
+        while not self.closed:
+            try:
+                await self._turn()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # A bug must not strand claimed messages: give back what this turn held, and go on after a pause.
+                log.exception("queue subscription %s on %s failed; releasing what it held", self.id, self.destination_text)
+                held = [m.message_id for m in self._held]
+                self._held.clear()
+                if held:
+                    broker.spawn(broker.release(held, Release.REQUEUE))
+                await asyncio.sleep(0.5)
+
+    async def _turn(self) -> None:
+        """One step: hand over held messages as room allows, ack what auto mode handed over, claim into the room."""
+        broker = self.session.broker
+        config = broker.config
+        if self._held:
+            self._deliver_held()
+            await self._settle_handed_over()
+            if self._held:
+                if self.session.accepts_deliveries:
+                    await self.session.drained()  # above the high-water mark: wait until the client read some
+                else:  # failing: the ERROR and the close are coming, and close() releases what is held
+                    self._credit.clear()
+                    await self._credit.wait()
+            return
+        await self._settle_handed_over()
+        credit = self._credit_left()
+        if credit <= 0:
+            self._credit.clear()
+            await self._credit.wait()
+            return
+        room = WRITE_BUDGET - self.session.write_backlog()
+        if room < 0:  # past the transports' high-water mark, where they pause: drained() waits for the reader
+            await self.session.drained()
+            return
+        limit = min(credit, config.claim_batch, max(1, room // self._size_estimate))
+        messages = await self._claim(limit)
+        if messages is None or self.closed:
+            if messages:
+                await broker.release([m.message_id for m in messages], Release.REQUEUE)
+            return
+        self._size_estimate = max(max(len(m.body) for m in messages), 256)
+        self._held.extend(self._dead_lettered(messages))
+        self._deliver_held()
+
+    async def _claim(self, limit: int) -> list[StoredMessage] | None:
+        """Claim up to ``limit`` messages; None after waiting for work (nothing was ready) or a database hiccup."""
         broker = self.session.broker
         queues = broker.datasource.queues
         config = broker.config
         native = self.selector.native if (self.selector is not None and broker.datasource.native_selectors) else None
         predicate = self.selector.matches if self.selector is not None and native is None else None
-        backoff = 0.05
-        while not self.closed:
-            credit = self._credit_left()
-            if credit <= 0:
-                self._credit.clear()
-                await self._credit.wait()
-                continue
-            if self.session.write_backlog() > config.max_session_buffer // 2:
-                await self.session.drained()
-                continue
-            generation = broker.queue_generation
-            claim = asyncio.ensure_future(
-                queues.claim(
-                    self.destination_text,
-                    owner=broker.gateway_id,
-                    limit=min(credit, config.claim_batch),
-                    lease_ms=config.lease_ms,
-                    now_ms=broker.now_ms(),
-                    selector=predicate,
-                    native_selector=native,
-                )
+        generation = broker.queue_generation
+        claim = asyncio.ensure_future(
+            queues.claim(
+                self.destination_text,
+                owner=broker.gateway_id,
+                limit=limit,
+                lease_ms=config.lease_ms,
+                now_ms=broker.now_ms(),
+                selector=predicate,
+                native_selector=native,
             )
-            self._claiming = claim
-            try:
-                # Shielded: if we are cancelled mid-claim, the claim still completes and its messages are released
-                # instead of staying leased to this gateway forever.
-                messages = await asyncio.shield(claim)
-            except asyncio.CancelledError:
-                claim.add_done_callback(broker.release_claim_result)
-                raise
-            except DatasourceUnavailable as exc:
-                log.warning("claim on %s failed, retrying: %s", self.destination_text, exc)
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-                continue
-            finally:
-                self._claiming = None
-            backoff = 0.05
-            if not messages:
-                if generation == broker.queue_generation:
-                    await queues.wait(self.destination_text, config.poll_interval)
-                continue
-            if self.closed:
-                await broker.release([m.message_id for m in messages], Release.REQUEUE)
-                return
-            self._deliver_batch(messages)
+        )
+        self._claiming = claim
+        try:
+            # Shielded: if we are cancelled mid-claim, the claim still completes and its messages are released
+            # instead of staying leased to this gateway forever.
+            messages = await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            claim.add_done_callback(broker.release_claim_result)
+            raise
+        except DatasourceUnavailable as exc:
+            log.warning("claim on %s failed, retrying: %s", self.destination_text, exc)
+            await asyncio.sleep(self._backoff)
+            self._backoff = min(self._backoff * 2, 2.0)
+            return None
+        finally:
+            self._claiming = None
+        self._backoff = 0.05
+        if not messages:
+            if generation == broker.queue_generation:
+                await queues.wait(self.destination_text, config.poll_interval)
+            return None
+        return messages
 
-    def _deliver_batch(self, messages: list[StoredMessage]) -> None:
+    _backoff = 0.05
+
+    def _dead_lettered(self, messages: list[StoredMessage]) -> list[StoredMessage]:
+        """Move messages past ``max_deliveries`` to the dead-letter queue; return the rest, to deliver."""
         broker = self.session.broker
-        dead: list[str] = []
-        auto: list[str] = []
         max_deliveries = broker.config.max_deliveries
-        for message in messages:
-            if message.deliveries > max_deliveries and not self.destination_text.endswith(".DLQ"):
-                dead.append(message.message_id)
-                continue
-            self._deliver(message)
+        if self.destination_text.endswith(".DLQ"):
+            return messages
+        dead = [m.message_id for m in messages if m.deliveries > max_deliveries]
+        if not dead:
+            return messages
+        broker.spawn(broker.release(dead, Release.DEAD_LETTER))
+        return [m for m in messages if m.deliveries <= max_deliveries]
+
+    def _deliver_held(self) -> None:
+        """Hand held messages to the connection while it has room below the write budget (at least one per call)."""
+        session = self.session
+        held = self._held
+        count = 0
+        while held and (count == 0 or session.write_backlog() < WRITE_BUDGET):
+            message = held[0]
+            if not self._deliver(message):
+                break  # the connection is failing or closed: what is still held is released on close
+            held.popleft()
+            count += 1
             if not self.needs_ack:
-                auto.append(message.message_id)
-        self.session.flush_soon()
-        broker.metrics_delivered(self.destination_text, len(messages) - len(dead))
-        if dead:
-            broker.spawn(broker.release(dead, Release.DEAD_LETTER))
-        if auto:
-            broker.ack_in_background(auto)
+                self._auto_in_flight.append(message.message_id)
+        if count:
+            session.flush()
+            session.broker.metrics_delivered(self.destination_text, count)
+
+    async def _settle_handed_over(self) -> None:
+        """Auto mode: a message is acked (deleted) once the connection took it: flushed and below the transport's
+        high-water mark. If the connection ends first, it is released instead (see ``close``)."""
+        if not self._auto_in_flight:
+            return
+        await self.session.drained()
+        if self.closed or not self.session.accepts_deliveries:
+            return
+        ids, self._auto_in_flight = self._auto_in_flight, []
+        self.session.broker.ack_in_background(ids)
 
     async def close(self) -> list[str]:
         await self._stop(self._task)
-        released = list(self.unacked)
+        # Unacked, held (claimed, never handed over) and auto deliveries the connection may not have taken: all go
+        # back to the queue. An auto message already written to the socket may so be delivered twice, never lost.
+        released = list(self.unacked) + [m.message_id for m in self._held] + self._auto_in_flight
         self.unacked.clear()
+        self._held.clear()
+        self._auto_in_flight = []
         return released
 
 
@@ -251,10 +336,13 @@ class DurableTopicSubscription(Subscription):
             while self.needs_ack and len(self.unacked) >= self.prefetch and not self.closed:
                 self._credit.clear()
                 await self._credit.wait()
+            if self.session.write_backlog() > WRITE_BUDGET:  # a slow reader: wait instead of buffering the log
+                await self.session.drained()
             if self.closed:
                 return
             if event.message.destination == self.destination_text and self.matches(event.message):
-                self._deliver(event.message, event.position)
+                if not self._deliver(event.message, event.position):
+                    return  # the connection is failing: the position stays before this message
                 self.session.flush_soon()
             self.position = event.position
             if not self.needs_ack:

@@ -7,16 +7,18 @@ import logging
 import ssl
 from typing import Any, cast
 
-from app.broker.broker import Broker
+from app.broker.broker import Broker, Refusal
 from app.broker.session import Session
 
-__all__ = ["StompProtocol", "start_tcp_listener"]
+__all__ = ["StompProtocol", "refusal_frame", "start_tcp_listener"]
 
 log = logging.getLogger("stompgate.tcp")
 
 # Write-buffer marks: above HIGH the socket is "backed up" (delivery loops pause), below LOW they resume.
 WRITE_BUFFER_HIGH = 1024 * 1024
 WRITE_BUFFER_LOW = 256 * 1024
+# Seconds a connection we closed (after an ERROR or a DISCONNECT's RECEIPT) waits for the client to close its side.
+CLOSE_LINGER = 2.0
 
 
 class StompProtocol(asyncio.Protocol):
@@ -27,6 +29,7 @@ class StompProtocol(asyncio.Protocol):
         self._writable = asyncio.Event()
         self._writable.set()
         self._closed = False
+        self._lingering = False  # half-closed after an ERROR or DISCONNECT: discarding input until the client closes
 
     # ---- asyncio.Protocol ----
 
@@ -37,18 +40,19 @@ class StompProtocol(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_BUFFER_HIGH, low=WRITE_BUFFER_LOW)
         peer = transport.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
-        self.session = self.broker.open_session(self, peer=peer_text, kind="tcp")
+        address = str(peer[0]) if isinstance(peer, tuple) else None
+        self.session = self.broker.open_session(self, peer=peer_text, kind="tcp", address=address)
         if self.session is None:
-            transport.write(_refusal(self.broker))
-            transport.close()
+            transport.write(refusal_frame(self.broker.refusal(address)))
+            self.close()
 
     def data_received(self, data: bytes) -> None:
-        if self.session is not None:
+        if self.session is not None and not self._lingering:
             self.broker.metrics.bytes_in("tcp", len(data))
             self.session.receive(data)
 
     def eof_received(self) -> bool | None:
-        return None  # close our side too
+        return None  # close our side too (this also ends a lingering close at once)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -65,16 +69,27 @@ class StompProtocol(asyncio.Protocol):
     # ---- the session's Transport ----
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self._closed:
+        if self.transport is not None and not self._closed and not self._lingering:
             self.transport.write(data)
 
     def close(self) -> None:
-        # asyncio's close() flushes what is buffered before closing: an ERROR reaches the client first.
-        if self.transport is not None and not self._closed:
-            self.transport.close()
+        """Close after what is buffered (an ERROR) reached the client. Closing a socket with unread input makes the
+        kernel send RST, which can destroy the ERROR still in flight to the client (rabbitmq-server#6737), so we
+        half-close (FIN after the buffer), keep reading and discarding, and close once the client closes its side or
+        after ``CLOSE_LINGER`` seconds."""
+        transport = self.transport
+        if transport is None or self._closed or self._lingering:
+            return
+        self._lingering = True  # nothing more reaches the session: input from now on is discarded
+        if transport.can_write_eof():
+            transport.write_eof()
+            transport.resume_reading()
+            asyncio.get_running_loop().call_later(CLOSE_LINGER, transport.close)
+        else:  # TLS cannot half-close: flush and close
+            transport.close()
 
     def pause_reading(self) -> None:
-        if self.transport is not None and not self._closed:
+        if self.transport is not None and not self._closed and not self._lingering:
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
@@ -90,10 +105,15 @@ class StompProtocol(asyncio.Protocol):
         await self._writable.wait()
 
 
-def _refusal(broker: Broker) -> bytes:
-    reason = b"the gateway is at max_connections" if broker.accepting else b"the gateway is shutting down"
+def refusal_frame(refusal: Refusal | None) -> bytes:
+    """The ERROR frame for a connection the broker refused (TCP and WebSocket send the same one). Written by hand,
+    as no session (hence no STOMP version) exists: the broker's texts hold no ':' or EOL that would need escaping."""
+    message, detail = (refusal.message, refusal.detail) if refusal is not None else ("Connection refused", "")
+    reason = detail.encode()
     return (
-        b"ERROR\nmessage:Connection refused\ncontent-type:text/plain\ncontent-length:"
+        b"ERROR\nmessage:"
+        + message.encode()
+        + b"\ncontent-type:text/plain\ncontent-length:"
         + str(len(reason)).encode()
         + b"\n\n"
         + reason

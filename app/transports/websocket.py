@@ -18,6 +18,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from app.broker.broker import Broker
 from app.broker.session import Session
+from app.transports.tcp import refusal_frame
 
 __all__ = ["router", "WebSocketTransport", "choose_subprotocol", "SUBPROTOCOLS"]
 
@@ -37,7 +38,7 @@ CLOSE_HANDSHAKE_TIMEOUT = 5.0
 
 CLOSE_NORMAL = 1000
 CLOSE_INVALID_DATA = 1007  # a TEXT message that is not UTF-8 (ASGI servers usually catch this first)
-CLOSE_TRY_AGAIN_LATER = 1013  # the broker refused the session: at max_connections or stopping
+CLOSE_TRY_AGAIN_LATER = 1013  # the broker refused the session: at a connection limit or stopping
 
 
 def choose_subprotocol(offered: Sequence[str]) -> str | None:
@@ -135,13 +136,19 @@ def _peer(websocket: WebSocket) -> str:
     return f"{client.host}:{client.port}" if client is not None else "unknown"
 
 
-def _refusal(broker: Broker) -> str:
-    reason = "the gateway is at max_connections" if broker.accepting else "the gateway is shutting down"
-    return f"ERROR\nmessage:Connection refused\ncontent-type:text/plain\ncontent-length:{len(reason)}\n\n{reason}\x00\n"
+def _address(websocket: WebSocket) -> str | None:
+    client = websocket.client
+    return client.host if client is not None else None
 
 
 async def _read(websocket: WebSocket, transport: WebSocketTransport, session: Session, broker: Broker) -> None:
-    """Feed every received message to the session until the client disconnects."""
+    """Feed every received message to the session until the client disconnects.
+
+    Before CONNECTED the peer is a stranger: as on TCP, where the parser holds at most
+    ``max_frame_bytes_before_connect`` of it, all it sends before then may add up to that much, however it is split
+    into messages (heart-beat EOLs included, which the parser would not hold but the WebSocket layer did)."""
+    pre_login_limit = broker.config.limits.max_frame_bytes_before_connect
+    pre_login_bytes = 0
     while True:
         await transport.reading.wait()
         message = await websocket.receive()
@@ -154,6 +161,16 @@ async def _read(websocket: WebSocket, transport: WebSocketTransport, session: Se
                 continue
             data = text.encode("utf-8")
         broker.metrics.bytes_in("websocket", len(data))
+        if not session.connected and not session.finished:
+            pre_login_bytes += len(data)
+            if pre_login_bytes > pre_login_limit:
+                # Keep reading (and dropping) until the client answers our close: returning now would cancel the
+                # sender before the ERROR is out.
+                session.close_with_error(
+                    f"Too much data before CONNECTED (limit max_frame_bytes_before_connect={pre_login_limit})",
+                    f"{pre_login_bytes} bytes arrived before the session was CONNECTED; at most {pre_login_limit} may",
+                )
+                continue
         session.receive(data)
 
 
@@ -164,9 +181,10 @@ async def stomp_over_websocket(websocket: WebSocket) -> None:
     broker: Broker = websocket.state.broker
     await websocket.accept(subprotocol=choose_subprotocol(websocket.scope.get("subprotocols", [])))
     transport = WebSocketTransport(websocket)
-    session = broker.open_session(transport, peer=_peer(websocket), kind="websocket")
+    address = _address(websocket)
+    session = broker.open_session(transport, peer=_peer(websocket), kind="websocket", address=address)
     if session is None:
-        transport.write(_refusal(broker).encode())
+        transport.write(refusal_frame(broker.refusal(address)))
         transport.close()
         await transport.run_sender(CLOSE_TRY_AGAIN_LATER)
         return

@@ -113,3 +113,34 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines]
     assert any("STOMP over TCP" in r["message"] for r in records)
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+
+
+def hash_passcode(secret: bytes) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", "hash-passcode", "--rounds", "4"],
+        input=secret, capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    return subprocess.CompletedProcess(result.args, result.returncode, result.stdout.decode(), result.stderr.decode())
+
+
+def test_hash_passcode_refuses_a_secret_longer_than_bcrypt_takes() -> None:
+    """bcrypt reads at most 72 bytes: a longer secret gets one line on stderr, never a traceback."""
+    result = hash_passcode("é".encode() * 37 + b"\n")  # 74 bytes in UTF-8, 37 characters
+    assert_clear_failure(result, "72 bytes")
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_hash_passcode_hashes_a_secret_of_72_bytes() -> None:
+    import bcrypt
+
+    secret = b"s" * 72
+    result = hash_passcode(secret + b"\n")
+    assert result.returncode == 0, result.stderr
+    assert bcrypt.checkpw(secret, result.stdout.strip().encode())
+
+
+def test_hash_passcode_refuses_bytes_that_are_not_utf8() -> None:
+    result = hash_passcode(b"\xff\xfeabc\n")
+    assert_clear_failure(result, "UTF-8")
+    assert len(result.stderr.strip().splitlines()) == 1

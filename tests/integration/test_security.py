@@ -4,6 +4,7 @@ lockouts, TLS on the TCP listener (stomp.py over TLS), and refusing a public add
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -85,6 +86,32 @@ def test_repeated_failures_lock_the_login_out(secured: Gateway) -> None:
         assert refused(stomp_client(secured), "root", "guess")
     assert refused(stomp_client(secured), "root", "root-secret")  # even the right passcode, for a while
     assert "locked out" in secured.log()
+
+
+def raw_from(address: str, gateway: Gateway) -> RawClient:
+    """A raw STOMP client whose connection comes from ``address`` (any 127.x.y.z is loopback on Linux)."""
+    client = RawClient.__new__(RawClient)
+    client.sock = socket.create_connection(("127.0.0.1", gateway.stomp_port), timeout=5, source_address=(address, 0))
+    client.buffer = b""
+    return client
+
+
+def connect_reply(address: str, gateway: Gateway, login: str, passcode: str) -> str:
+    client = raw_from(address, gateway)
+    try:
+        client.frame("CONNECT", {"accept-version": "1.2", "host": "/", "login": login, "passcode": passcode})
+        return client.read(timeout=10).command
+    finally:
+        client.close()
+
+
+def test_a_lockout_is_per_login_and_address(secured: Gateway) -> None:
+    """Guesses from one address lock that address out of the login, not everyone else."""
+    for _ in range(5):
+        assert connect_reply("127.0.0.2", secured, "bob", "guess") == "ERROR"
+    assert connect_reply("127.0.0.2", secured, "bob", "bob-secret") == "ERROR"  # locked out from there
+    assert connect_reply("127.0.0.1", secured, "bob", "bob-secret") == "CONNECTED"  # not from here
+    assert "from 127.0.0.2" in secured.log()
 
 
 def test_rest_bearer_tokens(secured: Gateway) -> None:
@@ -240,3 +267,34 @@ def test_a_first_login_is_checked_off_the_event_loop(tmp_path: Path) -> None:
         working.close()
         arriving.close()
         gateway.stop()
+
+
+def test_a_durable_subscription_belongs_to_its_login_not_to_a_client_id(secured: Gateway) -> None:
+    """Another login that borrows root's client-id reaches a subscription of its own, never root's messages."""
+    topic = f"/topic/durable-owner-{time.monotonic_ns()}"
+
+    def durable(login: str, passcode: str) -> RawClient:
+        client = RawClient(secured.stomp_port)
+        client.connect(login=login, passcode=passcode, **{"client-id": "rootapp"})
+        client.frame("SUBSCRIBE", {"id": "1", "destination": topic, "durable": "true", "ack": "client", "receipt": "s"})
+        assert client.read().headers["receipt-id"] == "s"
+        return client
+
+    owner = durable("root", "root-secret")
+    owner.frame("DISCONNECT", {"receipt": "bye"})
+    assert owner.read().headers["receipt-id"] == "bye"
+    owner.close()
+    producer = RawClient(secured.stomp_port)
+    producer.connect(login="alice", passcode="alice-secret")
+    for i in range(5):
+        producer.frame("SEND", {"destination": topic, "receipt": f"r{i}"}, f"for root {i}".encode())
+        assert producer.read().headers["receipt-id"] == f"r{i}"
+    thief = durable("alice", "alice-secret")
+    producer.frame("SEND", {"destination": topic, "receipt": "m"}, b"marker")
+    assert producer.read().headers["receipt-id"] == "m"
+    assert thief.read().body == b"marker"  # her own, new subscription: root's five are not hers
+    thief.close()
+    owner = durable("root", "root-secret")
+    assert [owner.read().body for _ in range(6)] == [f"for root {i}".encode() for i in range(5)] + [b"marker"]
+    owner.close()
+    producer.close()

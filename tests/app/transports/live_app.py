@@ -12,6 +12,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import APIRouter, FastAPI
 
+from app.cli import server_options
 from app.main import create_app
 from app.settings import Settings
 from tests.gateway_process import free_port
@@ -65,8 +66,8 @@ def live_app(
         port=http_port,
         lifespan="on",
         log_level="warning",
-        ws="websockets-sansio",
         timeout_graceful_shutdown=5,
+        **server_options(settings),  # the HTTP protocol and WebSocket limits `stompgate serve` runs with
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn :{http_port}", daemon=True)

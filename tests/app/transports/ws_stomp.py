@@ -31,9 +31,11 @@ class WsStomp:
         self.messages: list[str | bytes] = []  # every WebSocket message received, as received
 
     @classmethod
-    async def open(cls, url: str, subprotocols: list[str] | None = None) -> WsStomp:
+    async def open(cls, url: str, subprotocols: list[str] | None = None, source: str | None = None) -> WsStomp:
+        """``source``: the local address to connect from (e.g. 127.0.0.2, a second loopback address on Linux)."""
         offered = ["v12.stomp", "v11.stomp", "v10.stomp"] if subprotocols is None else subprotocols
-        ws = await connect(url, subprotocols=offered or None, open_timeout=5)  # type: ignore[arg-type]
+        extra = {} if source is None else {"local_addr": (source, 0)}
+        ws = await connect(url, subprotocols=offered or None, open_timeout=5, **extra)  # type: ignore[arg-type]
         return cls(ws)
 
     async def close(self) -> None:

@@ -125,6 +125,9 @@ def _print_text(summary: dict[str, Any]) -> None:
         typer.echo(f"RSS before        {_fmt(summary['rss_before_kb'], ' KiB')}")
         typer.echo(f"RSS held          {_fmt(summary['rss_held_kb'], ' KiB')} ({_fmt(summary['rss_held_mib'], ' MiB')})")
         typer.echo(f"RSS/connection    {_fmt(summary['rss_per_connection_kb'], ' KiB')}")
+        if summary["subscriptions"]:
+            typer.echo(f"subscriptions     {summary['subscriptions']:,} (idle)")
+        typer.echo(f"server CPU idle   {_fmt(summary['server_cpu_while_idle'])} core")
         for failure in summary["failures"]:
             typer.echo(f"failure           {failure}")
         return
@@ -200,6 +203,11 @@ def bench(
         help="Instead of a workload, open this many CONNECTed connections, hold them and report the server's RSS.",
     ),  # fmt: skip
     hold: float = typer.Option(5.0, "--hold", min=0.0, help="Seconds to hold the idle connections while sampling RSS."),
+    subscriptions_per_connection: int = typer.Option(
+        0, "--subscriptions-per-connection", min=0,
+        help="With --idle-connections: each connection also subscribes to this many queues nobody sends to, and the "
+        "report gives the server's CPU while they are held (idle subscriptions should cost nothing).",
+    ),  # fmt: skip
     pid: Optional[int] = typer.Option(None, "--pid", help="PID of the server whose RSS --idle-connections reports (known with --spawn)."),
     gateways: int = typer.Option(
         1, "--gateways", min=1,
@@ -271,6 +279,7 @@ def bench(
                 run_idle(
                     host=host, port=port, count=idle_connections, hold=hold, pid=pid, version=version.value,
                     vhost=vhost, login=login, passcode=passcode, connect_timeout=connect_timeout,
+                    subscriptions=subscriptions_per_connection,
                 ),
                 loop.value,
             )  # fmt: skip

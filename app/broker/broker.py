@@ -67,9 +67,6 @@ class Broker:
         self.topic_subscriptions: dict[str, set[TopicSubscription]] = defaultdict(set)
         self.durable_in_use: set[str] = set()
         self.transaction_bytes = 0  # held by every session's open transactions (max_transaction_bytes_total)
-        # Bumped whenever queue work became ready through this gateway (a put or a requeue): a consumer whose claim
-        # came back empty re-claims at once instead of sleeping when it sees the number moved meanwhile.
-        self.queue_generation = 0
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[str] = Batcher(self._ack_with_retry)
@@ -190,7 +187,6 @@ class Broker:
 
     async def _put_queues(self, messages: list[NewMessage]) -> None:
         await self.datasource.queues.put(messages)
-        self.queue_generation += 1
 
     async def _publish_topics(self, messages: list[NewMessage]) -> None:
         await self.datasource.topics.publish(messages)
@@ -220,7 +216,6 @@ class Broker:
     async def release(self, message_ids: list[str], how: Release) -> None:
         if message_ids:
             await self.datasource.queues.release(message_ids, how)
-            self.queue_generation += 1
             if how is Release.REQUEUE:
                 self.metrics.redelivered(len(message_ids))
             else:

@@ -61,7 +61,7 @@ boolean operand matches a header reading ``true``/``false`` (any case); ``null``
 header, or one that is not a number where a number is needed, fails ``$eq``, ``$gt``... and ``$in``; as in MongoDB,
 the negations ``$ne``, ``$nin`` and ``$not`` then *match* (this form is two-valued). Duplicate keys, ``NaN`` and
 ``Infinity`` are refused. The parsed document is kept as :attr:`Selector.native` so that a database backend can
-evaluate it itself.
+evaluate it itself, unless it holds a ``$regex`` (databases run those on backtracking engines: evaluated here).
 """
 
 from __future__ import annotations
@@ -144,8 +144,20 @@ def compile_selector(text: str) -> Selector:
     budget = _Budget()
     if stripped.startswith("{"):
         document = _load_document(text)
-        return Selector(text, document, _document(document, budget))
+        predicate = _document(document, budget)
+        # A database evaluates a document itself only when it holds no $regex: MongoDB runs regexes on a
+        # backtracking engine (PCRE), where a pattern that is linear on RE2 here can still burn the server's CPU on
+        # every claim. Such a selector is evaluated here, on RE2, like the SQL-like form.
+        return Selector(text, None if _has_regex(document) else document, predicate)
     return Selector(text, None, _Parser(_tokenize(text), budget).parse())
+
+
+def _has_regex(value: object) -> bool:
+    if isinstance(value, Mapping):
+        return any(key == "$regex" or _has_regex(item) for key, item in value.items())
+    if isinstance(value, list | tuple):
+        return any(_has_regex(item) for item in value)
+    return False
 
 
 class _Budget:

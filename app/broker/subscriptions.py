@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -111,14 +110,14 @@ class Subscription:
         return self.selector is None or self.selector.matches(message.headers)
 
     def _deliver(self, message: StoredMessage, position: int = 0) -> bool:
-        """Hand one message to the connection; False when it takes no more (failing or closed). An unacked
-        delivery is remembered either way, so closing the subscription releases it."""
+        """Hand one message to the connection; False when it takes no more (failing or closed), and then the
+        caller still holds the message (a queue subscription releases it on close)."""
+        if not self.session.deliver(self, message):
+            return False
+        self.delivered += 1
         if self.needs_ack:
             self.unacked[message.message_id] = Delivery(message, position)
-        sent = self.session.deliver(self, message)
-        if sent:
-            self.delivered += 1
-        return sent
+        return True
 
 
 class QueueSubscription(Subscription):
@@ -135,7 +134,7 @@ class QueueSubscription(Subscription):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self._held: deque[StoredMessage] = deque()  # claimed, not yet handed to the connection (no room yet)
+        self._held: list[StoredMessage] = []  # claimed, not yet handed to the connection (no room yet)
         self._auto_in_flight: list[str] = []  # auto mode: handed to the connection, acked once it took them
         self._size_estimate = INITIAL_SIZE_ESTIMATE
 
@@ -196,7 +195,7 @@ class QueueSubscription(Subscription):
         config = broker.config
         native = self.selector.native if (self.selector is not None and broker.datasource.native_selectors) else None
         predicate = self.selector.matches if self.selector is not None and native is None else None
-        generation = broker.queue_generation
+        wake = queues.wake_token(self.destination_text)  # before the claim: work arriving meanwhile still wakes us
         claim = asyncio.ensure_future(
             queues.claim(
                 self.destination_text,
@@ -225,12 +224,20 @@ class QueueSubscription(Subscription):
             self._claiming = None
         self._backoff = 0.05
         if not messages:
-            if generation == broker.queue_generation:
-                await queues.wait(self.destination_text, config.poll_interval)
+            await queues.wait(self.destination_text, self._idle_wait(), wake)
             return None
         return messages
 
     _backoff = 0.05
+
+    def _idle_wait(self) -> float:
+        """How long an empty claim waits for a wake-up before looking again. On a shared database another gateway's
+        work is only seen by looking: ``poll_interval``. On a store only this process writes, every put and requeue
+        wakes the waiter, so it looks again only at the lease period, for a lease this process let lapse."""
+        broker = self.session.broker
+        if broker.datasource.shared:
+            return broker.config.poll_interval
+        return max(broker.config.poll_interval, broker.config.lease_ms / 1000)
 
     def _dead_lettered(self, messages: list[StoredMessage]) -> list[StoredMessage]:
         """Move messages past ``max_deliveries`` to the dead-letter queue; return the rest, to deliver."""
@@ -249,15 +256,15 @@ class QueueSubscription(Subscription):
         session = self.session
         held = self._held
         count = 0
-        while held and (count == 0 or session.write_backlog() < WRITE_BUDGET):
-            message = held[0]
+        while count < len(held) and (count == 0 or session.write_backlog() < WRITE_BUDGET):
+            message = held[count]
             if not self._deliver(message):
                 break  # the connection is failing or closed: what is still held is released on close
-            held.popleft()
             count += 1
             if not self.needs_ack:
                 self._auto_in_flight.append(message.message_id)
         if count:
+            del held[:count]
             session.flush()
             session.broker.metrics_delivered(self.destination_text, count)
 

@@ -127,6 +127,19 @@ class Signals:
         for key in list(self._events):
             self.notify(key)
 
+    async def wait(self, key: str, timeout: float, token: asyncio.Event | None = None) -> None:
+        """Return once ``key`` is notified or after ``timeout`` seconds. With ``token`` (an ``event(key)`` taken
+        before the caller looked for work) a notification made since then returns at once: no wake-up is lost
+        between an empty claim and the wait (an eventcount)."""
+        event = token if token is not None else self.event(key)
+        if event.is_set():
+            return
+        try:
+            async with asyncio.timeout(timeout):
+                await event.wait()
+        except TimeoutError:
+            pass
+
 
 class PollQueue(abc.ABC):
     """Queues: each message goes to exactly one consumer. Leases make a claimed message come back if its holder
@@ -167,9 +180,14 @@ class PollQueue(abc.ABC):
         """Extend every lease held by ``owner`` (a live gateway keeps its in-flight messages)."""
 
     @abc.abstractmethod
-    async def wait(self, destination: str, timeout: float) -> None:
+    def wake_token(self, destination: str) -> asyncio.Event:
+        """Take before a claim and pass to ``wait`` after an empty one: a put or requeue in between is not missed."""
+
+    @abc.abstractmethod
+    async def wait(self, destination: str, timeout: float, token: asyncio.Event | None = None) -> None:
         """Return when new work may be ready on ``destination`` or after ``timeout`` seconds, without busy polling.
-        Local puts wake waiters at once; another gateway's puts are seen within ``timeout``."""
+        Local puts and requeues wake waiters at once (also those made since ``token`` was taken); another gateway's
+        puts are seen within ``timeout``."""
 
     @abc.abstractmethod
     async def stats(self, destination: str, *, now_ms: int) -> QueueStats: ...
@@ -246,6 +264,10 @@ class Datasource(abc.ABC):
     queues: PollQueue
     topics: TailQueue
     native_selectors: bool = False  # True when claim() can evaluate a MongoDB-style query document itself
+    # True when other processes (other gateways) may add or requeue work: an idle consumer must then look again every
+    # ``poll_interval``. False when every change comes through this process (SQLite, memory), whose ``wait`` is woken
+    # by each local put and requeue, so an idle subscription costs nothing until then.
+    shared: bool = False
 
     @abc.abstractmethod
     async def ping(self) -> None:

@@ -231,13 +231,11 @@ class MemoryPollQueue(PollQueue):
             record.version += 1
             heapq.heappush(self._leases, (lease_until, record.version, message_id))
 
-    async def wait(self, destination: str, timeout: float) -> None:
-        event = self._signals.event(destination)
-        try:
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        except TimeoutError:
-            pass
+    def wake_token(self, destination: str) -> asyncio.Event:
+        return self._signals.event(destination)
+
+    async def wait(self, destination: str, timeout: float, token: asyncio.Event | None = None) -> None:
+        await self._signals.wait(destination, timeout, token)
 
     async def stats(self, destination: str, *, now_ms: int) -> QueueStats:
         ready = unacked = 0

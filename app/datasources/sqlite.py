@@ -601,13 +601,11 @@ class SqlitePollQueue(PollQueue):
 
         await store.write(run)
 
-    async def wait(self, destination: str, timeout: float) -> None:
-        event = self._signals.event(destination)
-        try:
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        except TimeoutError:
-            pass
+    def wake_token(self, destination: str) -> asyncio.Event:
+        return self._signals.event(destination)
+
+    async def wait(self, destination: str, timeout: float, token: asyncio.Event | None = None) -> None:
+        await self._signals.wait(destination, timeout, token)
 
     async def stats(self, destination: str, *, now_ms: int) -> QueueStats:
         m = self._store.messages

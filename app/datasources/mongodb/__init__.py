@@ -51,6 +51,7 @@ PING_TIMEOUT_MS = 2_000
 
 class MongoDatasource(Datasource):
     native_selectors = True
+    shared = True  # several gateways share one database
 
     def __init__(
         self,

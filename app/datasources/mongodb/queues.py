@@ -691,13 +691,11 @@ class MongoPollQueue(PollQueue):
                     {"_sg_owner": owner, "_sg_state": "leased"}, {"$set": {"_sg_lease_until": lease_until}}
                 )
 
-    async def wait(self, destination: str, timeout: float) -> None:
-        event = self._signals.event(destination)
-        try:
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        except TimeoutError:
-            pass
+    def wake_token(self, destination: str) -> asyncio.Event:
+        return self._signals.event(destination)
+
+    async def wait(self, destination: str, timeout: float, token: asyncio.Event | None = None) -> None:
+        await self._signals.wait(destination, timeout, token)
 
     # -- inspection -----------------------------------------------------------------------------------------------
     async def stats(self, destination: str, *, now_ms: int) -> QueueStats:

@@ -186,3 +186,12 @@ def test_like_agrees_with_old_regex_translation(pattern: str, value: str, escape
         return
     expected = old_like_regex(pattern, escape).fullmatch(value) is not None
     assert compile_selector(text).matches({"h": value}) is expected
+
+
+def test_a_document_with_a_regex_is_never_handed_to_the_database() -> None:
+    assert compile_selector('{"a": {"$gt": 1}}').native == {"a": {"$gt": 1}}
+    cases = {'{"a": {"$regex": "^x"}}': True, '{"$or": [{"b": 1}, {"a": {"$not": {"$regex": "^x"}}}]}': False}
+    for text, expected in cases.items():
+        selector = compile_selector(text)
+        assert selector.native is None  # evaluated on RE2 by the gateway, not on the database's backtracking engine
+        assert selector.matches({"a": "xyz", "b": "2"}) is expected

@@ -425,3 +425,14 @@ async def test_release_wakes_nothing_lost(datasource: Datasource, how: Release) 
     await datasource.queues.release([m.message_id for m in got], how)
     destination = Q if how is Release.REQUEUE else Q + ".DLQ"
     assert len(await claim(datasource, destination=destination, limit=100)) == 20
+
+
+async def test_a_put_between_an_empty_claim_and_the_wait_is_not_missed(datasource: Datasource) -> None:
+    """The eventcount: the token taken before the claim sees a put made after the claim came back empty."""
+    token = datasource.queues.wake_token(Q)
+    assert await claim(datasource) == []
+    await datasource.queues.put([msg(1)])  # lands between the empty claim and the wait
+    started = time.monotonic()
+    await datasource.queues.wait(Q, 30.0, token)
+    assert time.monotonic() - started < 5.0  # woken, not timed out (30 s)
+    assert numbers(await claim(datasource)) == ["1"]

@@ -118,13 +118,18 @@ def server_options(settings: Settings) -> dict[str, Any]:
     app sees a byte, and holds one more whole message queued for the app. uvicorn's 16 MiB default let a client that
     never logs in make us hold that much per connection; the frame limit plus the pre-login limit as a margin (so a
     frame just over max_frame_bytes still gets a STOMP ERROR naming it, not a bare close 1009) bounds it to what a
-    logged-in client may send anyway. Before CONNECTED the app refuses more than max_frame_bytes_before_connect."""
+    logged-in client may send anyway. Before CONNECTED the app refuses more than max_frame_bytes_before_connect.
+
+    ``proxy_headers``: off. uvicorn otherwise believes ``X-Forwarded-For`` from loopback, so any local process could
+    choose the address its connections and failed logins count against (per-address limits, login throttling).
+    Behind a reverse proxy every client then counts as the proxy's address: raise the per-address limit there."""
     frame_limit = settings.max_frame_bytes
     margin = min(settings.max_frame_bytes_before_connect, frame_limit)
     return {
         "http": _http_protocol(),
         "ws": "websockets-sansio" if _has_sansio_ws() else "auto",
         "ws_max_size": frame_limit + margin,
+        "proxy_headers": False,
     }
 
 

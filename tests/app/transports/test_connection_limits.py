@@ -210,3 +210,17 @@ async def test_login_timeout_applies_to_tcp_and_websocket(tmp_path: Path) -> Non
         finally:
             tcp.close()
             await ws.close()
+
+
+async def test_a_forwarded_for_header_does_not_choose_the_counted_address(small: LiveApp) -> None:
+    """uvicorn trusts X-Forwarded-For from loopback by default: any local process could then pick the address its
+    WebSocket connections count against. The gateway counts the socket's own address."""
+    from websockets.asyncio.client import connect
+
+    url = f"{small.ws_url}/stomp"
+    async with connect(url, subprotocols=["v12.stomp"], additional_headers={"X-Forwarded-For": "10.9.9.9"}) as ws:  # type: ignore[list-item]
+        await ws.send(frame_bytes("CONNECT", {"accept-version": "1.2", "host": "/"}).decode())
+        reply = await ws.recv()
+        assert str(reply).startswith("CONNECTED")
+        peers = [str(c["peer"]) for c in connections(small)]
+        assert peers and all(p.startswith("127.0.0.1:") for p in peers), peers

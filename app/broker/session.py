@@ -530,8 +530,8 @@ class Session:
     def _durable_cursor_name(self, sub_id: str) -> str:
         """Where a durable subscription's place is kept. It belongs to the authenticated login: ``client-id`` only
         names subscriptions within that login's own space, so no other login can reach it (a ``client-id:bob``
-        from alice names ``alice/bob/<id>``, never bob's). Without users (everyone anonymous) it is
-        ``<client-id>/<id>``."""
+        from alice names ``alice/bob/<id>``, never bob's). A connection with no login in open mode (no users file)
+        is anonymous: ``<client-id>/<id>``, or ``anonymous/<id>``."""
         principal = self.principal
         assert principal is not None
         client = self.client_id or principal.name

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from app.broker.destinations import Destination
 from app.broker.selectors import Selector
-from app.datasources.interface import DatasourceUnavailable, Gap, Published, Release, StoredMessage
+from app.datasources.interface import DatasourceUnavailable, Gap, Published, Release, ScanMark, StoredMessage
 from stomp_core import AckMode
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class QueueSubscription(Subscription):
         self._held: list[StoredMessage] = []  # claimed, not yet handed to the connection (no room yet)
         self._auto_in_flight: list[str] = []  # auto mode: handed to the connection, acked once it took them
         self._size_estimate = INITIAL_SIZE_ESTIMATE
+        self._scan = ScanMark()  # where a selector's scan of the backlog goes on from (used with a Python selector)
 
     async def _run(self) -> None:
         broker = self.session.broker
@@ -205,6 +206,7 @@ class QueueSubscription(Subscription):
                 now_ms=broker.now_ms(),
                 selector=predicate,
                 native_selector=native,
+                scan=self._scan if predicate is not None else None,
             )
         )
         self._claiming = claim
@@ -224,7 +226,10 @@ class QueueSubscription(Subscription):
             self._claiming = None
         self._backoff = 0.05
         if not messages:
-            await queues.wait(self.destination_text, self._idle_wait(), wake)
+            if predicate is not None and self._scan.more:
+                await asyncio.sleep(0)  # the scan stopped at its budget: let others run, then go on scanning
+            else:
+                await queues.wait(self.destination_text, self._idle_wait(), wake)
             return None
         return messages
 

@@ -25,6 +25,9 @@ __all__ = [
     "HeaderFilter",
     "PollQueue",
     "Signals",
+    "ScanMark",
+    "ScanBook",
+    "SCAN_BUDGET",
     "TailQueue",
     "Datasource",
     "DatasourceOptions",
@@ -141,6 +144,74 @@ class Signals:
             pass
 
 
+# Messages one claim with a Python selector examines at most (about 5 ms of header decoding and matching): a deep
+# backlog of messages that do not match costs a subscription a bounded amount per turn, and never holds up the
+# writes of other clients for longer than that.
+SCAN_BUDGET = 512
+
+
+@dataclass(slots=True)
+class ScanMark:
+    """A subscription's place in the selector scan of its queue's backlog: it holds one and passes it to every claim.
+
+    The messages up to ``after`` (a ``(priority, seq)`` in delivery order) were examined and did not match, or were
+    taken: the next claim goes on after them instead of rescanning the whole backlog at every wake-up. ``more`` is
+    True when a claim stopped at ``SCAN_BUDGET`` before the end of the backlog: claim again soon, do not wait."""
+
+    after: tuple[int, int] | None = None
+    version: tuple[int, int] = (-1, -1)  # the destination's (requeue epoch, put count) when ``after`` was recorded
+    more: bool = False
+
+
+class _Book:
+    __slots__ = ("epoch", "puts", "last_put")
+
+    def __init__(self) -> None:
+        self.epoch = 0  # bumped by every requeue: a message back at its old place may sort before a mark
+        self.puts = 0  # counts puts
+        self.last_put = [0] * 10  # by priority: the put count of the latest put of that priority
+
+
+class ScanBook:
+    """What makes a :class:`ScanMark` stale, per destination: a requeue (the message returns to its old place in
+    the order) and a put of a higher priority than the mark's (it sorts before the mark). A backend whose claims
+    evaluate a Python selector keeps one, and calls it in the same serialized step as its writes and claims."""
+
+    def __init__(self) -> None:
+        self._books: dict[str, _Book] = {}
+
+    def _book(self, destination: str) -> _Book:
+        book = self._books.get(destination)
+        if book is None:
+            book = self._books[destination] = _Book()
+        return book
+
+    def put(self, destination: str, priority: int) -> None:
+        book = self._book(destination)
+        book.puts += 1
+        book.last_put[max(0, min(priority, 9))] = book.puts
+
+    def requeue(self, destination: str) -> None:
+        self._book(destination).epoch += 1
+
+    def resume_after(self, destination: str, mark: ScanMark) -> tuple[int, int] | None:
+        """Where a claim with ``mark`` starts: after ``mark.after`` while nothing made it stale, else the beginning."""
+        if mark.after is None:
+            return None
+        book = self._book(destination)
+        epoch, puts = mark.version
+        if epoch != book.epoch or any(last > puts for last in book.last_put[mark.after[0] + 1 :]):
+            return None
+        return mark.after
+
+    def record(self, destination: str, mark: ScanMark, last: tuple[int, int] | None, more: bool) -> None:
+        """After a scan that examined up to ``last`` (None: nothing at all)."""
+        book = self._book(destination)
+        mark.after = last
+        mark.version = (book.epoch, book.puts)
+        mark.more = more
+
+
 class PollQueue(abc.ABC):
     """Queues: each message goes to exactly one consumer. Leases make a claimed message come back if its holder
     disappears without releasing it."""
@@ -161,11 +232,15 @@ class PollQueue(abc.ABC):
         now_ms: int,
         selector: HeaderFilter | None = None,
         native_selector: Mapping[str, object] | None = None,
+        scan: ScanMark | None = None,
     ) -> list[StoredMessage]:
         """Atomically take up to ``limit`` ready messages (highest priority first, then FIFO), leasing them to
         ``owner`` until ``now_ms + lease_ms``. A message whose lease expired is ready again. Expired messages
         (``expires_at <= now_ms``) are never returned. Each returned message has ``deliveries`` incremented.
-        No two concurrent claims, in this process or another gateway, ever return the same message."""
+        No two concurrent claims, in this process or another gateway, ever return the same message.
+
+        With a Python ``selector`` and a ``scan`` mark, a backend that evaluates the selector itself examines at most
+        ``SCAN_BUDGET`` messages, starting after the mark, and updates it (its docstring says whether it does)."""
 
     @abc.abstractmethod
     async def ack(self, message_ids: Sequence[str]) -> None:

@@ -27,10 +27,13 @@ from app.datasources.interface import (
     Published,
     QueueStats,
     Release,
+    ScanBook,
+    ScanMark,
     Signals,
     StoredMessage,
     TailEvent,
     TailQueue,
+    SCAN_BUDGET,
 )
 
 __all__ = ["MemoryDatasource", "MemoryPollQueue", "MemoryTailQueue", "open_datasource"]
@@ -87,6 +90,7 @@ class MemoryPollQueue(PollQueue):
         self._owners: dict[str, set[str]] = {}
         self._seq = 0
         self._signals = Signals()
+        self._scans = ScanBook()
 
     # -- internal helpers ---------------------------------------------------------------------------------------
     def _make_ready(self, record: _Record) -> None:
@@ -99,6 +103,7 @@ class MemoryPollQueue(PollQueue):
         record.owner = None
         record.lease_until = 0
         record.version += 1
+        self._scans.requeue(record.destination)  # back at its place in the order: selector scans look again
         heap = self._ready.setdefault(record.destination, [])
         heapq.heappush(heap, (-record.priority, record.seq, record.version, record.message_id))
 
@@ -156,6 +161,7 @@ class MemoryPollQueue(PollQueue):
             self._records[message.message_id] = record
             heap = self._ready.setdefault(message.destination, [])
             heapq.heappush(heap, (-record.priority, record.seq, record.version, record.message_id))
+            self._scans.put(message.destination, record.priority)
         for destination in {m.destination for m in messages}:
             self._signals.notify(destination)
 
@@ -169,6 +175,7 @@ class MemoryPollQueue(PollQueue):
         now_ms: int,
         selector: HeaderFilter | None = None,
         native_selector: Mapping[str, object] | None = None,
+        scan: ScanMark | None = None,
     ) -> list[StoredMessage]:
         self._expire_leases(now_ms)
         heap = self._ready.get(destination)
@@ -177,6 +184,9 @@ class MemoryPollQueue(PollQueue):
         taken: list[StoredMessage] = []
         skipped: list[_ReadyEntry] = []
         lease_until = now_ms + lease_ms
+        marked = selector is not None and scan is not None
+        start = self._scans.resume_after(destination, scan) if scan is not None and marked else None
+        last, more, examined = start, False, 0
         while heap and len(taken) < limit:
             entry = heapq.heappop(heap)
             record = self._live(entry, destination)
@@ -185,9 +195,19 @@ class MemoryPollQueue(PollQueue):
             if record.expired(now_ms):
                 self._remove(record)
                 continue
-            if selector is not None and not selector(record.headers):
-                skipped.append(entry)
-                continue
+            if selector is not None:
+                if start is not None and (entry[0], entry[1]) <= (-start[0], start[1]):
+                    skipped.append(entry)  # examined by an earlier claim of this subscription
+                    continue
+                if marked and examined >= SCAN_BUDGET:
+                    skipped.append(entry)
+                    more = True
+                    break
+                examined += 1
+                last = (record.priority, record.seq)
+                if not selector(record.headers):
+                    skipped.append(entry)
+                    continue
             record.owner = owner
             record.lease_until = lease_until
             record.deliveries += 1
@@ -199,6 +219,8 @@ class MemoryPollQueue(PollQueue):
             heapq.heappush(heap, entry)
         if not heap:
             del self._ready[destination]
+        if scan is not None and marked:
+            self._scans.record(destination, scan, last, more)
         return taken
 
     async def ack(self, message_ids: Sequence[str]) -> None:

@@ -3,7 +3,8 @@
 directory is created when missing. One gateway process per database file.
 
 Supports: every PollQueue and TailQueue operation; leases with expiry; dead-lettering to ``<destination>.DLQ``;
-selectors evaluated in Python while scanning the backlog in delivery order; a topic log with ``Gap`` reporting;
+selectors evaluated in Python while scanning the backlog in delivery order (a subscription's scan resumes where
+its last one stopped and examines at most ``SCAN_BUDGET`` rows per claim, see ``ScanMark``); a topic log with ``Gap`` reporting;
 durable cursors. No native (MongoDB-style) selectors.
 
 How it writes: WAL mode and ONE writer thread that owns the write connection. Every write (put, claim, ack, release,
@@ -36,7 +37,7 @@ import re
 import sqlite3
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -53,10 +54,13 @@ from app.datasources.interface import (
     Published,
     QueueStats,
     Release,
+    ScanBook,
+    ScanMark,
     Signals,
     StoredMessage,
     TailEvent,
     TailQueue,
+    SCAN_BUDGET,
 )
 
 __all__ = ["SqliteDatasource", "SqlitePollQueue", "SqliteTailQueue", "open_datasource", "database_path"]
@@ -406,6 +410,7 @@ class SqlitePollQueue(PollQueue):
     def __init__(self, store: _Store) -> None:
         self._store = store
         self._signals = Signals()
+        self._scans = ScanBook()  # touched only in the writer thread, with the writes and claims it tracks
         m = store.messages
         self._sql_put = (
             f"INSERT INTO {m} (message_id, destination, priority, expires_at, published_at, headers, body) "
@@ -417,7 +422,12 @@ class SqlitePollQueue(PollQueue):
             f"WHERE seq IN (SELECT seq FROM {m} WHERE {ready} ORDER BY priority DESC, seq LIMIT ?) "
             f"RETURNING {_MSG_COLUMNS}"
         )
-        self._sql_scan = f"SELECT seq, headers FROM {m} WHERE {ready} ORDER BY priority DESC, seq"
+        self._sql_scan = f"SELECT priority, seq, headers FROM {m} WHERE {ready} ORDER BY priority DESC, seq"
+        # resuming a scan after (priority p, seq s): the rest of p's band, then the lower priorities
+        self._sql_scan_band = f"SELECT priority, seq, headers FROM {m} WHERE {ready} AND priority = ? AND seq > ? ORDER BY seq"
+        self._sql_scan_below = (
+            f"SELECT priority, seq, headers FROM {m} WHERE {ready} AND priority < ? ORDER BY priority DESC, seq"
+        )
         self._sql_expire_leases = (
             f"UPDATE {m} SET state = 0, owner = NULL, lease_until = NULL "
             "WHERE destination = ? AND state = 1 AND lease_until <= ?"
@@ -432,7 +442,8 @@ class SqlitePollQueue(PollQueue):
         floor = store.lease_floor.get(destination)
         if floor is not None and floor > now_ms:
             return
-        conn.execute(self._sql_expire_leases, (destination, now_ms))
+        if conn.execute(self._sql_expire_leases, (destination, now_ms)).rowcount:
+            self._scans.requeue(destination)
         (earliest,) = conn.execute(self._sql_lease_floor, (destination,)).fetchone()
         store.lease_floor[destination] = _NO_LEASE if earliest is None else earliest
 
@@ -462,8 +473,12 @@ class SqlitePollQueue(PollQueue):
         ]
         sql = self._sql_put
 
+        scans = self._scans
+
         def run(conn: sqlite3.Connection) -> None:
             conn.executemany(sql, rows)
+            for row in rows:
+                scans.put(row[1], row[2])
 
         destinations = {m.destination for m in messages}
 
@@ -483,6 +498,7 @@ class SqlitePollQueue(PollQueue):
         now_ms: int,
         selector: HeaderFilter | None = None,
         native_selector: Mapping[str, object] | None = None,
+        scan: ScanMark | None = None,
     ) -> list[StoredMessage]:
         if limit <= 0:
             return []
@@ -495,7 +511,7 @@ class SqlitePollQueue(PollQueue):
             if selector is None:
                 rows = conn.execute(self._sql_claim, (owner, lease_until, destination, now_ms, limit)).fetchall()
             else:
-                rows = self._claim_matching(conn, destination, owner, lease_until, now_ms, limit, selector)
+                rows = self._claim_matching(conn, destination, owner, lease_until, now_ms, limit, selector, scan)
             if rows:
                 store.owner_destinations.setdefault(owner, set()).add(destination)
                 floor = store.lease_floor.get(destination, _NO_LEASE)
@@ -515,19 +531,29 @@ class SqlitePollQueue(PollQueue):
         now_ms: int,
         limit: int,
         selector: HeaderFilter,
+        scan: ScanMark | None,
     ) -> list[Any]:
+        """Scan the ready backlog in delivery order for messages the selector takes. With a ``scan`` mark (a
+        subscription's), start after it and examine at most ``SCAN_BUDGET`` rows: this runs in the single writer,
+        so a deep backlog that does not match must not hold up everybody's writes."""
         chosen: list[int] = []
-        cursor = conn.execute(self._sql_scan, (destination, now_ms))
-        while len(chosen) < limit:
-            batch = cursor.fetchmany(SCAN_BATCH)
-            if not batch:
+        budget = SCAN_BUDGET if scan is not None else None
+        start = self._scans.resume_after(destination, scan) if scan is not None else None
+        last = start
+        more = False
+        examined = 0
+        for priority, seq, headers in self._scan_rows(conn, destination, now_ms, start):
+            if budget is not None and examined >= budget:
+                more = True
                 break
-            for seq, headers in batch:
-                if selector(_decode_headers(headers)):
-                    chosen.append(seq)
-                    if len(chosen) == limit:
-                        break
-        cursor.close()
+            examined += 1
+            last = (priority, seq)
+            if selector(_decode_headers(headers)):
+                chosen.append(seq)
+                if len(chosen) == limit:
+                    break
+        if scan is not None:
+            self._scans.record(destination, scan, last, more)
         rows: list[Any] = []
         m = self._store.messages
         for chunk in _chunks(chosen):
@@ -538,6 +564,25 @@ class SqlitePollQueue(PollQueue):
                 (owner, lease_until, *chunk),
             ).fetchall()
         return rows
+
+    def _scan_rows(
+        self, conn: sqlite3.Connection, destination: str, now_ms: int, after: tuple[int, int] | None
+    ) -> Iterator[tuple[int, int, str]]:
+        queries = (
+            [(self._sql_scan, (destination, now_ms))]
+            if after is None
+            else [
+                (self._sql_scan_band, (destination, now_ms, after[0], after[1])),
+                (self._sql_scan_below, (destination, now_ms, after[0])),
+            ]
+        )
+        for sql, params in queries:
+            cursor = conn.execute(sql, params)
+            try:
+                while batch := cursor.fetchmany(SCAN_BATCH):
+                    yield from batch
+            finally:
+                cursor.close()
 
     async def ack(self, message_ids: Sequence[str]) -> None:
         if not message_ids:
@@ -569,11 +614,15 @@ class SqlitePollQueue(PollQueue):
                 "WHERE state = 1 AND message_id IN ({}) RETURNING destination"
             )
 
+        scans = self._scans
+
         def run(conn: sqlite3.Connection) -> set[str]:
             woken: set[str] = set()
             for chunk in _chunks(ids):
                 for (destination,) in conn.execute(sql.format(",".join("?" * len(chunk))), chunk):
                     woken.add(destination)
+            for destination in woken:  # back at their old places (or new in a .DLQ): scans must look again
+                scans.requeue(destination)
             return woken
 
         def after(woken: set[str]) -> None:

@@ -68,6 +68,8 @@ from app.datasources.interface import (
     HeaderFilter,
     NewMessage,
     PollQueue,
+    ScanMark,
+    SCAN_BUDGET,
     QueueStats,
     Release,
     Signals,
@@ -92,6 +94,13 @@ __all__ = ["WRAPPED_PREFIX", "MongoPollQueue"]
 
 SORT: list[tuple[str, int]] = [("priority", -1), ("seq", 1)]
 MAX_CLAIM_ROUNDS = 4  # candidate reads per claim call before returning fewer than ``limit``
+SCAN_BATCH = 128  # documents one read of a selector scan takes
+
+
+def _after_in_order(after: tuple[int, int]) -> Doc:
+    """Documents after ``(priority, seq)`` in delivery order (priority descending, then seq)."""
+    priority, seq = after
+    return {"$or": [{"priority": priority, "seq": {"$gt": seq}}, {"priority": {"$lt": priority}}]}
 # FerretDB claim tokens are pruned when older than this (by the gateway clock, ``at``): far longer than any claimer
 # holds a candidate it read, so no stale claimer can re-insert a pruned token.
 TOKEN_KEEP_MS = 10 * 60 * 1000
@@ -455,6 +464,7 @@ class MongoPollQueue(PollQueue):
         now_ms: int,
         selector: HeaderFilter | None = None,
         native_selector: Mapping[str, object] | None = None,
+        scan: ScanMark | None = None,
     ) -> list[StoredMessage]:
         if limit <= 0:
             return []
@@ -470,7 +480,57 @@ class MongoPollQueue(PollQueue):
                 return await self._claim_mongodb(query, owner, limit, lease_until)
             if self._ferretdb and selector is None and not native_selector:
                 return await self._claim_window(destination, query, owner, limit, lease_until, now_ms)
+            if selector is not None and scan is not None:
+                return await self._claim_scan_marked(query, owner, limit, lease_until, now_ms, selector, scan)
             return await self._claim_scan(query, owner, limit, lease_until, now_ms, selector)
+
+    async def _claim_scan_marked(
+        self,
+        query: Doc,
+        owner: str,
+        limit: int,
+        lease_until: int,
+        now_ms: int,
+        selector: HeaderFilter,
+        scan: ScanMark,
+    ) -> list[StoredMessage]:
+        """A subscription's claim with a Python selector: read on from where its last claim stopped, examine at most
+        ``SCAN_BUDGET`` documents, claim the matching ones. Other gateways' puts and requeues cannot be seen from
+        here, so a scan that reached the end of the backlog starts over at the next claim (every ``poll_interval``
+        when idle): each claim costs a bounded read, and a matching message deep in the backlog is reached."""
+        after = scan.after if scan.more else None
+        examined = 0
+        out: list[Doc] = []
+        more = False
+        while len(out) < limit:
+            if examined >= SCAN_BUDGET:
+                more = True
+                break
+            page = min(SCAN_BATCH, SCAN_BUDGET - examined)
+            resume = query if after is None else {"$and": [query, _after_in_order(after)]}
+            docs = await self._coll.find_list(resume, sort=SORT, limit=page)
+            want = limit - len(out)
+            candidates: list[Doc] = []
+            for doc in docs:  # stop at the last candidate wanted: the mark must not pass a match left unclaimed
+                examined += 1
+                after = (int(doc["priority"]), int(doc["seq"]))
+                if selector(headers_from_list(doc.get("headers"))):
+                    candidates.append(doc)
+                    if len(candidates) == want:
+                        break
+            if self._ferretdb:
+                out += await self._claim_batch_ferretdb(candidates, owner, lease_until, now_ms)
+            else:
+                for doc in candidates:
+                    claimed = await self._claim_one(doc, query, owner, lease_until)
+                    if claimed is not None:
+                        out.append(claimed)
+            if len(docs) < page and len(candidates) < want:
+                break  # the end of the backlog
+        else:
+            more = True  # the limit was reached: go on from here next time
+        scan.after, scan.more = after, more
+        return [stored_from_doc(d, seq_field="seq") for d in sorted(out, key=lambda d: (-d["priority"], d["seq"]))]
 
     async def _claim_mongodb(self, query: Doc, owner: str, limit: int, lease_until: int) -> list[StoredMessage]:
         update = {

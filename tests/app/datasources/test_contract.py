@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator, Mapping
 import pytest
 
 from app.datasources.interface import (
+    SCAN_BUDGET,
     Datasource,
     Gap,
     NewMessage,
     Published,
     Release,
+    ScanMark,
     StoredMessage,
     TailEvent,
 )
@@ -436,3 +438,63 @@ async def test_a_put_between_an_empty_claim_and_the_wait_is_not_missed(datasourc
     await datasource.queues.wait(Q, 30.0, token)
     assert time.monotonic() - started < 5.0  # woken, not timed out (30 s)
     assert numbers(await claim(datasource)) == ["1"]
+
+
+
+class CountingSelector:
+    """A selector that counts how many messages it examined: what a claim costs the gateway."""
+
+    def __init__(self, wanted: str) -> None:
+        self.wanted = wanted
+        self.calls = 0
+
+    def __call__(self, headers: Mapping[str, str]) -> bool:
+        self.calls += 1
+        return headers.get("color") == self.wanted
+
+
+async def scan_claim(ds: Datasource, selector: CountingSelector, mark: ScanMark, owner: str = "o1") -> list[StoredMessage]:
+    selector.calls = 0
+    return await ds.queues.claim(Q, owner=owner, limit=10, lease_ms=LEASE, now_ms=NOW, selector=selector, scan=mark)
+
+
+async def test_a_selector_scan_of_a_deep_backlog_is_bounded_per_claim_and_goes_on(datasource: Datasource) -> None:
+    deep = 3 * SCAN_BUDGET + 10
+    await datasource.queues.put([msg(i, headers={"color": "blue"}) for i in range(deep)])
+    await datasource.queues.put([msg("wanted", headers={"color": "red", "n": "wanted"})])
+    selector, mark = CountingSelector("red"), ScanMark()
+    got: list[StoredMessage] = []
+    claims = 0
+    while not got:
+        got = await scan_claim(datasource, selector, mark)
+        claims += 1
+        assert selector.calls <= SCAN_BUDGET  # a bounded cost per claim, whatever the depth
+        assert got or mark.more, "an empty claim before the end of the backlog must say there is more"
+        assert claims <= deep // SCAN_BUDGET + 2, "the scan must go on from where it stopped, not start over"
+    assert [m.headers["n"] for m in got] == ["wanted"]
+
+
+async def test_a_requeue_or_a_higher_priority_put_is_seen_by_a_finished_scan(datasource: Datasource) -> None:
+    await datasource.queues.put([msg("r1", headers={"color": "red", "n": "r1"})])
+    [taken] = await claim(datasource, owner="other")  # another consumer holds the only red message
+    await datasource.queues.put([msg(i, headers={"color": "blue"}) for i in range(20)])
+    selector, mark = CountingSelector("red"), ScanMark()
+    assert await scan_claim(datasource, selector, mark) == [] and not mark.more
+    await datasource.queues.release([taken.message_id], Release.REQUEUE)  # back at its old place, before the mark
+    assert [m.headers["n"] for m in await scan_claim(datasource, selector, mark)] == ["r1"]
+    assert await scan_claim(datasource, selector, mark) == []
+    await datasource.queues.put([msg("urgent", priority=9, headers={"color": "red", "n": "urgent"})])
+    assert [m.headers["n"] for m in await scan_claim(datasource, selector, mark)] == ["urgent"]
+
+
+async def test_a_finished_scan_examines_only_what_is_new_on_a_local_store(datasource: Datasource) -> None:
+    await datasource.queues.put([msg(i, headers={"color": "blue"}) for i in range(300)])
+    selector, mark = CountingSelector("red"), ScanMark()
+    assert await scan_claim(datasource, selector, mark) == []
+    assert selector.calls == 300
+    await datasource.queues.put([msg("late", headers={"color": "blue"})])
+    assert await scan_claim(datasource, selector, mark) == []
+    if datasource.shared:  # other gateways' puts and requeues cannot be seen: a finished scan starts over (bounded)
+        assert selector.calls == 301
+    else:
+        assert selector.calls == 1  # not the 300 it had already found not matching

@@ -51,6 +51,10 @@ __all__ = ["Session", "Transport"]
 
 log = logging.getLogger("stompgate.session")
 
+# Queued MESSAGE bytes at which a delivery flushes at once rather than at the end of the event-loop turn: small
+# messages still share one socket write, and a burst of large ones never sits twice in memory.
+FLUSH_EARLY_BYTES = 256 * 1024
+
 
 class Transport(Protocol):
     """What a session needs from TCP or WebSocket: buffered writes, close, and read flow control."""
@@ -212,6 +216,13 @@ class Session:
     # ---- to the transport ----
 
     def flush(self) -> None:
+        limit = self.broker.config.max_session_buffer
+        if self.conn.bytes_to_send and not self.conn.closed and self.transport.write_backlog() > limit:
+            # Judged before adding these bytes: the client has not read what earlier writes queued. What was about
+            # to be added is dropped (the connection closes for it; unacked queue messages go back on close).
+            self.conn.data_to_send()
+            self._fail("Slow consumer", f"more than max_session_buffer={limit} bytes are waiting to be read", None)
+            return
         data = self.conn.data_to_send()
         if data:
             self.last_sent = time.monotonic()
@@ -242,7 +253,11 @@ class Session:
         return self.conn.bytes_to_send + self.transport.write_backlog()
 
     async def drained(self) -> None:
+        """Flush, then return once the transport's backlog is below its low-water mark (at once if it never went
+        above its high-water mark). Always yields to the event loop, so a delivery loop can never spin on it."""
+        self.flush()
         await self.transport.drained()
+        await asyncio.sleep(0)
 
     def deliver(self, subscription: Subscription, message: StoredMessage) -> bool:
         """Queue one MESSAGE; False when this connection takes no more (it is failing or closed), so the caller
@@ -261,12 +276,8 @@ class Session:
             body=message.body,
         )
         self.messages_out += 1
-        if self.write_backlog() > self.broker.config.max_session_buffer:
-            self._fail(
-                "Slow consumer",
-                f"more than max_session_buffer={self.broker.config.max_session_buffer} bytes are waiting to be read",
-                None,
-            )
+        if self.conn.bytes_to_send >= FLUSH_EARLY_BYTES:
+            self.flush()  # large deliveries leave at once (and face the slow-consumer check) instead of piling up
         return True
 
     def send_heartbeat(self) -> None:

@@ -171,8 +171,8 @@ class QueueSubscription(Subscription):
             return
         await self._settle_handed_over()
         credit = self._credit_left()
-        if credit <= 0:
-            self._credit.clear()
+        if credit <= 0 or not self.session.accepts_deliveries:  # no room, or the connection is failing: wait
+            self._credit.clear()  # close() and settle() set it
             await self._credit.wait()
             return
         room = WRITE_BUDGET - self.session.write_backlog()

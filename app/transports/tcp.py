@@ -75,8 +75,8 @@ class StompProtocol(asyncio.Protocol):
     def close(self) -> None:
         """Close after what is buffered (an ERROR) reached the client. Closing a socket with unread input makes the
         kernel send RST, which can destroy the ERROR still in flight to the client (rabbitmq-server#6737), so we
-        half-close (FIN after the buffer), keep reading and discarding, and close once the client closes its side or
-        after ``CLOSE_LINGER`` seconds."""
+        half-close (FIN after the buffer), keep reading and discarding, and close once the client closes its side;
+        after ``CLOSE_LINGER`` seconds the socket is aborted whatever is still buffered."""
         transport = self.transport
         if transport is None or self._closed or self._lingering:
             return
@@ -84,9 +84,11 @@ class StompProtocol(asyncio.Protocol):
         if transport.can_write_eof():
             transport.write_eof()
             transport.resume_reading()
-            asyncio.get_running_loop().call_later(CLOSE_LINGER, transport.close)
         else:  # TLS cannot half-close: flush and close
             transport.close()
+        # A client that neither reads nor closes would keep the socket (and its write buffer) forever, since close()
+        # waits for the buffer to drain: after the linger it is aborted.
+        asyncio.get_running_loop().call_later(CLOSE_LINGER, transport.abort)
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closed and not self._lingering:

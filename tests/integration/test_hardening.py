@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -273,3 +274,97 @@ def test_transactions_are_bounded_in_bytes_per_connection_and_in_total(tmp_path:
         finally:
             for c in clients:
                 c.close()
+
+
+# ---- found by review: large topic messages queued but not yet flushed ----
+
+
+def test_a_large_topic_message_pipelined_with_a_queue_send_neither_stalls_nor_spins(raw: Raw, gateway: Gateway) -> None:
+    """A queue subscription woken while a >1 MiB topic MESSAGE sat unflushed on its connection used to spin on the
+    event loop forever (no RECEIPT, no /health)."""
+    topic, queue = q("topic"), q()
+    consumer = raw()
+    consumer.connect()
+    consumer.send(
+        f"SUBSCRIBE\nid:t\ndestination:{topic}\n\n\x00SUBSCRIBE\nid:q\ndestination:{queue}\nreceipt:r\n\n\x00".encode()
+    )
+    assert consumer.read().headers["receipt-id"] == "r"
+    producer = raw()
+    producer.connect()
+    producer.send(send_frame(topic, b"x" * (2 * 1024 * 1024)) + send_frame(queue, b"hello", receipt="p"))
+    assert producer.read(timeout=10).headers["receipt-id"] == "p"
+    got = drain(consumer, 2)
+    assert sorted(f.headers["destination"] for f in got) == sorted([topic, queue])
+    assert httpx.get(f"{gateway.http_url}/health", timeout=5).status_code == 200
+
+
+def test_a_reading_consumer_takes_a_burst_of_large_topic_messages_without_a_slow_consumer_error(raw: Raw) -> None:
+    topic = q("topic")
+    consumer = raw()
+    consumer.connect()
+    consumer.frame("SUBSCRIBE", {"id": "t", "destination": topic, "receipt": "r"})
+    assert consumer.read().headers["receipt-id"] == "r"
+    producer = raw()
+    producer.connect()
+    big = b"x" * 3_900_000
+    burst = b"BEGIN\ntransaction:tx\n\n\x00" + b"".join(send_frame(topic, big, transaction="tx") for _ in range(5))
+    producer.send(burst + b"COMMIT\ntransaction:tx\nreceipt:c\n\n\x00")
+    assert producer.read(timeout=20).headers["receipt-id"] == "c"
+    got = drain(consumer, 5, timeout=20)
+    assert [(f.command, len(f.body)) for f in got] == [("MESSAGE", len(big))] * 5
+
+
+def test_a_durable_subscriber_catching_up_a_backlog_is_paced_not_disconnected(raw: Raw) -> None:
+    topic = q("topic")
+    durable = {"id": "d", "destination": topic, "durable": "true", "ack": "auto"}
+    client_id = "catchup-" + uuid.uuid4().hex[:6]
+    subscriber = raw()
+    subscriber.connect(**{"client-id": client_id})
+    subscriber.frame("SUBSCRIBE", {**durable, "receipt": "s"})
+    assert subscriber.read().headers["receipt-id"] == "s"
+    subscriber.frame("DISCONNECT", {"receipt": "bye"})
+    assert subscriber.read().headers["receipt-id"] == "bye"
+    producer = raw()
+    producer.connect()
+    body = b"y" * 100_000
+    producer.send(b"".join(send_frame(topic, body) for _ in range(200)) + send_frame(topic, b"last", receipt="l"))
+    assert producer.read(timeout=20).headers["receipt-id"] == "l"
+    again = raw()
+    again.connect(**{"client-id": client_id})
+    again.frame("SUBSCRIBE", durable)
+    got = drain(again, 201, timeout=20)
+    assert all(f.command == "MESSAGE" for f in got) and got[-1].body == b"last"
+
+
+def _established_server_sockets(port: int) -> int:
+    """Server-side ESTABLISHED sockets on ``port``, from /proc (state 01); the gateway's own view of the peers."""
+    count = 0
+    with open("/proc/net/tcp") as table:
+        lines = table.read().splitlines()[1:]
+    for line in lines:
+        fields = line.split()
+        if fields[3] == "01" and int(fields[1].split(":")[1], 16) == port:
+            count += 1
+    return count
+
+
+def test_a_slow_consumer_that_never_reads_is_cut_off_after_the_linger(raw: Raw, gateway: Gateway) -> None:
+    """After its ERROR a connection whose client neither reads nor closes used to keep its socket and write buffer
+    forever (close() waits for the buffer): it is aborted after the linger."""
+    topic = q("topic")
+    before = _established_server_sockets(gateway.stomp_port)
+    zombie = raw()
+    zombie.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    zombie.connect()
+    zombie.frame("SUBSCRIBE", {"id": "t", "destination": topic, "receipt": "r"})
+    assert zombie.read().headers["receipt-id"] == "r"
+    producer = raw()
+    producer.connect()
+    body = b"z" * 1_000_000
+    for i in range(30):  # 30 MB for a reader that takes none of it: past max_session_buffer
+        producer.send(send_frame(topic, body, receipt=f"p{i}"))
+        assert producer.read(timeout=20).headers["receipt-id"] == f"p{i}"
+    deadline = time.monotonic() + 15
+    while _established_server_sockets(gateway.stomp_port) > before + 1:  # only the producer's remains
+        assert time.monotonic() < deadline, "the zombie's socket was never closed"
+        time.sleep(0.05)  # polling the event (the socket table), not sleeping in its place

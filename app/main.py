@@ -55,6 +55,7 @@ def broker_config(settings: Settings) -> BrokerConfig:
         max_transactions_per_connection=settings.max_transactions_per_connection,
         max_frames_per_transaction=settings.max_frames_per_transaction,
         max_transaction_bytes=settings.max_transaction_bytes,
+        max_transaction_bytes_per_address=settings.max_transaction_bytes_per_address,
         max_transaction_bytes_total=settings.max_transaction_bytes_total,
         default_prefetch=min(settings.default_prefetch, settings.max_prefetch),
         max_prefetch=settings.max_prefetch,

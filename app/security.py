@@ -175,6 +175,15 @@ def client_address(peer: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
+# An address may fail this many times the per-login limit, over all logins, before it is locked out: room for the
+# typos of many people behind one NAT, none for a sweep through invented login names.
+ADDRESS_FAILURES_FACTOR = 4
+
+
+def _address_key(peer: str | None) -> str | None:
+    return f"address:{client_address(peer)}" if peer else None
+
+
 def _stomp_key(login: str, peer: str | None) -> str:
     """Throttle key of a STOMP login: per login and client address (by login alone when the peer is not known)."""
     return f"login:{login}@{client_address(peer) if peer else ''}"
@@ -195,6 +204,7 @@ class LoginThrottle:
     def __init__(self, max_failures: int, lockout_seconds: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_failures = max_failures
         self.lockout_seconds = lockout_seconds
+        self.clock = clock
         self._clock = clock
         self._entries: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key -> (failures, locked until)
         self._lock = threading.Lock()
@@ -312,6 +322,11 @@ class ConfiguredAuthorizer:
 
     def __init__(self, config: UsersFile, throttle: LoginThrottle, budget: CheckBudget | None = None) -> None:
         self.throttle = throttle
+        # Failures from one address whatever the login: one address cycling through invented login names would
+        # otherwise never be locked out, and could spend the global budget of checks that everyone's logins share.
+        self.address_throttle = LoginThrottle(
+            ADDRESS_FAILURES_FACTOR * throttle.max_failures, throttle.lockout_seconds, throttle.clock
+        )
         self.stats = AuthStats()
         self._users = {
             u.name: _User(Principal(u.name, frozenset(u.roles)), u.passcode_hash, tuple(u.token_hashes)) for u in config.users
@@ -351,10 +366,14 @@ class ConfiguredAuthorizer:
         cache_input = _login_key(login, passcode)
         if user is not None and self._remembered(cache_input) is user.principal:
             self.throttle.succeeded(key)
-            return user.principal
+            return user.principal  # verified before: even from an address locked out as a whole
+        what = f"STOMP login for user {login!r} from {peer or 'an unnamed peer'}"
+        address_key = _address_key(peer)
+        if address_key is not None and self._locked_out(address_key, what, self.address_throttle):
+            return None
         known = user is not None and user.passcode_hash is not None
         hashes = (user.passcode_hash,) if user is not None and user.passcode_hash is not None else self._dummy
-        if not self._spend(key, hashes, f"STOMP login for user {login!r} from {peer or 'an unnamed peer'}"):
+        if not self._spend(key, hashes, what, address_key):
             return None
         matched = any(verify_secret(passcode, hashed) for hashed in hashes)  # the dummy is checked but never counts
         if not (matched and known and user is not None):
@@ -362,6 +381,8 @@ class ConfiguredAuthorizer:
             return None
         self._remember(cache_input, user.principal)
         self.throttle.succeeded(key)
+        if address_key is not None:
+            self.address_throttle.succeeded(address_key)
         return user.principal
 
     def needs_slow_check(self, login: str | None, passcode: str | None, *, peer: str | None = None) -> bool:
@@ -371,6 +392,9 @@ class ConfiguredAuthorizer:
             return False
         user = self._users.get(login)
         if user is not None and self._remembered(_login_key(login, passcode)) is user.principal:
+            return False
+        address_key = _address_key(peer)
+        if address_key is not None and self.address_throttle.locked_for(address_key) > 0:
             return False
         hashed = user.passcode_hash if user is not None and user.passcode_hash is not None else self._dummy[0]
         return _is_bcrypt(hashed)  # unknown users too: their dummy check takes as long (a budget refusal is fast)
@@ -396,8 +420,8 @@ class ConfiguredAuthorizer:
         log.warning("REST token not accepted from %s", peer)
         return None
 
-    def _locked_out(self, key: str, what: str) -> bool:
-        wait = self.throttle.locked_for(key)
+    def _locked_out(self, key: str, what: str, throttle: LoginThrottle | None = None) -> bool:
+        wait = (throttle or self.throttle).locked_for(key)
         if wait <= 0:
             return False
         with self._lock:
@@ -405,15 +429,18 @@ class ConfiguredAuthorizer:
         log.warning("%s refused: locked out for %.1fs after repeated failures", what, wait)
         return True
 
-    def _spend(self, key: str, hashes: tuple[str, ...], what: str) -> bool:
-        """Take the budget for these hashes and count the attempt, both before any bcrypt runs; False if refused."""
+    def _spend(self, key: str, hashes: tuple[str, ...], what: str, address_key: str | None = None) -> bool:
+        """Take the budget for these hashes and count the attempt (per key, and per address when given), all
+        before any bcrypt runs; False if refused."""
         checks = sum(map(_is_bcrypt, hashes))
         if checks and not self.budget.take(checks):
             with self._lock:
                 self.stats.refused_over_budget += 1
             log.warning("%s refused unchecked: the budget of bcrypt checks is spent", what)
             return False
-        if not self.throttle.attempt(key):  # another attempt's count locked it since the first look
+        if not self.throttle.attempt(key) or (
+            address_key is not None and not self.address_throttle.attempt(address_key)
+        ):  # another attempt's count locked it since the first look
             self.budget.refund(checks)
             with self._lock:
                 self.stats.refused_locked += 1

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
         ge=1024,
         description="Bytes (bodies and headers) one connection's open transactions may hold in memory until COMMIT.",
     )
+    max_transaction_bytes_per_address: int = Field(
+        128 * 1024 * 1024,
+        ge=1024,
+        description="Bytes the open transactions of all connections from one client address may hold together.",
+    )
     max_transaction_bytes_total: int = Field(
         512 * 1024 * 1024,
         ge=1024,

@@ -67,6 +67,7 @@ class Broker:
         self.topic_subscriptions: dict[str, set[TopicSubscription]] = defaultdict(set)
         self.durable_in_use: set[str] = set()
         self.transaction_bytes = 0  # held by every session's open transactions (max_transaction_bytes_total)
+        self.transaction_bytes_by_address: dict[str, int] = {}  # the same per client address (..._per_address)
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[str] = Batcher(self._ack_with_retry)

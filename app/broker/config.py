@@ -26,6 +26,9 @@ class BrokerConfig:
     # Bytes of SEND bodies and headers one connection may hold in open transactions (they live in memory until
     # COMMIT): 64 MiB is 16 maximum-size frames, and bounds what a single client can make the gateway hold.
     max_transaction_bytes: int = 64 * 1024 * 1024
+    # The same, summed over the connections from one client address: one host cannot take the whole total below
+    # by opening more connections (it takes four addresses to fill it with the defaults).
+    max_transaction_bytes_per_address: int = 128 * 1024 * 1024
     # The same, summed over every connection of this gateway, so that many clients together cannot exhaust memory.
     max_transaction_bytes_total: int = 512 * 1024 * 1024
     default_prefetch: int = 100  # unacked messages per subscription when the client does not say

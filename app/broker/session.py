@@ -146,6 +146,7 @@ class Session:
         self.broker = broker
         self.transport = transport
         self.peer = peer
+        self.address = peer.rpartition(":")[0] or peer  # the client's IP address, without the port
         self.kind = kind  # "tcp" or "websocket"
         self.id = broker.new_session_id()
         self.conn = ServerConnection(limits=broker.config.limits, server=broker.config.server_name)
@@ -442,6 +443,13 @@ class Session:
                 f"limit max_transaction_bytes={config.max_transaction_bytes}: open transactions of one connection "
                 "may hold no more",
             )
+        held_here = self.broker.transaction_bytes_by_address.get(self.address, 0)
+        if held_here + size > config.max_transaction_bytes_per_address:
+            raise SessionError(
+                "Transaction too large",
+                f"limit max_transaction_bytes_per_address={config.max_transaction_bytes_per_address}: open "
+                f"transactions of the connections from {self.address} may hold no more",
+            )
         if self.broker.transaction_bytes + size > config.max_transaction_bytes_total:
             raise SessionError(
                 "Transaction too large",
@@ -451,12 +459,19 @@ class Session:
         tx.size += size
         self.transaction_bytes += size
         self.broker.transaction_bytes += size
+        self.broker.transaction_bytes_by_address[self.address] = held_here + size
 
     def _end_transaction(self, name: str) -> Transaction | None:
         tx = self.transactions.pop(name, None)
-        if tx is not None:
+        if tx is not None and tx.size:
             self.transaction_bytes -= tx.size
             self.broker.transaction_bytes -= tx.size
+            by_address = self.broker.transaction_bytes_by_address
+            left = by_address.get(self.address, 0) - tx.size
+            if left > 0:
+                by_address[self.address] = left
+            else:
+                by_address.pop(self.address, None)
         return tx
 
     def _end_all_transactions(self) -> None:

@@ -99,3 +99,19 @@ def test_unknown_users_take_as_long_as_known_ones(tmp_path: Path) -> None:
         known.append(seconds("alice", i))
         unknown.append(seconds(f"nobody-{i}", i))
     assert statistics.median(unknown) >= 0.5 * statistics.median(known), (known, unknown)
+
+
+def test_an_address_sweeping_through_invented_logins_is_locked_out_as_a_whole(tmp_path: Path) -> None:
+    """Per-(login, address) keys alone never lock out an address that tries a new login name each time: it could
+    spend the global budget of checks everyone shares. The address as a whole is limited too (four times the
+    per-login threshold), while a login already verified from there still gets in, and other addresses are not hurt."""
+    authorizer = ConfiguredAuthorizer(UsersFile.load(write_users_file(tmp_path)), LoginThrottle(5, 30))
+    assert authorizer.authenticate("alice", "alice-secret", peer="10.0.0.7:1") == ALICE  # verified: remembered
+    checks_before = authorizer.stats.slow_checks
+    for i in range(40):
+        assert authorizer.authenticate(f"nobody-{i}", "guess", peer=f"10.0.0.7:{1000 + i}") is None
+    assert authorizer.stats.slow_checks - checks_before == 20  # 4 x 5 failures, then refused unchecked
+    assert not authorizer.needs_slow_check("bob", "bob-secret", peer="10.0.0.7:2000")  # answered at once
+    assert authorizer.authenticate("bob", "bob-secret", peer="10.0.0.7:2001") is None  # new logins: locked
+    assert authorizer.authenticate("alice", "alice-secret", peer="10.0.0.7:2002") == ALICE  # remembered: in
+    assert authorizer.authenticate("bob", "bob-secret", peer="10.0.0.8:1") is not None  # another address: in

@@ -368,3 +368,32 @@ def test_a_slow_consumer_that_never_reads_is_cut_off_after_the_linger(raw: Raw, 
     while _established_server_sockets(gateway.stomp_port) > before + 1:  # only the producer's remains
         assert time.monotonic() < deadline, "the zombie's socket was never closed"
         time.sleep(0.05)  # polling the event (the socket table), not sleeping in its place
+
+
+def test_one_address_cannot_take_the_whole_transaction_memory(tmp_path: Path) -> None:
+    limits = ["--max-transaction-bytes", "100000", "--max-transaction-bytes-per-address", "130000"]
+    clients: list[RawClient] = []
+    with run_gateway(tmp_path, extra=limits) as gw:
+        dest = q()
+
+        def in_transaction(source: str) -> RawClient:
+            c = RawClient.__new__(RawClient)
+            c.sock = socket.create_connection(("127.0.0.1", gw.stomp_port), timeout=10, source_address=(source, 0))
+            c.buffer = b""
+            clients.append(c)
+            c.connect()
+            c.send(b"BEGIN\ntransaction:t\n\n\x00" + send_frame(dest, b"x" * 60_000, transaction="t", receipt="s"))
+            assert c.read().headers["receipt-id"] == "s"
+            return c
+
+        try:
+            first = in_transaction("127.0.0.1")
+            in_transaction("127.0.0.1")  # 120,000 held from 127.0.0.1
+            first.send(send_frame(dest, b"y" * 20_000, transaction="t", receipt="over"))
+            error = first.read()
+            assert error.headers["message"] == "Transaction too large"
+            assert "max_transaction_bytes_per_address=130000" in error.body.decode()
+            in_transaction("127.0.0.2")  # another address still has room
+        finally:
+            for c in clients:
+                c.close()

@@ -271,30 +271,37 @@ def test_a_first_login_is_checked_off_the_event_loop(tmp_path: Path) -> None:
 
 def test_a_durable_subscription_belongs_to_its_login_not_to_a_client_id(secured: Gateway) -> None:
     """Another login that borrows root's client-id reaches a subscription of its own, never root's messages."""
+    source = "127.0.0.9"  # an address of its own: the lockout tests above fail many logins from 127.0.0.1
     topic = f"/topic/durable-owner-{time.monotonic_ns()}"
+    clients: list[RawClient] = []
+
+    def connected(login: str, passcode: str, **headers: str) -> RawClient:
+        client = raw_from(source, secured)
+        clients.append(client)
+        client.connect(login=login, passcode=passcode, **headers)
+        return client
 
     def durable(login: str, passcode: str) -> RawClient:
-        client = RawClient(secured.stomp_port)
-        client.connect(login=login, passcode=passcode, **{"client-id": "rootapp"})
+        client = connected(login, passcode, **{"client-id": "rootapp"})
         client.frame("SUBSCRIBE", {"id": "1", "destination": topic, "durable": "true", "ack": "client", "receipt": "s"})
         assert client.read().headers["receipt-id"] == "s"
         return client
 
-    owner = durable("root", "root-secret")
-    owner.frame("DISCONNECT", {"receipt": "bye"})
-    assert owner.read().headers["receipt-id"] == "bye"
-    owner.close()
-    producer = RawClient(secured.stomp_port)
-    producer.connect(login="alice", passcode="alice-secret")
-    for i in range(5):
-        producer.frame("SEND", {"destination": topic, "receipt": f"r{i}"}, f"for root {i}".encode())
-        assert producer.read().headers["receipt-id"] == f"r{i}"
-    thief = durable("alice", "alice-secret")
-    producer.frame("SEND", {"destination": topic, "receipt": "m"}, b"marker")
-    assert producer.read().headers["receipt-id"] == "m"
-    assert thief.read().body == b"marker"  # her own, new subscription: root's five are not hers
-    thief.close()
-    owner = durable("root", "root-secret")
-    assert [owner.read().body for _ in range(6)] == [f"for root {i}".encode() for i in range(5)] + [b"marker"]
-    owner.close()
-    producer.close()
+    try:
+        owner = durable("root", "root-secret")
+        owner.frame("DISCONNECT", {"receipt": "bye"})
+        assert owner.read().headers["receipt-id"] == "bye"
+        producer = connected("alice", "alice-secret")
+        for i in range(5):
+            producer.frame("SEND", {"destination": topic, "receipt": f"r{i}"}, f"for root {i}".encode())
+            assert producer.read().headers["receipt-id"] == f"r{i}"
+        thief = durable("alice", "alice-secret")
+        producer.frame("SEND", {"destination": topic, "receipt": "m"}, b"marker")
+        assert producer.read().headers["receipt-id"] == "m"
+        assert thief.read().body == b"marker"  # her own, new subscription: root's five are not hers
+        thief.close()
+        owner = durable("root", "root-secret")
+        assert [owner.read().body for _ in range(6)] == [f"for root {i}".encode() for i in range(5)] + [b"marker"]
+    finally:
+        for client in clients:
+            client.close()

@@ -106,7 +106,9 @@ SecretHash = Annotated[str, AfterValidator(_secret_hash)]
 class UserEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
+    # No '/' (it separates the login from the client-id and subscription id in durable subscription names, so a
+    # login "alice/b" could reach alice's subscriptions), no ':' and no control characters (STOMP 1.0 headers).
+    name: str = Field(min_length=1, max_length=256, pattern=r"^[^/:\x00-\x1f\x7f]+$")
     passcode_hash: SecretHash | None = None
     token_hashes: list[SecretHash] = []
     roles: list[str] = []

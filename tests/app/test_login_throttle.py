@@ -9,8 +9,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+from pydantic import ValidationError
+
 from app.broker.auth import Principal
-from app.security import CheckBudget, ConfiguredAuthorizer, LoginThrottle, UsersFile, hash_secret
+from app.security import CheckBudget, ConfiguredAuthorizer, LoginThrottle, UserEntry, UsersFile, hash_secret
 from tests.app.api.users import write_users_file
 
 ALICE = Principal("alice", frozenset({"producer"}))  # as write_users_file makes her
@@ -115,3 +118,10 @@ def test_an_address_sweeping_through_invented_logins_is_locked_out_as_a_whole(tm
     assert authorizer.authenticate("bob", "bob-secret", peer="10.0.0.7:2001") is None  # new logins: locked
     assert authorizer.authenticate("alice", "alice-secret", peer="10.0.0.7:2002") == ALICE  # remembered: in
     assert authorizer.authenticate("bob", "bob-secret", peer="10.0.0.8:1") is not None  # another address: in
+
+
+def test_a_login_name_that_could_alias_a_durable_subscription_is_refused(tmp_path: Path) -> None:
+    for name in ("alice/b", "a:b", "a\nb"):
+        with pytest.raises(ValidationError):
+            UserEntry(name=name, passcode_hash=None)
+    assert UserEntry(name="alice.b@example", passcode_hash=None).name == "alice.b@example"

@@ -194,6 +194,11 @@ class ScanBook:
     def requeue(self, destination: str) -> None:
         self._book(destination).epoch += 1
 
+    def requeue_all(self) -> None:
+        """Any destination may have had messages put back (a rolled-back batch of claims)."""
+        for book in self._books.values():
+            book.epoch += 1
+
     def resume_after(self, destination: str, mark: ScanMark) -> tuple[int, int] | None:
         """Where a claim with ``mark`` starts: after ``mark.after`` while nothing made it stale, else the beginning."""
         if mark.after is None:

@@ -183,6 +183,9 @@ class _Store:
         self._closing = False
         # writer-thread state (only touched by the writer thread)
         self.lease_floor: dict[str, int] = {}  # destination -> a lower bound of its earliest lease_until
+        # Called in the writer thread after a rolled-back batch: claims answered early are undone, so their messages
+        # are ready again, and whoever waits or scans must look again.
+        self.on_rollback: list[Callable[[], None]] = []
         self.swept_at: dict[str, float] = {}  # destination -> monotonic time of the last expired-message sweep
         # owner -> destinations it claimed from since it last renewed nothing there; lets renew use the claim index
         # (destination, state) instead of an owner index that every claim and ack would have to maintain
@@ -212,6 +215,10 @@ class _Store:
             ) from exc
         self._loop = loop
         self._task = loop.create_task(self._writer_loop(), name="sqlite-writer")
+
+    def call_on_loop(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the event loop (from the writer thread)."""
+        self._loop.call_soon_threadsafe(callback)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -364,6 +371,8 @@ class _Store:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             self.lease_floor.clear()  # may describe rolled-back claims; forgetting it is always safe
+            for hook in self.on_rollback:
+                hook()
             if len(batch) == 1:
                 return [(False, _translate(exc))]
             # Isolate the failing call. An early op already answered is not run again: its claim was rolled back, so
@@ -411,6 +420,7 @@ class SqlitePollQueue(PollQueue):
         self._store = store
         self._signals = Signals()
         self._scans = ScanBook()  # touched only in the writer thread, with the writes and claims it tracks
+        store.on_rollback.append(self._rolled_back)
         m = store.messages
         self._sql_put = (
             f"INSERT INTO {m} (message_id, destination, priority, expires_at, published_at, headers, body) "
@@ -437,6 +447,11 @@ class SqlitePollQueue(PollQueue):
         self._sql_peek = f"SELECT {_MSG_COLUMNS} FROM {m} WHERE {_READY_OR_LAPSED} ORDER BY priority DESC, seq"
 
     # -- writer-thread helpers -------------------------------------------------------------------------------------
+    def _rolled_back(self) -> None:
+        """Claims answered early may have been undone: every scan looks again and every waiter is woken."""
+        self._scans.requeue_all()
+        self._store.call_on_loop(self._signals.notify_all)
+
     def _requeue_lapsed(self, conn: sqlite3.Connection, destination: str, now_ms: int) -> None:
         store = self._store
         floor = store.lease_floor.get(destination)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from app.datasources.interface import Datasource, DatasourceError, DatasourceOptions, NewMessage, Release
+from app.datasources.interface import Datasource, DatasourceError, DatasourceOptions, NewMessage, Release, ScanMark
 from app.datasources.registry import open_datasource
 from app.datasources.sqlite import SqliteDatasource, database_path
 
@@ -235,5 +235,28 @@ async def test_follow_from_none_starts_where_follow_was_called(tmp_path: Path, u
         event = await asyncio.wait_for(anext(follower), 5)
         assert getattr(event, "position", None) == position
         await follower.aclose()  # type: ignore[attr-defined]
+    finally:
+        await ds.close()
+
+
+async def test_a_rolled_back_claim_wakes_waiters_and_restarts_scans(tmp_path: Path) -> None:
+    """A claim is answered before its batch commits; when the batch then rolls back, the claimed messages are ready
+    again. A consumer waiting for work (whose idle wait can be a whole lease period) is woken, and a selector scan
+    that had gone past them looks again."""
+    ds = await open_db(tmp_path / "d.db")
+    try:
+        await ds.queues.put([msg(1)])
+        token = ds.queues.wake_token(Q)
+        results = await asyncio.gather(
+            ds.queues.claim(Q, owner="a", limit=1, lease_ms=60_000, now_ms=NOW),  # answered early...
+            ds.queues.put([msg(2), msg(1)]),  # ...then this duplicate id fails the batch: all of it rolls back
+            return_exceptions=True,
+        )
+        assert [m.message_id for m in results[0]] == ["m1"]  # type: ignore[union-attr]
+        assert isinstance(results[1], DatasourceError)
+        await asyncio.wait_for(ds.queues.wait(Q, 60.0, token), 5.0)  # woken, not left to the 60 s idle wait
+        mark = ScanMark()
+        claimed = await ds.queues.claim(Q, owner="b", limit=1, lease_ms=1, now_ms=NOW, selector=lambda h: False, scan=mark)
+        assert claimed == [] and mark.after is not None and not mark.more
     finally:
         await ds.close()

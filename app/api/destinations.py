@@ -31,7 +31,7 @@ from app.broker.broker import Broker
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
 from app.broker.messages import HeaderError
 from app.broker.selectors import SelectorError, compile_selector
-from app.datasources.interface import StoredMessage
+from app.datasources.interface import PEEK_SCAN_LIMIT, StoredMessage
 
 __all__ = ["router", "destination_infos"]
 
@@ -285,7 +285,14 @@ async def peek_messages(
     principal: CurrentPrincipal,
     limit: Annotated[int, Query(ge=1, le=MAX_PEEK, description="Messages to return.")] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000, description="Messages to skip first.")] = 0,
-    selector: Annotated[str | None, Query(max_length=4096, description="Only messages whose headers match.")] = None,
+    selector: Annotated[
+        str | None,
+        Query(
+            max_length=4096,
+            description=f"Only messages whose headers match; the first {PEEK_SCAN_LIMIT:,} messages of the backlog "
+            "are examined.",
+        ),
+    ] = None,
 ) -> list[QueuedMessage]:
     destination = _destination(kind, name)
     _queue_only(destination)

@@ -28,6 +28,7 @@ __all__ = [
     "ScanMark",
     "ScanBook",
     "SCAN_BUDGET",
+    "PEEK_SCAN_LIMIT",
     "TailQueue",
     "Datasource",
     "DatasourceOptions",
@@ -148,6 +149,9 @@ class Signals:
 # backlog of messages that do not match costs a subscription a bounded amount per turn, and never holds up the
 # writes of other clients for longer than that.
 SCAN_BUDGET = 512
+# Messages a peek with a selector examines at most (about 0.2 s of decoding and matching): an inspection request
+# that filters a deep backlog answers from its first part instead of decoding all of it while others wait.
+PEEK_SCAN_LIMIT = 20_000
 
 
 @dataclass(slots=True)
@@ -276,7 +280,8 @@ class PollQueue(abc.ABC):
     async def peek(
         self, destination: str, *, limit: int, offset: int = 0, now_ms: int, selector: HeaderFilter | None = None
     ) -> list[StoredMessage]:
-        """The backlog in delivery order, without claiming anything."""
+        """The backlog in delivery order, without claiming anything, from ``offset`` (counted among the matching
+        ones with a selector). With a ``selector``, only the first ``PEEK_SCAN_LIMIT`` messages are examined."""
 
     @abc.abstractmethod
     async def destinations(self) -> list[str]:

@@ -33,6 +33,7 @@ from app.datasources.interface import (
     StoredMessage,
     TailEvent,
     TailQueue,
+    PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
 )
 
@@ -275,7 +276,7 @@ class MemoryPollQueue(PollQueue):
     ) -> list[StoredMessage]:
         backlog = self._backlog(destination, now_ms)
         if selector is not None:
-            backlog = [r for r in backlog if selector(r.headers)]
+            backlog = [r for r in backlog[:PEEK_SCAN_LIMIT] if selector(r.headers)]
         return [r.stored() for r in backlog[offset : offset + limit]]
 
     async def destinations(self) -> list[str]:

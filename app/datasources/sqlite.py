@@ -60,6 +60,7 @@ from app.datasources.interface import (
     StoredMessage,
     TailEvent,
     TailQueue,
+    PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
 )
 
@@ -697,7 +698,7 @@ class SqlitePollQueue(PollQueue):
                 return [_message(row) for row in rows]
             out: list[StoredMessage] = []
             skip = offset
-            cursor = conn.execute(sql, (destination, now_ms, now_ms))
+            cursor = conn.execute(sql + " LIMIT ?", (destination, now_ms, now_ms, PEEK_SCAN_LIMIT))
             while len(out) < limit:
                 batch = cursor.fetchmany(SCAN_BATCH)
                 if not batch:

@@ -70,6 +70,7 @@ from app.datasources.interface import (
     PollQueue,
     ScanMark,
     SCAN_BUDGET,
+    PEEK_SCAN_LIMIT,
     QueueStats,
     Release,
     Signals,
@@ -782,17 +783,18 @@ class MongoPollQueue(PollQueue):
     ) -> list[StoredMessage]:
         if limit <= 0:
             return []
+        scanned = {"limit": PEEK_SCAN_LIMIT}  # with a selector: the first PEEK_SCAN_LIMIT, filtered here
         with unavailable_on_disconnect("peek"):
             wrapped = self._wrapped.get(destination)
             if wrapped is not None:
-                paging: dict[str, int] = {"skip": offset, "limit": limit} if selector is None else {}
+                paging: dict[str, int] = {"skip": offset, "limit": limit} if selector is None else scanned
                 docs = await self._wrapped_coll(wrapped.collection).find_list(
                     {"$and": [dict(wrapped.filter), _wrapped_ready(now_ms)]}, sort=[("_id", 1)], **paging
                 )
                 messages = [self._wrapped_message(wrapped, d) for d in docs]
             else:
                 query = {"destination": destination, "expires_at": {"$gt": now_ms}, **_ready(now_ms)}
-                paging = {"skip": offset, "limit": limit} if selector is None else {}
+                paging = {"skip": offset, "limit": limit} if selector is None else scanned
                 docs = await self._coll.find_list(query, sort=SORT, **paging)
                 messages = [stored_from_doc(d, seq_field="seq") for d in docs]
         if selector is None:

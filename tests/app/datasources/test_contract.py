@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Mapping
 import pytest
 
 from app.datasources.interface import (
+    PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
     Datasource,
     Gap,
@@ -498,3 +499,11 @@ async def test_a_finished_scan_examines_only_what_is_new_on_a_local_store(dataso
         assert selector.calls == 301
     else:
         assert selector.calls == 1  # not the 300 it had already found not matching
+
+
+async def test_a_peek_with_a_selector_examines_a_bounded_part_of_the_backlog(datasource: Datasource) -> None:
+    await datasource.queues.put([msg(i, headers={"color": "blue"}) for i in range(PEEK_SCAN_LIMIT + 5)])
+    await datasource.queues.put([msg("deep", headers={"color": "red"})])
+    selector = CountingSelector("red")
+    peeked = await datasource.queues.peek(Q, limit=10, now_ms=NOW, selector=selector)
+    assert peeked == [] and selector.calls <= PEEK_SCAN_LIMIT

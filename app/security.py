@@ -469,6 +469,9 @@ class ConfiguredAuthorizer:
 
     # ---- permissions ----
 
+    def is_login(self, name: str) -> bool:
+        return name in self._users
+
     def can_read(self, principal: Principal, destination: str) -> bool:
         return is_admin(principal) or self._allowed(self._read, principal, destination)
 

@@ -42,6 +42,9 @@ class Authorizer(Protocol):
 
     def can_write(self, principal: Principal, destination: str) -> bool: ...
 
+    def is_login(self, name: str) -> bool:
+        """True when ``name`` is a configured login (a ``client-id`` naming another login is refused)."""
+
 
 class TokenAuthorizer(Authorizer, Protocol):
     """An authorizer that also accepts REST bearer tokens; ``peer`` (the client address) keys failed-login throttling."""
@@ -71,3 +74,6 @@ class AllowAll:
 
     def can_write(self, principal: Principal, destination: str) -> bool:
         return True
+
+    def is_login(self, name: str) -> bool:
+        return False

@@ -28,6 +28,7 @@ from app.api.models import (
 )
 from app.api.rates import DELIVERED_COUNTER, PUBLISHED_COUNTER, RateTracker
 from app.broker.broker import Broker
+from app.broker.metrics import OTHER
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
 from app.broker.messages import HeaderError
 from app.broker.selectors import SelectorError, compile_selector
@@ -203,7 +204,8 @@ async def destination_infos(request: Request, only: Destination | None = None) -
     if only is not None:
         names = {str(only)}
     else:
-        names = set(await broker.datasource.queues.destinations()) | set(consumers) | {d for _, d in rates}
+        # OTHER is the traffic of the destinations past the metrics cap, not a destination (theirs read 0 rates).
+        names = set(await broker.datasource.queues.destinations()) | set(consumers) | {d for _, d in rates if d != OTHER}
     now_ms = broker.now_ms()
     infos = []
     for text in sorted(names):

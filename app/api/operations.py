@@ -38,6 +38,11 @@ async def ready(request: Request) -> Readiness:
     if not broker.accepting:
         raise ProblemError(503, "unavailable", "the gateway is shutting down", headers={"Retry-After": RETRY_AFTER_SECONDS})
     await broker.datasource.ping()  # DatasourceUnavailable becomes a 503 problem
+    failing = broker.health.failing()
+    if failing:  # a background loop keeps failing (lease renewal, the topic follower, ...): not fit for traffic
+        detail = "; ".join(f"{name}: {error}" for name, error in sorted(failing.items()))
+        headers = {"Retry-After": RETRY_AFTER_SECONDS}
+        raise ProblemError(503, "unavailable", f"background work is failing: {detail}", headers=headers)
     return Readiness(status="ready")
 
 
@@ -72,10 +77,18 @@ async def metrics(request: Request, principal: MetricsPrincipal) -> Response:
     up = GaugeMetricFamily("stompgate_datasource_up", "1 when the datasource answered this scrape, else 0")
     try:
         now_ms = broker.now_ms()
-        for destination in sorted(await broker.datasource.queues.destinations()):
+        queues = sorted(await broker.datasource.queues.destinations())
+        # Bounded like the counters: past metrics_max_destinations, queues are summed under destination="_other".
+        labels = broker.metrics.gauge_labels(queues)
+        totals: dict[str, list[int]] = {}  # label -> [ready, unacked]
+        for destination in queues:
             stats = await broker.datasource.queues.stats(destination, now_ms=now_ms)
-            depth.add_metric([destination], stats.ready)
-            unacked.add_metric([destination], stats.unacked)
+            total = totals.setdefault(labels[destination], [0, 0])
+            total[0] += stats.ready
+            total[1] += stats.unacked
+        for label, (ready, unacked_count) in totals.items():
+            depth.add_metric([label], ready)
+            unacked.add_metric([label], unacked_count)
         up.add_metric([], 1)
     except DatasourceUnavailable:
         up.add_metric([], 0)

@@ -3,6 +3,11 @@
 A sampler (started by the API's lifespan, one per app) reads the counters every ``interval`` seconds and keeps the
 samples of the last ``window`` seconds in memory. A rate is (value now - value at the oldest sample in the window) /
 elapsed time. A counter that went down (a new broker in the same app) restarts the window.
+
+The counters are bounded (``BrokerMetrics.max_destinations``): a destination past the cap has no series of its own,
+its traffic is under ``destination="_other"`` (``OTHER``, which names no destination), so its own rates read 0. A
+series the broker forgets (a destination gone idle) just leaves the samples instead of restarting everyone's window;
+should it come back, its rate counts from its new zero.
 """
 
 from __future__ import annotations
@@ -47,7 +52,8 @@ class RateTracker:
 
     def record(self, values: Values) -> None:
         now = self._clock()
-        if self._samples and any(values.get(key, 0.0) < old for key, old in self._samples[-1][1].items()):
+        last = self._samples[-1][1] if self._samples else {}
+        if any(key in values and values[key] < old for key, old in last.items()):
             self._samples.clear()  # counters were reset
         self._samples.append((now, values))
         while len(self._samples) > 1 and now - self._samples[0][0] > self.window:
@@ -65,9 +71,14 @@ class RateTracker:
         elapsed = now - start
         if elapsed <= 0:
             return {}
-        return {key: max(0.0, value - old.get(key, 0.0)) / elapsed for key, value in current.items()}
+        return {key: _increase(old.get(key, 0.0), value) / elapsed for key, value in current.items()}
 
     async def run(self, registry: CollectorRegistry) -> None:
         while True:
             self.sample(registry)
             await asyncio.sleep(self.interval)
+
+
+def _increase(old: float, value: float) -> float:
+    """A counter below its old value was forgotten and started again within the window: all it holds is new."""
+    return value - old if value >= old else value

@@ -18,10 +18,11 @@ from app.broker.destinations import parse_destination
 from app.broker.messages import new_message
 from app.broker.metrics import BrokerMetrics
 from app.broker.session import Session
+from app.broker.futures import chain
+from app.broker.supervision import BackgroundHealth, supervise
 from app.broker.subscriptions import TopicSubscription
 from app.datasources.interface import (
     Datasource,
-    DatasourceUnavailable,
     NewMessage,
     Published,
     Release,
@@ -32,6 +33,7 @@ __all__ = ["Broker", "Refusal"]
 
 log = logging.getLogger("stompgate.broker")
 
+TICK_S = 0.25  # the heart-beat and login-timeout timer
 ACK_ATTEMPTS = 5  # tries of one ACK batch against a failing database (about 0.75 s of back-off in all)
 
 
@@ -55,7 +57,7 @@ class Broker:
         self.datasource = datasource
         self.config = config or BrokerConfig()
         self.authorizer: Authorizer = authorizer or AllowAll()
-        self.metrics = metrics or BrokerMetrics()
+        self.metrics = metrics or BrokerMetrics(max_destinations=self.config.metrics_max_destinations)
         # Unique per process start: message ids are "<gateway>-<n>", unique across gateways sharing a database.
         self.gateway_id = secrets.token_hex(6)
         self._message_counter = itertools.count(1)
@@ -67,11 +69,14 @@ class Broker:
         self.topic_subscriptions: dict[str, set[TopicSubscription]] = defaultdict(set)
         self.durable_in_use: set[str] = set()
         self.transaction_bytes = 0  # held by every session's open transactions (max_transaction_bytes_total)
+        self.health = BackgroundHealth(on_change=self._background_changed)
+        self._topic_position: int | None = None  # the topic follower's place, kept across its restarts
         self.transaction_bytes_by_address: dict[str, int] = {}  # the same per client address (..._per_address)
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[str] = Batcher(self._ack_with_retry)
         self._cursor_saves: dict[str, int] = {}
+        self._cursor_saved: asyncio.Future[None] | None = None  # completes when the pending saves are stored
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self.accepting = True
@@ -81,10 +86,19 @@ class Broker:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        health = self.health
+        renew_every = max(self.config.lease_ms / 3000, 0.5)
+        sweep_every = min(60.0, self.config.metrics_idle_seconds / 10)  # a slot comes back at most 10% late
         self._background = [
-            loop.create_task(self._follow_topics(), name="topic follower"),
-            loop.create_task(self._tick(), name="heart-beats and timeouts"),
-            loop.create_task(self._renew_leases(), name="lease renewal"),
+            loop.create_task(supervise("topic follower", self._follow_topics, health), name="topic follower"),
+            loop.create_task(supervise("heart-beat tick", self._tick, health, every=TICK_S), name="heart-beat tick"),
+            loop.create_task(
+                supervise("lease renewal", self._renew_leases, health, every=renew_every), name="lease renewal"
+            ),
+            loop.create_task(
+                supervise("metric slots", self.forget_idle_destinations, health, every=sweep_every),
+                name="metric slots",
+            ),
         ]
 
     async def stop(self) -> None:
@@ -239,6 +253,25 @@ class Broker:
     def metrics_delivered(self, destination: str, count: int) -> None:
         self.metrics.delivered(destination, count)
 
+    async def forget_idle_destinations(self) -> None:
+        """Give back the metric slots (config.metrics_max_destinations) of destinations that look gone: no publish or
+        delivery here for config.metrics_idle_seconds, no subscriber here and, for a queue, no stored message. One
+        step, run by ``supervise``."""
+        idle_for = self.config.metrics_idle_seconds
+        idle = self.metrics.idle_destinations(idle_for)
+        if not idle:
+            return
+        subscribed = {sub.destination_text for s in list(self.sessions.values()) for sub in list(s.subscriptions.values())}
+        now_ms = self.now_ms()
+        for destination in idle:
+            if destination in subscribed:
+                continue
+            if parse_destination(destination).kind == "queue":
+                stats = await self.datasource.queues.stats(destination, now_ms=now_ms)
+                if stats.ready or stats.unacked:
+                    continue
+            self.metrics.forget(destination, idle_for=idle_for)  # unless it had traffic during the await
+
     # ---- topics ----
 
     def add_topic_subscription(self, sub: TopicSubscription) -> None:
@@ -252,72 +285,96 @@ class Broker:
                 del self.topic_subscriptions[sub.destination_text]
 
     async def _follow_topics(self) -> None:
-        """One follower per gateway: every topic message, from wherever it was published, fans out locally."""
-        after: int | None = None
-        while True:
-            try:
-                if after is None:
-                    after = await self.datasource.topics.last_position()
-                async for event in self.datasource.topics.follow(after=after):
-                    if not isinstance(event, Published):
-                        log.warning("topic follower: messages %d..%d were lost", event.expected, event.oldest - 1)
+        """One follower per gateway: every topic message, from wherever it was published, fans out locally. Run by
+        ``supervise``: after a failure it starts again from the last position it handed out."""
+        if self._topic_position is None:
+            self._topic_position = await self.datasource.topics.last_position()
+        async for event in self.datasource.topics.follow(after=self._topic_position):
+            if not isinstance(event, Published):
+                log.warning("topic follower: messages %d..%d were lost", event.expected, event.oldest - 1)
+                continue
+            self._topic_position = event.position
+            subs = self.topic_subscriptions.get(event.message.destination)
+            if subs:
+                for sub in list(subs):
+                    try:
+                        sub.offer(event)
+                    except Exception:  # one subscriber's failure must not cost the others this message
+                        log.exception("topic subscription %s failed on a delivery; closing its session", sub.id)
+                        sub.session.close_with_error("Delivery failed", "the gateway could not deliver a message")
                         continue
-                    after = event.position
-                    subs = self.topic_subscriptions.get(event.message.destination)
-                    if subs:
-                        for sub in list(subs):
-                            sub.offer(event)
-                            sub.session.flush_soon()
-                        self.metrics.delivered(event.message.destination, len(subs))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # keep fanning out after a database hiccup, from where we were
-                log.warning("topic follower restarting after: %r", exc)
-                await asyncio.sleep(0.5)
+                    sub.session.flush_soon()
+                self.metrics.delivered(event.message.destination, len(subs))
+            self.health.succeeded("topic follower")  # it is alive and delivering
 
-    def save_cursor_soon(self, name: str, position: int) -> None:
+    def save_cursor_soon(self, name: str, position: int) -> asyncio.Future[None]:
+        """Save a durable subscription's position with the next batch of saves (within 50 ms); the future completes
+        once it is stored (a durable ACK's RECEIPT waits for it)."""
         first = not self._cursor_saves
         self._cursor_saves[name] = position
+        if self._cursor_saved is None:
+            self._cursor_saved = asyncio.get_running_loop().create_future()
         if first:
             asyncio.get_running_loop().call_later(0.05, lambda: self.spawn(self._flush_cursors()))
+        return self._cursor_saved
 
     async def _flush_cursors(self) -> None:
         saves, self._cursor_saves = self._cursor_saves, {}
+        saved, self._cursor_saved = self._cursor_saved, None
+        try:
+            await self._save_cursors(saves)
+        except BaseException:
+            if saved is not None:  # still pending: it completes with the retry
+                if self._cursor_saved is None:
+                    self._cursor_saved = saved
+                else:
+                    chain(self._cursor_saved, saved)
+            raise
+        if saved is not None and not saved.done():
+            saved.set_result(None)
+
+    async def _save_cursors(self, saves: dict[str, int]) -> None:
         for name, position in saves.items():
-            await self.datasource.topics.save_cursor(name, position)
+            try:
+                await self.datasource.topics.save_cursor(name, position)
+            except Exception:
+                # Keep these positions (unless a newer one came meanwhile; saving one twice is harmless) and try
+                # again shortly: a durable subscriber must not silently lose its place.
+                for later, later_position in saves.items():
+                    self._cursor_saves.setdefault(later, later_position)
+                self.health.failed("cursor saves", RuntimeError(f"saving {name!r} failed"))
+                if self.accepting:
+                    asyncio.get_running_loop().call_later(1.0, lambda: self.spawn(self._flush_cursors()))
+                raise
+        self.health.succeeded("cursor saves")
 
     # ---- timers ----
 
+    def _background_changed(self, name: str, failing: bool) -> None:
+        self.metrics.background_failing.labels(name).set(1 if failing else 0)
+
     async def _tick(self) -> None:
-        """Heart-beats both ways and the login timeout, for every session, from one timer."""
-        while True:
-            await asyncio.sleep(0.25)
-            now = time.monotonic()
-            for session in list(self.sessions.values()):
-                if session.finished:
-                    continue
-                plan = session.heartbeat
-                if plan is None:
-                    if now - session.opened_at > self.config.login_timeout:
-                        session.close_with_error(
-                            "Login timeout", f"no CONNECT within login_timeout={self.config.login_timeout}s"
-                        )
-                    continue
-                if plan.peer_dead(session.last_received, now):
-                    self.metrics.error("heart-beat timeout")
-                    session.close_with_error("Heart-beat timeout", "no frame or heart-beat received in time")
-                elif plan.send_due(session.last_sent, now):
-                    session.send_heartbeat()
+        """Heart-beats both ways and the login timeout, for every session: one step of the timer ``supervise`` runs
+        every ``TICK_S``."""
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if session.finished:
+                continue
+            plan = session.heartbeat
+            if plan is None:
+                if now - session.opened_at > self.config.login_timeout:
+                    session.close_with_error("Login timeout", f"no CONNECT within login_timeout={self.config.login_timeout}s")
+                continue
+            if plan.peer_dead(session.last_received, now):
+                self.metrics.error("heart-beat timeout")
+                session.close_with_error("Heart-beat timeout", "no frame or heart-beat received in time")
+            elif plan.send_due(session.last_sent, now):
+                session.send_heartbeat()
 
     async def _renew_leases(self) -> None:
-        """Keep the leases of our in-flight messages alive, so only a dead gateway's messages come back."""
-        interval = max(self.config.lease_ms / 3000, 0.5)
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await self.datasource.queues.renew(self.gateway_id, lease_ms=self.config.lease_ms, now_ms=self.now_ms())
-            except DatasourceUnavailable as exc:
-                log.warning("lease renewal failed: %s", exc)
+        """Keep the leases of our in-flight messages alive, so only a dead gateway's messages come back. One step:
+        ``supervise`` runs it every lease/3 and retries any failure, whatever its kind."""
+        await self.datasource.queues.renew(self.gateway_id, lease_ms=self.config.lease_ms, now_ms=self.now_ms())
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

@@ -43,3 +43,8 @@ class BrokerConfig:
     claim_batch: int = 256  # most messages one claim round trip may take for one subscription
     shutdown_grace: float = 5.0  # seconds a stopping gateway waits for receipts in flight before closing sessions
     server_name: str = "stompgate/0.1.0"
+    # Destinations with Prometheus series of their own; the rest share destination="_other" (see BrokerMetrics).
+    metrics_max_destinations: int = 1_000
+    # A destination with no publish or delivery here for this long, no subscriber here and no stored message gives
+    # its metric slot back (Broker.forget_idle_destinations): long enough that a quiet but live one keeps its series.
+    metrics_idle_seconds: float = 600.0

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from app.broker.auth import ANONYMOUS, Principal
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
+from app.broker.futures import chain
 from app.broker.messages import HeaderError, delivery_headers
 from app.broker.selectors import SelectorError, compile_selector
 from app.broker.subscriptions import (
@@ -422,12 +423,12 @@ class Session:
     def _submit_sends(self) -> None:
         if self._pending_acks is not None:
             (ids, placeholder), self._pending_acks = self._pending_acks, None
-            _chain(self.broker.ack_nowait(ids), placeholder)
+            chain(self.broker.ack_nowait(ids), placeholder)
         if not self._pending_sends:
             return
         groups, self._pending_sends = self._pending_sends, {}
         for kind, (messages, placeholder) in groups.items():
-            _chain(self.broker.publish_nowait(messages, kind), placeholder)
+            chain(self.broker.publish_nowait(messages, kind), placeholder)
 
     def _transaction(self, name: str) -> Transaction:
         tx = self.transactions.get(name)
@@ -511,8 +512,10 @@ class Session:
 
     def _settle(self, sub: Subscription, message_ids: list[str], how: Release | None) -> asyncio.Future[None] | None:
         settled = sub.settle(message_ids)
+        if isinstance(sub, DurableTopicSubscription):
+            return sub.saved  # the RECEIPT waits until the moved position is stored
         if not isinstance(sub, QueueSubscription):
-            return None  # topic deliveries have nothing to delete; durable ones moved their cursor in settle()
+            return None  # live topic deliveries have nothing to delete
         ids = [d.message.message_id for d in settled]
         if not ids:
             return None
@@ -714,20 +717,6 @@ class Session:
 
 async def _all(futures: list[asyncio.Future[None]]) -> None:
     await asyncio.gather(*futures)
-
-
-def _chain(source: asyncio.Future[None], target: asyncio.Future[None]) -> None:
-    def copy(done: asyncio.Future[None]) -> None:
-        if target.done():
-            return
-        if done.cancelled():
-            target.cancel()
-        elif (exc := done.exception()) is not None:
-            target.set_exception(exc)
-        else:
-            target.set_result(None)
-
-    source.add_done_callback(copy)
 
 
 def _receipt_of(event: ServerEvent) -> str | None:

@@ -321,6 +321,7 @@ class DurableTopicSubscription(Subscription):
         self.cursor_name = cursor_name
         self.position = 0
         self.pending_gap: Gap | None = None
+        self.saved: asyncio.Future[None] | None = None  # completes when the position the last settle moved is stored
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"durable {self.cursor_name}")
@@ -331,14 +332,35 @@ class DurableTopicSubscription(Subscription):
         return self.position
 
     async def _run(self) -> None:
-        broker = self.session.broker
-        topics = broker.datasource.topics
+        """Follow the log; a database failure (loading the cursor included) is retried with a back-off from where
+        this subscription was, never silently ends it."""
+        backoff = 0.1
+        loaded = False
+        while not self.closed:
+            try:
+                if not loaded:
+                    await self._load()
+                    loaded = True
+                await self._follow()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("durable subscription %s failed, retrying in %.1fs: %r", self.cursor_name, backoff, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    async def _load(self) -> None:
+        topics = self.session.broker.datasource.topics
         saved = await topics.load_cursor(self.cursor_name)
         if saved is None:
             saved = await topics.last_position()
             await topics.save_cursor(self.cursor_name, saved)
         self.position = saved
-        async for event in topics.follow(after=saved):
+
+    async def _follow(self) -> None:
+        broker = self.session.broker
+        async for event in broker.datasource.topics.follow(after=self.position):
             if self.closed:
                 return
             if isinstance(event, Gap):
@@ -369,7 +391,7 @@ class DurableTopicSubscription(Subscription):
 
     def settle(self, message_ids: list[str]) -> list[Delivery]:
         settled = super().settle(message_ids)
-        self.session.broker.save_cursor_soon(self.cursor_name, self.safe_position())
+        self.saved = self.session.broker.save_cursor_soon(self.cursor_name, self.safe_position())
         return settled
 
     async def close(self) -> list[str]:

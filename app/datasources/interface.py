@@ -320,7 +320,9 @@ class TailQueue(abc.ABC):
 @dataclass(frozen=True, slots=True)
 class WrappedCollection:
     """An existing MongoDB collection exposed as a queue destination: its documents matching ``filter`` are
-    delivered as JSON bodies and consumed with the usual ack rules."""
+    delivered as JSON bodies and consumed with the usual ack rules. An ACK deletes the document; it is the only ACK
+    action. Set from ``[[wrap]]`` tables (app/wraps.py checks them); at most one per collection, as the backend
+    finds a document's wrap by its collection."""
 
     destination: str  # e.g. "/queue/jobs.video"
     collection: str  # e.g. "jobs"

@@ -81,11 +81,15 @@ class StompProtocol(asyncio.Protocol):
         if transport is None or self._closed or self._lingering:
             return
         self._lingering = True  # nothing more reaches the session: input from now on is discarded
-        if transport.can_write_eof():
-            transport.write_eof()
-            transport.resume_reading()
-        else:  # TLS cannot half-close: flush and close
-            transport.close()
+        try:
+            if transport.can_write_eof():
+                transport.write_eof()
+                transport.resume_reading()
+            else:  # TLS cannot half-close: flush and close
+                transport.close()
+        except OSError:  # the peer is already gone (ENOTCONN): nothing can reach it
+            transport.abort()
+            return
         # A client that neither reads nor closes would keep the socket (and its write buffer) forever, since close()
         # waits for the buffer to drain: after the linger it is aborted.
         asyncio.get_running_loop().call_later(CLOSE_LINGER, transport.abort)

@@ -1,0 +1,121 @@
+"""Background work survives failures (lease renewal, cursor saves) and a durable ACK's RECEIPT waits for the saved
+position: a real broker, a real TCP listener and socket, and faults injected into the in-memory datasource."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from app.broker.broker import Broker
+from app.broker.config import BrokerConfig
+from app.broker.supervision import FAILING_AFTER
+from app.datasources.interface import Datasource, DatasourceOptions
+from app.datasources.registry import open_datasource
+from app.transports.tcp import start_tcp_listener
+from stomp_core import ClientConnection, Connected, MessageReceived, ReceiptReceived
+
+
+@pytest.fixture
+async def memory() -> AsyncIterator[Datasource]:
+    datasource = await open_datasource("memory://", DatasourceOptions())
+    yield datasource
+    await datasource.close()
+
+
+async def test_lease_renewal_goes_on_after_any_error_and_ready_shows_it_meanwhile(memory: Datasource) -> None:
+    """Renewal used to catch only DatasourceUnavailable: any other error ended it for the life of the process, and
+    every in-flight message became claimable again a lease later."""
+    broker = Broker(memory, BrokerConfig(lease_ms=1500))  # renews every 0.5 s
+    renew = memory.queues.renew
+    calls = 0
+    failing_seen = asyncio.Event()
+    renewed_after_failures = asyncio.Event()
+
+    async def flaky(owner: str, *, lease_ms: int, now_ms: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls <= FAILING_AFTER:
+            raise RuntimeError("injected: the driver raised something unexpected")
+        if broker.health.failing():
+            failing_seen.set()  # it was reported as failing before this success
+        await renew(owner, lease_ms=lease_ms, now_ms=now_ms)
+        if calls >= FAILING_AFTER + 2:
+            renewed_after_failures.set()
+
+    memory.queues.renew = flaky  # type: ignore[method-assign]
+    await broker.start()
+    try:
+        await asyncio.wait_for(renewed_after_failures.wait(), 20)
+        assert failing_seen.is_set()
+        assert broker.health.failing() == {}
+        gauge = broker.metrics.registry.get_sample_value("stompgate_background_failing", {"loop": "lease renewal"})
+        assert gauge == 0.0  # it was set to 1 while failing, back to 0 now
+    finally:
+        await broker.stop()
+
+
+class StompSocket:
+    """A STOMP client over a real socket, with the core's client connection doing the framing."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+        self.conn = ClientConnection()
+        self.events: list[object] = []
+
+    async def flush(self) -> None:
+        self.writer.write(self.conn.data_to_send())
+        await self.writer.drain()
+
+    async def next(self) -> object:
+        while not self.events:
+            data = await self.reader.read(65536)
+            assert data, "the gateway closed the connection"
+            self.events.extend(self.conn.receive_data(data))
+        return self.events.pop(0)
+
+
+
+async def test_a_durable_acks_receipt_waits_until_the_position_is_saved(memory: Datasource) -> None:
+    broker = Broker(memory, BrokerConfig())
+    await broker.start()
+    server = await start_tcp_listener(broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    save = memory.topics.save_cursor
+    save_started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def slow_save(name: str, position: int) -> None:
+        if position > 0:  # the ACK's save (the first save, at SUBSCRIBE, stores the start position)
+            save_started.set()
+            await release.wait()
+        await save(name, position)
+
+    try:
+        client = StompSocket(*await asyncio.open_connection("127.0.0.1", port))
+        client.conn.connect(host="/", login="me", headers={"client-id": "durable-receipt"})
+        await client.flush()
+        assert isinstance(await client.next(), Connected)
+        client.conn.subscribe("/topic/t", "1", ack="client", headers={"durable": "true"}, receipt="s")
+        await client.flush()
+        assert isinstance(await client.next(), ReceiptReceived)
+        await broker.publish("/topic/t", {}, b"hello")
+        message = await client.next()
+        assert isinstance(message, MessageReceived) and message.ack is not None
+        memory.topics.save_cursor = slow_save  # type: ignore[method-assign]
+        client.conn.ack(message.ack, receipt="acked")
+        await client.flush()
+        await asyncio.wait_for(save_started.wait(), 5)  # the gateway has the ACK and is saving the position
+        # No RECEIPT while the position is not stored. (Before the fix the RECEIPT left when the ACK arrived, 50 ms
+        # before the save even started, so it would be here already: this bounded look is not a synchronisation.)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(client.next(), 0.3)
+        release.set()
+        receipt = await asyncio.wait_for(client.next(), 5)
+        assert isinstance(receipt, ReceiptReceived) and receipt.receipt_id == "acked"
+        assert await memory.topics.load_cursor("me/durable-receipt/1") == 1  # the first position of the log
+        client.writer.close()
+    finally:
+        server.close()
+        await broker.stop()

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 
 from app.bench.command import bench
 from app.datasources.registry import BACKENDS
-from app.settings import Settings, load_settings
+from app.settings import ConfigFileError, Settings, load_settings
 
 __all__ = ["main", "cli"]
 
@@ -180,6 +180,9 @@ def _serve(config: Path | None = None, **values: Any) -> None:
         first = exc.errors()[0]
         typer.echo(f"stompgate: invalid setting {'.'.join(map(str, first['loc']))}: {first['msg']}", err=True)
         raise typer.Exit(2) from None
+    except ConfigFileError as exc:
+        typer.echo(f"stompgate: {exc}", err=True)
+        raise typer.Exit(2) from None
     except StartupError as exc:
         typer.echo(f"stompgate: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -191,7 +194,9 @@ def _serve_signature() -> inspect.Signature:
         inspect.Parameter(
             "config",
             inspect.Parameter.KEYWORD_ONLY,
-            default=typer.Option(None, "--config", help="TOML file whose 'stompgate' table holds settings.", dir_okay=False, exists=True),
+            default=typer.Option(
+                None, "--config", help="TOML file: a 'stompgate' table of settings, and 'wrap' tables.", dir_okay=False, exists=True
+            ),
             annotation=Optional[Path],
         )
     ]

@@ -16,7 +16,7 @@ from app.api import install as install_api
 from app.api.auth import CurrentPrincipal
 from app.broker.broker import Broker
 from app.broker.config import BrokerConfig
-from app.datasources.interface import Datasource, DatasourceOptions
+from app.datasources.interface import Datasource, DatasourceOptions, WrappedCollection
 from app.datasources.registry import open_datasource
 from app.security import load_authorizer, tls_context
 from app.settings import Settings
@@ -62,6 +62,13 @@ def broker_config(settings: Settings) -> BrokerConfig:
         max_deliveries=settings.max_deliveries,
         lease_ms=settings.lease_ms,
         poll_interval=settings.poll_interval,
+        metrics_max_destinations=settings.metrics_max_destinations,
+        metrics_idle_seconds=settings.metrics_idle_seconds,
+        max_inflight_per_session=settings.max_inflight_per_session,
+        max_session_buffer=settings.max_session_buffer,
+        claim_batch=settings.claim_batch,
+        shutdown_grace=settings.shutdown_grace,
+        server_name=settings.server_name,
     )
 
 
@@ -73,6 +80,9 @@ def datasource_options(settings: Settings) -> DatasourceOptions:
         server_selection_timeout_ms=settings.server_selection_timeout_ms,
         failover_buffer=settings.failover_buffer,
         sqlite_synchronous=settings.sqlite_synchronous,
+        topic_retention_bytes=settings.topic_retention_bytes,
+        namespace=settings.namespace,
+        wrapped=tuple(WrappedCollection(w.destination, w.collection, dict(w.filter)) for w in settings.wrap),
     )
 
 

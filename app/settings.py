@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationInfo, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
 
 from app.datasources.registry import DEFAULT_URL
+from app.wraps import WrapSetting, check_wraps, parse_wraps
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["ConfigFileError", "Settings", "load_settings"]
+
+
+class ConfigFileError(ValueError):
+    """The TOML settings file cannot be read as settings; the message says where."""
 
 
 class Settings(BaseSettings):
@@ -59,6 +64,16 @@ class Settings(BaseSettings):
     max_deliveries: int = Field(5, ge=1, description="Deliveries before a queue message moves to NAME.DLQ.")
     lease_ms: int = Field(60_000, ge=1000, description="Lease on a delivered message; a dead gateway's come back after it.")
     poll_interval: float = Field(0.25, gt=0, description="Seconds before work from another gateway is noticed.")
+    metrics_max_destinations: int = Field(
+        1_000,
+        ge=0,
+        description="Destinations with Prometheus series of their own (published, delivered, depth, unacked); traffic "
+        "of any further destination is counted under `destination=\"_other\"`. A destination idle for "
+        "metrics_idle_seconds with no subscriber and no stored message gives its slot back.",
+    )
+    metrics_idle_seconds: float = Field(
+        600.0, gt=0, description="Seconds without a publish or delivery after which a destination's metric slot may be freed."
+    )
     topic_retention: int = Field(100_000, ge=10, description="Topic messages retained for durable subscribers.")
     write_concern: str = Field("majority", description="MongoDB write concern (w).")
     server_selection_timeout_ms: int = Field(5_000, ge=100, description="MongoDB server selection timeout.")
@@ -80,15 +95,76 @@ class Settings(BaseSettings):
     login_lockout_seconds: float = Field(
         2.0, gt=0, description="First lockout after too many failed logins; each further failure doubles it (max 15 min)."
     )
+    topic_retention_bytes: int = Field(
+        256 * 1024 * 1024, ge=4096, description="MongoDB: bytes the topic log keeps (its capped collection's size)."
+    )
+    namespace: str = Field(
+        "stompgate",
+        pattern="^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+        description="Prefix of the gateway's own collections (MongoDB) or tables (SQLite): several gateways with "
+        "different namespaces can share one database.",
+    )
+    claim_batch: int = Field(256, ge=1, le=10_000, description="Most messages one claim round trip takes for one subscription.")
+    max_inflight_per_session: int = Field(
+        2_000, ge=1, description="Receipted frames one connection may have in flight before the gateway stops reading it."
+    )
+    max_session_buffer: int = Field(
+        16 * 1024 * 1024, ge=64 * 1024, description="Bytes queued for a slow client before it is disconnected with an ERROR."
+    )
+    shutdown_grace: float = Field(5.0, ge=0, description="Seconds a stopping gateway waits for receipts in flight.")
+    server_name: str = Field(
+        "stompgate/0.1.0",
+        pattern="^[\\x21-\\x7e][\\x20-\\x7e]{0,199}$",
+        description="The server header of CONNECTED (printable ASCII).",
+    )
+    # NoDecode: a flag and the environment give JSON text, which parse_wraps decodes with a clear error.
+    wrap: Annotated[tuple[WrapSetting, ...], NoDecode] = Field(
+        (),
+        description="Existing MongoDB collections served as queues: the file's wrap tables (destination, "
+        "collection, filter), or a JSON array of them; an ACK deletes the document.",
+    )
+
+    @field_validator("wrap", mode="before")
+    @classmethod
+    def _wraps_from_text(cls, value: object) -> object:
+        return parse_wraps(value)
+
+    @field_validator("wrap")
+    @classmethod
+    def _wraps_fit_the_store(cls, value: tuple[WrapSetting, ...], info: ValidationInfo) -> tuple[WrapSetting, ...]:
+        # store and namespace are declared above, so they are validated (or missing, having failed) by now
+        check_wraps(value, store=info.data.get("store"), namespace=info.data.get("namespace"))
+        return value
 
 
 def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
-    """Flags (``overrides`` that are not None) beat the environment, which beats the file."""
+    """Flags (``overrides`` that are not None) beat the environment, which beats the file.
+
+    The file holds a ``[stompgate]`` table of settings and ``[[wrap]]`` tables (or ``[[stompgate.wrap]]``)."""
     file_values: dict[str, Any] = {}
     if config_file is not None:
-        with config_file.open("rb") as fh:
-            file_values = tomllib.load(fh).get("stompgate", {})
+        file_values = _read_file(config_file)
     explicit = {k: v for k, v in overrides.items() if v is not None}
-    env_settings = Settings(**explicit)  # flags + environment + defaults
-    merged = {**file_values, **{k: v for k, v in env_settings.model_dump().items() if k in env_settings.model_fields_set}}
-    return Settings(**merged)
+    # Raw environment values, validated only once merged: a setting that depends on another (a wrap on the store)
+    # must be judged against the other's final value, whichever source gives it.
+    env_values = EnvSettingsSource(Settings)()
+    return Settings(**{**file_values, **env_values, **explicit})
+
+
+def _read_file(config_file: Path) -> dict[str, Any]:
+    try:
+        with config_file.open("rb") as fh:
+            document = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigFileError(f"{config_file} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigFileError(f"cannot read {config_file}: {exc.strerror}") from None
+    table = document.get("stompgate", {})
+    if not isinstance(table, dict):
+        raise ConfigFileError(f"{config_file}: 'stompgate' must be a table of settings")
+    values = dict(table)
+    if "wrap" in document:
+        if "wrap" in values:
+            raise ConfigFileError(f"{config_file}: give the wraps as [[wrap]] or as [[stompgate.wrap]], not both")
+        values["wrap"] = document["wrap"]
+    return values

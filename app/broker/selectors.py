@@ -61,7 +61,8 @@ boolean operand matches a header reading ``true``/``false`` (any case); ``null``
 header, or one that is not a number where a number is needed, fails ``$eq``, ``$gt``... and ``$in``; as in MongoDB,
 the negations ``$ne``, ``$nin`` and ``$not`` then *match* (this form is two-valued). Duplicate keys, ``NaN`` and
 ``Infinity`` are refused. The parsed document is kept as :attr:`Selector.native` so that a database backend can
-evaluate it itself, unless it holds a ``$regex`` (databases run those on backtracking engines: evaluated here).
+evaluate it itself only when the database's answer is this module's for every message (string comparisons; see
+``_database_agrees``): one selector means the same on every store, for queues and topics alike.
 """
 
 from __future__ import annotations
@@ -145,19 +146,44 @@ def compile_selector(text: str) -> Selector:
     if stripped.startswith("{"):
         document = _load_document(text)
         predicate = _document(document, budget)
-        # A database evaluates a document itself only when it holds no $regex: MongoDB runs regexes on a
-        # backtracking engine (PCRE), where a pattern that is linear on RE2 here can still burn the server's CPU on
-        # every claim. Such a selector is evaluated here, on RE2, like the SQL-like form.
-        return Selector(text, None if _has_regex(document) else document, predicate)
+        return Selector(text, document if _database_agrees(document) else None, predicate)
     return Selector(text, None, _Parser(_tokenize(text), budget).parse())
 
 
-def _has_regex(value: object) -> bool:
-    if isinstance(value, Mapping):
-        return any(key == "$regex" or _has_regex(item) for key, item in value.items())
-    if isinstance(value, list | tuple):
-        return any(_has_regex(item) for item in value)
-    return False
+_STRING_COMPARISONS = frozenset({"$eq", "$gt", "$gte", "$lt", "$lte"})
+
+
+def _database_agrees(document: object) -> bool:
+    """Whether a database evaluating this document over the stored headers (always strings) gives this module's
+    answer for every message, so that it may be handed over as :attr:`Selector.native`. Only string comparisons,
+    ``$in`` of strings, ``$exists: true`` and ``$and``/``$or``/``$nor`` of such parts qualify. Numbers compare
+    numerically here but never match a string in the database; booleans and ``null`` have their own rules here;
+    ``$ne``, ``$nin``, ``$not`` and ``$exists: false`` match a missing header here but not inside the database's
+    ``$elemMatch``; and ``$regex`` would run on the database's backtracking engine (PCRE), where a pattern that is
+    linear on RE2 here can still burn the server's CPU on every claim. Anything else is evaluated here."""
+    if not isinstance(document, Mapping):
+        return False
+    for key, condition in document.items():
+        if key in _LOGICAL_KEYS:
+            if not isinstance(condition, list) or not all(_database_agrees(part) for part in condition):
+                return False
+        elif key.startswith("$"):
+            return False
+        elif isinstance(condition, Mapping):
+            for op, operand in condition.items():
+                if op in _STRING_COMPARISONS and isinstance(operand, str):
+                    continue
+                if op == "$in" and isinstance(operand, list) and all(isinstance(item, str) for item in operand):
+                    continue
+                if op == "$exists" and operand is True:
+                    continue
+                return False
+        elif not isinstance(condition, str):
+            return False
+    return True
+
+
+_LOGICAL_KEYS = frozenset({"$and", "$or", "$nor"})
 
 
 class _Budget:

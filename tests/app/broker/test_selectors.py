@@ -435,9 +435,9 @@ def test_selector_value() -> None:
     assert first.text == "a = 1"
     assert first.native is None
     assert repr(first) == "Selector(text='a = 1', native=None)"
-    document = compile_selector(' {"a": {"$gt": 1}} ')
-    assert document.native == {"a": {"$gt": 1}}
-    assert hash(document) == hash(compile_selector(' {"a": {"$gt": 1}} '))
+    document = compile_selector(' {"a": {"$gt": "1"}} ')
+    assert document.native == {"a": {"$gt": "1"}}
+    assert hash(document) == hash(compile_selector(' {"a": {"$gt": "1"}} '))
     with pytest.raises(AttributeError):
         first.text = "b"  # type: ignore[misc]
 

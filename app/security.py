@@ -233,6 +233,17 @@ class LoginThrottle:
         with self._lock:
             self._entries.pop(key, None)
 
+    def forgive_one(self, key: str) -> None:
+        """Take back one counted attempt (it succeeded), leaving the others and any lockout as they are."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                failures, until = entry
+                if failures <= 1:
+                    del self._entries[key]
+                else:
+                    self._entries[key] = (failures - 1, until)
+
     def _locked_for(self, key: str) -> float:
         entry = self._entries.get(key)
         if entry is None:
@@ -383,8 +394,10 @@ class ConfiguredAuthorizer:
             return None
         self._remember(cache_input, user.principal)
         self.throttle.succeeded(key)
+        # The address's count gives back only this attempt (counted before its check): one valid login must not wipe
+        # a sweep's record; the rest is forgiven once the address has been quiet long enough.
         if address_key is not None:
-            self.address_throttle.succeeded(address_key)
+            self.address_throttle.forgive_one(address_key)
         return user.principal
 
     def needs_slow_check(self, login: str | None, passcode: str | None, *, peer: str | None = None) -> bool:
@@ -468,9 +481,6 @@ class ConfiguredAuthorizer:
         return hmac.new(self._cache_key, cache_input, hashlib.sha256).digest()
 
     # ---- permissions ----
-
-    def is_login(self, name: str) -> bool:
-        return name in self._users
 
     def can_read(self, principal: Principal, destination: str) -> bool:
         return is_admin(principal) or self._allowed(self._read, principal, destination)

@@ -57,13 +57,13 @@ class Settings(BaseSettings):
         description="Bytes all connections' open transactions together may hold; past it a transactional SEND gets "
         "an ERROR naming the limit.",
     )
-    login_timeout: float = Field(10.0, gt=0, description="Seconds a connection may wait before sending CONNECT.")
-    heartbeat_ms: int = Field(10_000, ge=0, description="Heart-beat period the server offers both ways (ms, 0 = off).")
+    login_timeout: float = Field(10.0, gt=0, le=3600, description="Seconds a connection may wait before sending CONNECT.")
+    heartbeat_ms: int = Field(10_000, ge=0, le=86_400_000, description="Heart-beat period the server offers both ways (ms, 0 = off).")
     default_prefetch: int = Field(100, ge=1, description="Unacked messages per subscription without prefetch-count.")
-    max_prefetch: int = Field(10_000, ge=1, description="Upper bound on prefetch-count.")
-    max_deliveries: int = Field(5, ge=1, description="Deliveries before a queue message moves to NAME.DLQ.")
-    lease_ms: int = Field(60_000, ge=1000, description="Lease on a delivered message; a dead gateway's come back after it.")
-    poll_interval: float = Field(0.25, gt=0, description="Seconds before work from another gateway is noticed.")
+    max_prefetch: int = Field(10_000, ge=1, le=1_000_000, description="Upper bound on prefetch-count.")
+    max_deliveries: int = Field(5, ge=1, le=1_000_000, description="Deliveries before a queue message moves to NAME.DLQ.")
+    lease_ms: int = Field(60_000, ge=1000, le=30 * 86_400_000, description="Lease on a delivered message; a dead gateway's come back after it.")
+    poll_interval: float = Field(0.25, ge=0.01, le=60, description="Seconds before work from another gateway is noticed.")
     metrics_max_destinations: int = Field(
         1_000,
         ge=0,
@@ -72,7 +72,10 @@ class Settings(BaseSettings):
         "metrics_idle_seconds with no subscriber and no stored message gives its slot back.",
     )
     metrics_idle_seconds: float = Field(
-        600.0, gt=0, description="Seconds without a publish or delivery after which a destination's metric slot may be freed."
+        600.0,
+        ge=1,
+        le=30 * 86_400,
+        description="Seconds without a publish or delivery after which a destination's metric slot may be freed.",
     )
     topic_retention: int = Field(100_000, ge=10, description="Topic messages retained for durable subscribers.")
     write_concern: str = Field("majority", description="MongoDB write concern (w).")
@@ -111,7 +114,7 @@ class Settings(BaseSettings):
     max_session_buffer: int = Field(
         16 * 1024 * 1024, ge=64 * 1024, description="Bytes queued for a slow client before it is disconnected with an ERROR."
     )
-    shutdown_grace: float = Field(5.0, ge=0, description="Seconds a stopping gateway waits for receipts in flight.")
+    shutdown_grace: float = Field(5.0, ge=0, le=3600, description="Seconds a stopping gateway waits for receipts in flight.")
     server_name: str = Field(
         "stompgate/0.1.0",
         pattern="^[\\x21-\\x7e][\\x20-\\x7e]{0,199}$",

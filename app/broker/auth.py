@@ -42,9 +42,6 @@ class Authorizer(Protocol):
 
     def can_write(self, principal: Principal, destination: str) -> bool: ...
 
-    def is_login(self, name: str) -> bool:
-        """True when ``name`` is a configured login (a ``client-id`` naming another login is refused)."""
-
 
 class TokenAuthorizer(Authorizer, Protocol):
     """An authorizer that also accepts REST bearer tokens; ``peer`` (the client address) keys failed-login throttling."""
@@ -74,6 +71,3 @@ class AllowAll:
 
     def can_write(self, principal: Principal, destination: str) -> bool:
         return True
-
-    def is_login(self, name: str) -> bool:
-        return False

@@ -18,7 +18,7 @@ from app.broker.destinations import parse_destination
 from app.broker.messages import new_message
 from app.broker.metrics import BrokerMetrics
 from app.broker.session import Session
-from app.broker.futures import chain
+from app.broker.cursors import CursorSaver
 from app.broker.supervision import BackgroundHealth, supervise
 from app.broker.subscriptions import TopicSubscription
 from app.datasources.interface import (
@@ -70,13 +70,12 @@ class Broker:
         self.durable_in_use: set[str] = set()
         self.transaction_bytes = 0  # held by every session's open transactions (max_transaction_bytes_total)
         self.health = BackgroundHealth(on_change=self._background_changed)
+        self.cursors = CursorSaver(self._save_cursor, self.health)
         self._topic_position: int | None = None  # the topic follower's place, kept across its restarts
         self.transaction_bytes_by_address: dict[str, int] = {}  # the same per client address (..._per_address)
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[str] = Batcher(self._ack_with_retry)
-        self._cursor_saves: dict[str, int] = {}
-        self._cursor_saved: asyncio.Future[None] | None = None  # completes when the pending saves are stored
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self.accepting = True
@@ -88,7 +87,7 @@ class Broker:
         loop = asyncio.get_running_loop()
         health = self.health
         renew_every = max(self.config.lease_ms / 3000, 0.5)
-        sweep_every = min(60.0, self.config.metrics_idle_seconds / 10)  # a slot comes back at most 10% late
+        sweep_every = max(1.0, min(60.0, self.config.metrics_idle_seconds / 10))  # a slot comes back at most 10% late
         self._background = [
             loop.create_task(supervise("topic follower", self._follow_topics, health), name="topic follower"),
             loop.create_task(supervise("heart-beat tick", self._tick, health, every=TICK_S), name="heart-beat tick"),
@@ -122,7 +121,7 @@ class Broker:
         await self._queue_writer.close()
         await self._topic_writer.close()
         await self._acker.close()
-        await self._flush_cursors()
+        await self.cursors.close()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
@@ -305,48 +304,14 @@ class Broker:
                         continue
                     sub.session.flush_soon()
                 self.metrics.delivered(event.message.destination, len(subs))
-            self.health.succeeded("topic follower")  # it is alive and delivering
+
+    async def _save_cursor(self, name: str, position: int) -> None:
+        await self.datasource.topics.save_cursor(name, position)
 
     def save_cursor_soon(self, name: str, position: int) -> asyncio.Future[None]:
         """Save a durable subscription's position with the next batch of saves (within 50 ms); the future completes
         once it is stored (a durable ACK's RECEIPT waits for it)."""
-        first = not self._cursor_saves
-        self._cursor_saves[name] = position
-        if self._cursor_saved is None:
-            self._cursor_saved = asyncio.get_running_loop().create_future()
-        if first:
-            asyncio.get_running_loop().call_later(0.05, lambda: self.spawn(self._flush_cursors()))
-        return self._cursor_saved
-
-    async def _flush_cursors(self) -> None:
-        saves, self._cursor_saves = self._cursor_saves, {}
-        saved, self._cursor_saved = self._cursor_saved, None
-        try:
-            await self._save_cursors(saves)
-        except BaseException:
-            if saved is not None:  # still pending: it completes with the retry
-                if self._cursor_saved is None:
-                    self._cursor_saved = saved
-                else:
-                    chain(self._cursor_saved, saved)
-            raise
-        if saved is not None and not saved.done():
-            saved.set_result(None)
-
-    async def _save_cursors(self, saves: dict[str, int]) -> None:
-        for name, position in saves.items():
-            try:
-                await self.datasource.topics.save_cursor(name, position)
-            except Exception:
-                # Keep these positions (unless a newer one came meanwhile; saving one twice is harmless) and try
-                # again shortly: a durable subscriber must not silently lose its place.
-                for later, later_position in saves.items():
-                    self._cursor_saves.setdefault(later, later_position)
-                self.health.failed("cursor saves", RuntimeError(f"saving {name!r} failed"))
-                if self.accepting:
-                    asyncio.get_running_loop().call_later(1.0, lambda: self.spawn(self._flush_cursors()))
-                raise
-        self.health.succeeded("cursor saves")
+        return self.cursors.save_soon(name, position)
 
     # ---- timers ----
 
@@ -358,18 +323,24 @@ class Broker:
         every ``TICK_S``."""
         now = time.monotonic()
         for session in list(self.sessions.values()):
-            if session.finished:
-                continue
-            plan = session.heartbeat
-            if plan is None:
-                if now - session.opened_at > self.config.login_timeout:
-                    session.close_with_error("Login timeout", f"no CONNECT within login_timeout={self.config.login_timeout}s")
-                continue
-            if plan.peer_dead(session.last_received, now):
-                self.metrics.error("heart-beat timeout")
-                session.close_with_error("Heart-beat timeout", "no frame or heart-beat received in time")
-            elif plan.send_due(session.last_sent, now):
-                session.send_heartbeat()
+            try:
+                self._tick_session(session, now)
+            except Exception:  # one session's failure must not cost the others their heart-beats and timeouts
+                log.exception("session %s: heart-beat tick failed", session.id)
+
+    def _tick_session(self, session: Session, now: float) -> None:
+        if session.finished:
+            return
+        plan = session.heartbeat
+        if plan is None:
+            if now - session.opened_at > self.config.login_timeout:
+                session.close_with_error("Login timeout", f"no CONNECT within login_timeout={self.config.login_timeout}s")
+            return
+        if plan.peer_dead(session.last_received, now):
+            self.metrics.error("heart-beat timeout")
+            session.close_with_error("Heart-beat timeout", "no frame or heart-beat received in time")
+        elif plan.send_due(session.last_sent, now):
+            session.send_heartbeat()
 
     async def _renew_leases(self) -> None:
         """Keep the leases of our in-flight messages alive, so only a dead gateway's messages come back. One step:

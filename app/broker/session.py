@@ -361,14 +361,10 @@ class Session:
             self.broker.metrics.error("auth")
             log.warning("session %s from %s: login failed for user %r", self.id, self.peer, event.login)
             raise SessionError("Access refused", "login or passcode not accepted")
-        client_id = event.headers.get("client-id")
-        if client_id and client_id != principal.name and self.broker.authorizer.is_login(client_id):
-            # durable state belongs to the login (see _durable_cursor_name); naming another login is a mistake or
-            # an attempt at theirs, refused plainly either way
-            self.broker.metrics.error("auth")
-            raise SessionError("Access refused", f"client-id {client_id!r} names another login")
         self.principal = principal
-        self.client_id = client_id or (event.login or None)
+        # Not checked against other logins' names: durable state is scoped by login (_durable_cursor_name), so a
+        # client-id reaches nothing of theirs, and a refusal would tell any client which logins exist.
+        self.client_id = event.headers.get("client-id") or (event.login or None)
         self.heartbeat = self.conn.accept(
             session=self.id,
             heartbeat=(self.broker.config.heartbeat_send_ms, self.broker.config.heartbeat_receive_ms),

@@ -22,6 +22,7 @@ log = logging.getLogger("stompgate.background")
 FAILING_AFTER = 3
 FIRST_BACKOFF_S = 0.1
 MAX_BACKOFF_S = 5.0
+RECOVERED_AFTER_S = 5.0  # a long-running step that stays up this long has recovered
 
 
 class BackgroundHealth:
@@ -57,11 +58,16 @@ async def supervise(
     every: float = 0.0,
 ) -> None:
     """Run ``step`` forever, ``every`` seconds apart after a success; after an exception, log it, back off (doubling
-    from 0.1 s to at most 5 s, and never longer than ``every`` when that is set) and run it again. Only cancellation
+    from 0.1 s to at most 5 s, and never longer than ``every`` when that is set) and run it again. With ``every`` 0 the
+    step is meant to run for good: if it returns, it is started again after the same back-off. Only cancellation
     ends it."""
     backoff = FIRST_BACKOFF_S
+    loop = asyncio.get_running_loop()
     while True:
         started = time.monotonic()
+        # A step that runs for good (a follower) recovers by staying up, not by returning: alive this long, it counts
+        # as a success, so /ready turns green again without waiting for traffic.
+        recovered = loop.call_later(RECOVERED_AFTER_S, health.succeeded, name)
         try:
             await step()
         except asyncio.CancelledError:
@@ -73,7 +79,14 @@ async def supervise(
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, MAX_BACKOFF_S, every or MAX_BACKOFF_S)
             continue
+        finally:
+            recovered.cancel()
         health.succeeded(name)
-        backoff = FIRST_BACKOFF_S
         if every:
+            backoff = FIRST_BACKOFF_S
             await asyncio.sleep(max(0.0, every - (time.monotonic() - started)))
+        else:
+            # A step meant to run for good returned (its source closed): never spin on it, wait and start it again.
+            log.warning("%s ended; starting it again in %.1fs", name, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, MAX_BACKOFF_S)

@@ -117,5 +117,6 @@ async def test_a_durable_acks_receipt_waits_until_the_position_is_saved(memory: 
         assert await memory.topics.load_cursor("me/durable-receipt/1") == 1  # the first position of the log
         client.writer.close()
     finally:
+        release.set()  # never leave the injected save blocked (it would hold up the shutdown)
         server.close()
         await broker.stop()

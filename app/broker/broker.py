@@ -254,18 +254,21 @@ class Broker:
 
     async def forget_idle_destinations(self) -> None:
         """Give back the metric slots (config.metrics_max_destinations) of destinations that look gone: no publish or
-        delivery here for config.metrics_idle_seconds, no subscriber here and, for a queue, no stored message. One
-        step, run by ``supervise``."""
+        delivery here for config.metrics_idle_seconds, no subscriber here and, for a queue, no stored message (unless
+        every slot is taken). One step, run by ``supervise``."""
         idle_for = self.config.metrics_idle_seconds
         idle = self.metrics.idle_destinations(idle_for)
         if not idle:
             return
         subscribed = {sub.destination_text for s in list(self.sessions.values()) for sub in list(s.subscriptions.values())}
+        # With every slot taken, an idle destination gives its slot back even while it holds messages: otherwise
+        # one message left in each of metrics_max_destinations invented queues would pin every slot for good.
+        full = self.metrics.slots_full()
         now_ms = self.now_ms()
         for destination in idle:
             if destination in subscribed:
                 continue
-            if parse_destination(destination).kind == "queue":
+            if not full and parse_destination(destination).kind == "queue":
                 stats = await self.datasource.queues.stats(destination, now_ms=now_ms)
                 if stats.ready or stats.unacked:
                     continue

@@ -111,6 +111,10 @@ class BrokerMetrics:
 
     # ---- destination slots ----
 
+    def slots_full(self) -> bool:
+        """True when every destination slot is taken (new destinations are counted under OTHER)."""
+        return len(self._slots) >= self.max_destinations
+
     def tracks(self, destination: str) -> bool:
         """Whether ``destination`` has series of its own (else its traffic is under OTHER)."""
         return destination in self._slots

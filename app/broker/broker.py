@@ -23,6 +23,7 @@ from app.broker.supervision import BackgroundHealth, supervise
 from app.broker.subscriptions import TopicSubscription
 from app.datasources.interface import (
     Datasource,
+    Held,
     NewMessage,
     Published,
     Release,
@@ -75,7 +76,7 @@ class Broker:
         self.transaction_bytes_by_address: dict[str, int] = {}  # the same per client address (..._per_address)
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
-        self._acker: Batcher[str] = Batcher(self._ack_with_retry)
+        self._acker: Batcher[Held] = Batcher(self._ack_with_retry)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self.accepting = True
@@ -207,12 +208,16 @@ class Broker:
 
     # ---- acknowledgements ----
 
-    async def _ack_with_retry(self, message_ids: list[str]) -> None:
-        """An ACK is a delete by id, so it is safe to repeat: a passing database error is retried a few times before
-        the session is told, because failing it would redeliver messages the client already processed."""
+    async def _ack_with_retry(self, held: list[Held]) -> None:
+        """An ACK is a delete by id and lease, so it is safe to repeat: a passing database error is retried a few
+        times before the session is told, because failing it would redeliver messages the client already processed.
+        Fenced by the lease: an ACK whose lease lapsed and whose message was claimed again deletes nothing (the
+        message is redelivered, as with any late ACK)."""
+        message_ids = [message_id for message_id, _ in held]
+        leases = [lease for _, lease in held]
         for attempt in range(ACK_ATTEMPTS):
             try:
-                await self.datasource.queues.ack(message_ids)
+                await self.datasource.queues.ack(message_ids, leases)
                 return
             except Exception as exc:
                 if attempt == ACK_ATTEMPTS - 1:
@@ -220,28 +225,29 @@ class Broker:
                 log.warning("ack of %d messages failed (attempt %d), retrying: %r", len(message_ids), attempt + 1, exc)
                 await asyncio.sleep(0.05 * 2**attempt)
 
-    def ack_nowait(self, message_ids: list[str]) -> asyncio.Future[None]:
-        return self._acker.submit(message_ids)
+    def ack_nowait(self, held: list[Held]) -> asyncio.Future[None]:
+        return self._acker.submit(held)
 
-    def ack_in_background(self, message_ids: list[str]) -> None:
-        future = self._acker.submit(message_ids)
+    def ack_in_background(self, held: list[Held]) -> None:
+        future = self._acker.submit(held)
         future.add_done_callback(_log_failure)
 
-    async def release(self, message_ids: list[str], how: Release) -> None:
-        if message_ids:
-            await self.datasource.queues.release(message_ids, how)
+    async def release(self, held: list[Held], how: Release) -> None:
+        """Requeue or dead-letter messages this gateway's consumers hold, fenced by their leases."""
+        if held:
+            await self.datasource.queues.release([i for i, _ in held], how, [lease for _, lease in held])
             if how is Release.REQUEUE:
-                self.metrics.redelivered(len(message_ids))
+                self.metrics.redelivered(len(held))
             else:
-                self.metrics.dead_lettered(len(message_ids))
+                self.metrics.dead_lettered(len(held))
 
     def release_claim_result(self, claim: asyncio.Future[list[StoredMessage]]) -> None:
         """Done-callback for a claim whose subscriber went away mid-flight: give its messages back."""
         if claim.cancelled() or claim.exception() is not None:
             return
-        ids = [m.message_id for m in claim.result()]
-        if ids:
-            self.spawn(self.release(ids, Release.REQUEUE))
+        held = [(m.message_id, m.lease) for m in claim.result()]
+        if held:
+            self.spawn(self.release(held, Release.REQUEUE))
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

@@ -26,7 +26,7 @@ from app.broker.subscriptions import (
     Subscription,
     TopicSubscription,
 )
-from app.datasources.interface import NewMessage, Release, StoredMessage
+from app.datasources.interface import Held, NewMessage, Release, StoredMessage
 from stomp_core import (
     Abort,
     Ack,
@@ -170,7 +170,7 @@ class Session:
         self._ending: asyncio.Task[None] | None = None
         self._flush_scheduled = False
         self._pending_sends: dict[Literal["queue", "topic"], tuple[list[NewMessage], asyncio.Future[None]]] = {}
-        self._pending_acks: tuple[list[str], asyncio.Future[None]] | None = None
+        self._pending_acks: tuple[list[Held], asyncio.Future[None]] | None = None
         self._destinations: dict[str, Destination] = {}  # parsed destination names, per connection
         self._held: list[ServerEvent] | None = None  # frames that came after a CONNECT still being checked
         self._login: asyncio.Task[None] | None = None  # that check (a reference keeps the task alive)
@@ -410,10 +410,10 @@ class Session:
         pending[0].append(message)
         return pending[1]
 
-    def _batched_ack(self, message_ids: list[str]) -> asyncio.Future[None]:
+    def _batched_ack(self, held: list[Held]) -> asyncio.Future[None]:
         if self._pending_acks is None:
             self._pending_acks = ([], asyncio.get_running_loop().create_future())
-        self._pending_acks[0].extend(message_ids)
+        self._pending_acks[0].extend(held)
         return self._pending_acks[1]
 
     def _submit_sends(self) -> None:
@@ -512,12 +512,12 @@ class Session:
             return sub.saved  # the RECEIPT waits until the moved position is stored
         if not isinstance(sub, QueueSubscription):
             return None  # live topic deliveries have nothing to delete
-        ids = [d.message.message_id for d in settled]
-        if not ids:
+        held = [(d.message.message_id, d.message.lease) for d in settled]
+        if not held:
             return None
         if how is None:
-            return self._batched_ack(ids)
-        return asyncio.ensure_future(self.broker.release(ids, how))
+            return self._batched_ack(held)
+        return asyncio.ensure_future(self.broker.release(held, how))
 
     def _on_subscribe(self, event: Subscribe) -> None:
         if event.id in self.subscriptions:

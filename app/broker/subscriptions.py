@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from app.broker.destinations import Destination
 from app.broker.selectors import Selector
-from app.datasources.interface import DatasourceUnavailable, Gap, Published, Release, ScanMark, StoredMessage
+from app.datasources.interface import DatasourceUnavailable, Gap, Held, Published, Release, ScanMark, StoredMessage
 from stomp_core import AckMode
 
 if TYPE_CHECKING:
@@ -87,8 +87,8 @@ class Subscription:
         self._credit.set()
         return settled
 
-    async def close(self) -> list[str]:
-        """Stop delivering; return the unacked queue message ids for the caller to release."""
+    async def close(self) -> list[Held]:
+        """Stop delivering; return the queue messages it held (id and lease) for the caller to release."""
         self.closed = True
         self._credit.set()
         return []
@@ -135,7 +135,7 @@ class QueueSubscription(Subscription):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._held: list[StoredMessage] = []  # claimed, not yet handed to the connection (no room yet)
-        self._auto_in_flight: list[str] = []  # auto mode: handed to the connection, acked once it took them
+        self._auto_in_flight: list[Held] = []  # auto mode: handed to the connection, acked once it took them
         self._size_estimate = INITIAL_SIZE_ESTIMATE
         self._scan = ScanMark()  # where a selector's scan of the backlog goes on from (used with a Python selector)
 
@@ -149,7 +149,7 @@ class QueueSubscription(Subscription):
             except Exception:
                 # A bug must not strand claimed messages: give back what this turn held, and go on after a pause.
                 log.exception("queue subscription %s on %s failed; releasing what it held", self.id, self.destination_text)
-                held = [m.message_id for m in self._held]
+                held = [(m.message_id, m.lease) for m in self._held]
                 self._held.clear()
                 if held:
                     broker.spawn(broker.release(held, Release.REQUEUE))
@@ -183,7 +183,7 @@ class QueueSubscription(Subscription):
         messages = await self._claim(limit)
         if messages is None or self.closed:
             if messages:
-                await broker.release([m.message_id for m in messages], Release.REQUEUE)
+                await broker.release([(m.message_id, m.lease) for m in messages], Release.REQUEUE)
             return
         self._size_estimate = max(max(len(m.body) for m in messages), 256)
         self._held.extend(self._dead_lettered(messages))
@@ -250,7 +250,7 @@ class QueueSubscription(Subscription):
         max_deliveries = broker.config.max_deliveries
         if self.destination_text.endswith(".DLQ"):
             return messages
-        dead = [m.message_id for m in messages if m.deliveries > max_deliveries]
+        dead = [(m.message_id, m.lease) for m in messages if m.deliveries > max_deliveries]
         if not dead:
             return messages
         broker.spawn(broker.release(dead, Release.DEAD_LETTER))
@@ -267,7 +267,7 @@ class QueueSubscription(Subscription):
                 break  # the connection is failing or closed: what is still held is released on close
             count += 1
             if not self.needs_ack:
-                self._auto_in_flight.append(message.message_id)
+                self._auto_in_flight.append((message.message_id, message.lease))
         if count:
             del held[:count]
             session.flush()
@@ -281,14 +281,15 @@ class QueueSubscription(Subscription):
         await self.session.drained()
         if self.closed or not self.session.accepts_deliveries:
             return
-        ids, self._auto_in_flight = self._auto_in_flight, []
-        self.session.broker.ack_in_background(ids)
+        held, self._auto_in_flight = self._auto_in_flight, []
+        self.session.broker.ack_in_background(held)
 
-    async def close(self) -> list[str]:
+    async def close(self) -> list[Held]:
         await self._stop(self._task)
         # Unacked, held (claimed, never handed over) and auto deliveries the connection may not have taken: all go
         # back to the queue. An auto message already written to the socket may so be delivered twice, never lost.
-        released = list(self.unacked) + [m.message_id for m in self._held] + self._auto_in_flight
+        released = [(d.message.message_id, d.message.lease) for d in self.unacked.values()]
+        released += [(m.message_id, m.lease) for m in self._held] + self._auto_in_flight
         self.unacked.clear()
         self._held.clear()
         self._auto_in_flight = []
@@ -394,7 +395,7 @@ class DurableTopicSubscription(Subscription):
         self.saved = self.session.broker.save_cursor_soon(self.cursor_name, self.safe_position())
         return settled
 
-    async def close(self) -> list[str]:
+    async def close(self) -> list[Held]:
         await self._stop(self._task)
         await self.session.broker.datasource.topics.save_cursor(self.cursor_name, self.safe_position())
         return []

@@ -23,6 +23,7 @@ __all__ = [
     "Gap",
     "TailEvent",
     "HeaderFilter",
+    "Held",
     "PollQueue",
     "Signals",
     "ScanMark",
@@ -79,6 +80,13 @@ class StoredMessage:
     seq: int = 0  # queue: FIFO order within a priority; topic: the position in the log
     deliveries: int = 0  # times handed to a consumer, counting this claim; > 1 means redelivered
     original_destination: str | None = None  # set when dead-lettered
+    # The claim's lease token (from ``claim``): a number that changes with every claim of the message and is never
+    # reused. ``ack`` and ``release`` given it act only while the message is still held under this very lease.
+    lease: int = 0
+
+
+# A message as its consumer holds it: (message_id, the lease token its claim returned). ACKs and releases carry it.
+Held = tuple[str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,12 +260,17 @@ class PollQueue(abc.ABC):
         ``SCAN_BUDGET`` messages, starting after the mark, and updates it (its docstring says whether it does)."""
 
     @abc.abstractmethod
-    async def ack(self, message_ids: Sequence[str]) -> None:
-        """Delete acknowledged messages. Unknown ids are ignored (already acked or dead-lettered)."""
+    async def ack(self, message_ids: Sequence[str], leases: Sequence[int] | None = None) -> None:
+        """Delete acknowledged messages. Unknown ids are ignored (already acked or dead-lettered).
+
+        With ``leases`` (one per id, the ``lease`` its claim returned) the delete is fenced: a message is deleted only
+        while it is still leased under that token, atomically in the database. An ACK from a consumer whose lease
+        lapsed, and whose message another consumer has claimed since, so deletes nothing."""
 
     @abc.abstractmethod
-    async def release(self, message_ids: Sequence[str], how: Release) -> None:
-        """Give leased messages back: requeue them, or move them to their dead-letter queue, atomically each."""
+    async def release(self, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None = None) -> None:
+        """Give leased messages back: requeue them, or move them to their dead-letter queue, atomically each.
+        Fenced by ``leases`` as ``ack`` is: a late release never undoes someone else's claim."""
 
     @abc.abstractmethod
     async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:

@@ -55,6 +55,7 @@ class _Record:
     owner: str | None = None  # None means ready
     lease_until: int = 0
     version: int = 0  # bumped on every state change; stale heap entries carry an old version
+    lease: int = 0  # bumped by every claim, never reset: the lease token that fences ack and release
 
     def stored(self) -> StoredMessage:
         return StoredMessage(
@@ -68,6 +69,7 @@ class _Record:
             seq=self.seq,
             deliveries=self.deliveries,
             original_destination=self.original_destination,
+            lease=self.lease,
         )
 
     def available(self, now_ms: int) -> bool:
@@ -212,6 +214,7 @@ class MemoryPollQueue(PollQueue):
             record.owner = owner
             record.lease_until = lease_until
             record.deliveries += 1
+            record.lease += 1
             record.version += 1
             self._owners.setdefault(owner, set()).add(record.message_id)
             heapq.heappush(self._leases, (lease_until, record.version, record.message_id))
@@ -224,17 +227,24 @@ class MemoryPollQueue(PollQueue):
             self._scans.record(destination, scan, last, more)
         return taken
 
-    async def ack(self, message_ids: Sequence[str]) -> None:
-        for message_id in message_ids:
-            record = self._records.get(message_id)
+    def _held(self, message_id: str, lease: int | None) -> _Record | None:
+        """The record, when it is held under ``lease`` (any holder when ``lease`` is None)."""
+        record = self._records.get(message_id)
+        if record is None or (lease is not None and (record.owner is None or record.lease != lease)):
+            return None
+        return record
+
+    async def ack(self, message_ids: Sequence[str], leases: Sequence[int] | None = None) -> None:
+        for message_id, lease in zip(message_ids, leases if leases is not None else [None] * len(message_ids)):
+            record = self._held(message_id, lease)
             if record is not None:
                 self._remove(record)
 
-    async def release(self, message_ids: Sequence[str], how: Release) -> None:
+    async def release(self, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None = None) -> None:
         woken: set[str] = set()
-        for message_id in message_ids:
-            record = self._records.get(message_id)
-            if record is None or record.owner is None:  # unknown, or not leased (already released)
+        for message_id, lease in zip(message_ids, leases if leases is not None else [None] * len(message_ids)):
+            record = self._held(message_id, lease)
+            if record is None or record.owner is None:  # unknown, not leased (already released), or not ours
                 continue
             if how is Release.DEAD_LETTER:
                 if record.original_destination is None:

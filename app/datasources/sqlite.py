@@ -78,7 +78,8 @@ _NO_LEASE = 1 << 62
 _SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA", "0", "1", "2", "3"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _MSG_COLUMNS = (
-    "message_id, destination, headers, body, priority, expires_at, published_at, seq, deliveries, original_destination"
+    "message_id, destination, headers, body, priority, expires_at, published_at, seq, deliveries, original_destination, "
+    "lease"
 )
 
 # a message a consumer could take now: ready, or leased with its lease lapsed; and not expired
@@ -104,6 +105,7 @@ def _message(row: Sequence[Any]) -> StoredMessage:
         seq=row[7],
         deliveries=row[8],
         original_destination=row[9],
+        lease=row[10],
     )
 
 
@@ -250,7 +252,8 @@ class _Store:
                     lease_until INTEGER,
                     original_destination TEXT,
                     headers TEXT NOT NULL,
-                    body BLOB NOT NULL
+                    body BLOB NOT NULL,
+                    lease INTEGER NOT NULL DEFAULT 0            -- bumped by every claim: the fencing token
                 );
                 CREATE INDEX IF NOT EXISTS {m}_claim ON {m} (destination, state, priority DESC, seq);
                 CREATE INDEX IF NOT EXISTS {m}_expiry ON {m} (destination, expires_at) WHERE expires_at IS NOT NULL;
@@ -269,6 +272,9 @@ class _Store:
                 COMMIT;
                 """
             )
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({m})")}
+            if "lease" not in columns:  # a database made before leases were fenced
+                conn.execute(f"ALTER TABLE {m} ADD COLUMN lease INTEGER NOT NULL DEFAULT 0")
         except BaseException:
             conn.close()
             raise
@@ -429,7 +435,7 @@ class SqlitePollQueue(PollQueue):
         )
         ready = "destination = ? AND state = 0 AND (expires_at IS NULL OR expires_at > ?)"
         self._sql_claim = (
-            f"UPDATE {m} SET state = 1, owner = ?, lease_until = ?, deliveries = deliveries + 1 "
+            f"UPDATE {m} SET state = 1, owner = ?, lease_until = ?, deliveries = deliveries + 1, lease = lease + 1 "
             f"WHERE seq IN (SELECT seq FROM {m} WHERE {ready} ORDER BY priority DESC, seq LIMIT ?) "
             f"RETURNING {_MSG_COLUMNS}"
         )
@@ -575,7 +581,7 @@ class SqlitePollQueue(PollQueue):
         for chunk in _chunks(chosen):
             marks = ",".join("?" * len(chunk))
             rows += conn.execute(
-                f"UPDATE {m} SET state = 1, owner = ?, lease_until = ?, deliveries = deliveries + 1 "
+                f"UPDATE {m} SET state = 1, owner = ?, lease_until = ?, deliveries = deliveries + 1, lease = lease + 1 "
                 f"WHERE seq IN ({marks}) RETURNING {_MSG_COLUMNS}",
                 (owner, lease_until, *chunk),
             ).fetchall()
@@ -600,23 +606,28 @@ class SqlitePollQueue(PollQueue):
             finally:
                 cursor.close()
 
-    async def ack(self, message_ids: Sequence[str]) -> None:
+    async def ack(self, message_ids: Sequence[str], leases: Sequence[int] | None = None) -> None:
         if not message_ids:
             return
         ids = list(message_ids)
         m = self._store.messages
+        fenced = list(zip(ids, leases)) if leases is not None else None
 
         def run(conn: sqlite3.Connection) -> None:
+            if fenced is not None:  # only while still held under the lease the consumer was given
+                conn.executemany(f"DELETE FROM {m} WHERE message_id = ? AND state = 1 AND lease = ?", fenced)
+                return
             for chunk in _chunks(ids):
                 conn.execute(f"DELETE FROM {m} WHERE message_id IN ({','.join('?' * len(chunk))})", chunk)
 
         await self._store.write(run)
 
-    async def release(self, message_ids: Sequence[str], how: Release) -> None:
+    async def release(self, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None = None) -> None:
         if not message_ids:
             return
         ids = list(message_ids)
         m = self._store.messages
+        fenced = list(zip(ids, leases)) if leases is not None else None
         if how is Release.DEAD_LETTER:
             sql = (
                 f"UPDATE {m} SET destination = destination || '.DLQ', "
@@ -634,9 +645,15 @@ class SqlitePollQueue(PollQueue):
 
         def run(conn: sqlite3.Connection) -> set[str]:
             woken: set[str] = set()
-            for chunk in _chunks(ids):
-                for (destination,) in conn.execute(sql.format(",".join("?" * len(chunk))), chunk):
-                    woken.add(destination)
+            if fenced is not None:  # each only while still held under the lease its consumer was given
+                one = sql.replace("message_id IN ({})", "message_id = ? AND lease = ?")
+                for pair in fenced:
+                    for (destination,) in conn.execute(one, pair):
+                        woken.add(destination)
+            else:
+                for chunk in _chunks(ids):
+                    for (destination,) in conn.execute(sql.format(",".join("?" * len(chunk))), chunk):
+                        woken.add(destination)
             for destination in woken:  # back at their old places (or new in a .DLQ): scans must look again
                 scans.requeue(destination)
             return woken
@@ -759,7 +776,7 @@ class SqliteTailQueue(TailQueue):
         )
         self._sql_trim = f"DELETE FROM {t} WHERE position <= ?"
         self._sql_after = (
-            f"SELECT message_id, destination, headers, body, priority, expires_at, published_at, position, 0, NULL "
+            f"SELECT message_id, destination, headers, body, priority, expires_at, published_at, position, 0, NULL, 0 "
             f"FROM {t} WHERE position > ? ORDER BY position LIMIT ?"
         )
         self._sql_oldest = f"SELECT min(position) FROM {t}"

@@ -108,6 +108,7 @@ def stored_from_doc(doc: Mapping[str, Any], *, seq_field: str) -> StoredMessage:
         seq=int(doc.get(seq_field, 0)),
         deliveries=int(doc.get("deliveries", 0)),
         original_destination=doc.get("original_destination"),
+        lease=int(doc.get("claims", 0)),  # every claim changes ``claims``: the token that fences ack and release
     )
 
 

@@ -665,12 +665,17 @@ class MongoPollQueue(PollQueue):
         return [d for d, stored in zip(out, still, strict=True) if stored is not None]
 
     # -- ack / release / renew -----------------------------------------------------------------------------------
-    async def ack(self, message_ids: Sequence[str]) -> None:
+    async def ack(self, message_ids: Sequence[str], leases: Sequence[int] | None = None) -> None:
         plain = [i for i in message_ids if not i.startswith(WRAPPED_PREFIX)]
+        lease_of = dict(zip(message_ids, leases)) if leases is not None else None
         if self._ferretdb:
             self._held.retire(plain)
         with unavailable_on_disconnect("ack"):
-            if plain and self._ferretdb:  # one statement per ``_id``: a ``$in`` filter is a full decode there
+            if plain and lease_of is not None:  # fenced: only while still leased under the consumer's token
+                await self._coll.bulk_write(
+                    [DeleteOne({"_id": i, "state": "leased", "claims": lease_of[i]}) for i in dict.fromkeys(plain)]
+                )
+            elif plain and self._ferretdb:  # one statement per ``_id``: a ``$in`` filter is a full decode there
                 await self._coll.bulk_write([DeleteOne({"_id": i}) for i in dict.fromkeys(plain)])
             elif plain:
                 await self._coll.delete_many({"_id": {"$in": plain}})
@@ -679,16 +684,20 @@ class MongoPollQueue(PollQueue):
                     target = self._wrapped_target(message_id)
                     if target is not None:
                         coll, doc_id = target
-                        await coll.delete_one({"_id": doc_id})
+                        fence = {} if lease_of is None else {"_sg_state": "leased", "_sg_claims": lease_of[message_id]}
+                        await coll.delete_one({"_id": doc_id, **fence})
 
-    async def release(self, message_ids: Sequence[str], how: Release) -> None:
+    async def release(self, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None = None) -> None:
         plain = [i for i in message_ids if not i.startswith(WRAPPED_PREFIX)]
+        lease_of = dict(zip(message_ids, leases)) if leases is not None else None
         if self._ferretdb:
             self._held.forget(plain)
         with unavailable_on_disconnect("release"):
             if plain:
                 if self._ferretdb:
-                    await self._release_ferretdb(plain, how)
+                    await self._release_ferretdb(plain, how, lease_of)
+                elif lease_of is not None:
+                    await self._release_fenced(plain, how, lease_of)
                 elif how is Release.REQUEUE:
                     await self._coll.update_many(
                         {"_id": {"$in": plain}, "state": "leased"},
@@ -712,16 +721,40 @@ class MongoPollQueue(PollQueue):
                     )
             for message_id in message_ids:
                 if message_id.startswith(WRAPPED_PREFIX):
-                    await self._release_wrapped(message_id, how)
+                    await self._release_wrapped(message_id, how, None if lease_of is None else lease_of[message_id])
         self._invalidate()
         self._signals.notify_all()
 
-    async def _release_ferretdb(self, ids: list[str], how: Release) -> None:
+    async def _release_fenced(self, ids: list[str], how: Release, lease_of: Mapping[str, int]) -> None:
+        """MongoDB: each document only while still leased under its consumer's token (one statement each)."""
+        update: Any
+        if how is Release.REQUEUE:
+            update = {"$set": {"state": "ready", "lease_until": 0, "owner": None}}
+        else:  # a pipeline update: atomic per document on MongoDB
+            update = [
+                {
+                    "$set": {
+                        "original_destination": {"$ifNull": ["$original_destination", "$destination"]},
+                        "destination": {"$concat": ["$destination", ".DLQ"]},
+                        "deliveries": 0,
+                        "state": "ready",
+                        "lease_until": 0,
+                        "owner": None,
+                    }
+                }
+            ]
+        await self._coll.bulk_write(
+            [UpdateOne({"_id": i, "state": "leased", "claims": lease_of[i]}, update) for i in dict.fromkeys(ids)]
+        )
+
+    async def _release_ferretdb(self, ids: list[str], how: Release, lease_of: Mapping[str, int] | None = None) -> None:
         async def one(message_id: str) -> None:
             doc = await self._coll.find_one({"_id": message_id, "state": "leased"})
             if doc is None:
                 return
             read_version = int(doc.get("claims", 0))
+            if lease_of is not None and read_version != lease_of[message_id]:
+                return  # claimed again since this consumer's lease: not ours to give back
             # the token is held RELEASE_HOLD_MS: a claimer steps over it only if this release died before its update
             now_ms = int(time.time() * 1000)
             won = await self._tokens.take(
@@ -843,6 +876,7 @@ class MongoPollQueue(PollQueue):
             headers={"content-type": "application/json", "mongodb-collection": wrapped.collection},
             body=body,
             deliveries=int(doc.get("_sg_deliveries", 0)),
+            lease=int(doc.get("_sg_claims", 0)),
         )
 
     async def _claim_wrapped(
@@ -888,19 +922,20 @@ class MongoPollQueue(PollQueue):
                 break
         return out
 
-    async def _release_wrapped(self, message_id: str, how: Release) -> None:
+    async def _release_wrapped(self, message_id: str, how: Release, lease: int | None = None) -> None:
         target = self._wrapped_target(message_id)
         if target is None:
             return
         coll, doc_id = target
+        fence = {} if lease is None else {"_sg_claims": lease}
         if how is Release.REQUEUE:
             await coll.update_one(
-                {"_id": doc_id, "_sg_state": "leased"},
+                {"_id": doc_id, "_sg_state": "leased", **fence},
                 {"$set": {"_sg_state": "ready", "_sg_lease_until": 0, "_sg_owner": None},
                  "$inc": {"_sg_claims": 1}},
             )
             return
-        doc = await coll.find_one({"_id": doc_id, "_sg_state": "leased"})
+        doc = await coll.find_one({"_id": doc_id, "_sg_state": "leased", **fence})
         if doc is None:
             return
         wrapped = self._wrapped_by_collection[coll.name]

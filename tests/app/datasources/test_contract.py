@@ -507,3 +507,26 @@ async def test_a_peek_with_a_selector_examines_a_bounded_part_of_the_backlog(dat
     selector = CountingSelector("red")
     peeked = await datasource.queues.peek(Q, limit=10, now_ms=NOW, selector=selector)
     assert peeked == [] and selector.calls <= PEEK_SCAN_LIMIT
+
+
+async def test_a_late_ack_or_release_under_a_lapsed_lease_touches_nothing(datasource: Datasource) -> None:
+    """Leases are fenced: consumer A's lease lapses (its gateway stalled), B claims the message again; A's late ACK
+    or NACK, carrying A's lease token, must neither delete nor requeue what B now holds."""
+    await datasource.queues.put([msg(1), msg(2)])
+    first = await claim(datasource, owner="a", limit=2)
+    assert len(first) == 2 and len({m.lease for m in first}) >= 1
+    later = NOW + LEASE + 1  # A's leases have lapsed
+    again = await claim(datasource, owner="b", limit=2, now=later)
+    assert sorted(m.message_id for m in again) == sorted(m.message_id for m in first)
+    lease_a = {m.message_id: m.lease for m in first}
+    lease_b = {m.message_id: m.lease for m in again}
+    assert all(lease_a[i] != lease_b[i] for i in lease_a)  # every claim gets a new token
+    ids = sorted(lease_a)
+    await datasource.queues.ack(ids, [lease_a[i] for i in ids])  # A's late ACK
+    await datasource.queues.release(ids, Release.DEAD_LETTER, [lease_a[i] for i in ids])  # A's late NACK
+    stats = await datasource.queues.stats(Q, now_ms=later)
+    assert (stats.ready, stats.unacked) == (0, 2)  # both still held by B, nothing deleted or moved
+    await datasource.queues.release([ids[0]], Release.REQUEUE, [lease_b[ids[0]]])  # B's own release works
+    await datasource.queues.ack([ids[1]], [lease_b[ids[1]]])  # and B's own ACK
+    stats = await datasource.queues.stats(Q, now_ms=later)
+    assert (stats.ready, stats.unacked) == (1, 0)

@@ -260,3 +260,30 @@ async def test_a_rolled_back_claim_wakes_waiters_and_restarts_scans(tmp_path: Pa
         assert claimed == [] and mark.after is not None and not mark.more
     finally:
         await ds.close()
+
+
+async def test_a_database_made_before_fenced_leases_opens_and_gains_the_lease_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        """
+        CREATE TABLE stompgate_messages (
+            seq INTEGER PRIMARY KEY, message_id TEXT NOT NULL UNIQUE, destination TEXT NOT NULL,
+            state INTEGER NOT NULL DEFAULT 0, priority INTEGER NOT NULL, expires_at INTEGER,
+            published_at INTEGER NOT NULL, deliveries INTEGER NOT NULL DEFAULT 0, owner TEXT, lease_until INTEGER,
+            original_destination TEXT, headers TEXT NOT NULL, body BLOB NOT NULL
+        );
+        INSERT INTO stompgate_messages (message_id, destination, priority, published_at, headers, body)
+        VALUES ('m-old', '/queue/durable', 4, 0, '{}', x'00');
+        """
+    )
+    conn.commit()
+    conn.close()
+    ds = await open_db(path)
+    try:
+        [got] = await ds.queues.claim(Q, owner="a", limit=1, lease_ms=1000, now_ms=NOW)
+        assert got.message_id == "m-old" and got.lease == 1
+        await ds.queues.ack([got.message_id], [got.lease])
+        assert await ds.queues.peek(Q, limit=1, now_ms=NOW) == []
+    finally:
+        await ds.close()

@@ -228,9 +228,10 @@ class MemoryPollQueue(PollQueue):
         return taken
 
     def _held(self, message_id: str, lease: int | None) -> _Record | None:
-        """The record, when it is held under ``lease`` (any holder when ``lease`` is None)."""
+        """The record, when its last claim gave ``lease`` (any record when ``lease`` is None); only a later claim
+        changes it, so a late ACK with no claim since still counts."""
         record = self._records.get(message_id)
-        if record is None or (lease is not None and (record.owner is None or record.lease != lease)):
+        if record is None or (lease is not None and record.lease != lease):
             return None
         return record
 

@@ -272,9 +272,11 @@ class _Store:
                 COMMIT;
                 """
             )
+            conn.execute("BEGIN IMMEDIATE")  # check and change in one transaction: two openers cannot both add it
             columns = {row[1] for row in conn.execute(f"PRAGMA table_info({m})")}
             if "lease" not in columns:  # a database made before leases were fenced
                 conn.execute(f"ALTER TABLE {m} ADD COLUMN lease INTEGER NOT NULL DEFAULT 0")
+            conn.execute("COMMIT")
         except BaseException:
             conn.close()
             raise
@@ -611,11 +613,17 @@ class SqlitePollQueue(PollQueue):
             return
         ids = list(message_ids)
         m = self._store.messages
-        fenced = list(zip(ids, leases)) if leases is not None else None
+        fenced = list(dict.fromkeys(zip(ids, leases))) if leases is not None else None
 
         def run(conn: sqlite3.Connection) -> None:
-            if fenced is not None:  # only while still held under the lease the consumer was given
-                conn.executemany(f"DELETE FROM {m} WHERE message_id = ? AND state = 1 AND lease = ?", fenced)
+            if fenced is not None:  # only under the lease the consumer was given (a later claim changes it)
+                for part in _chunks(fenced, IN_CHUNK // 3):  # three parameters per message
+                    ids_in = ",".join("?" * len(part))
+                    pairs_in = ",".join("(?, ?)" for _ in part)
+                    conn.execute(
+                        f"DELETE FROM {m} WHERE message_id IN ({ids_in}) AND (message_id, lease) IN (VALUES {pairs_in})",
+                        [i for i, _ in part] + [v for pair in part for v in pair],
+                    )
                 return
             for chunk in _chunks(ids):
                 conn.execute(f"DELETE FROM {m} WHERE message_id IN ({','.join('?' * len(chunk))})", chunk)

@@ -667,37 +667,41 @@ class MongoPollQueue(PollQueue):
     # -- ack / release / renew -----------------------------------------------------------------------------------
     async def ack(self, message_ids: Sequence[str], leases: Sequence[int] | None = None) -> None:
         plain = [i for i in message_ids if not i.startswith(WRAPPED_PREFIX)]
-        lease_of = dict(zip(message_ids, leases)) if leases is not None else None
+        # (id, lease) pairs, never a dict by id: one batch may name a message twice (two consumers of this gateway,
+        # one of them late), and each must be judged under its own lease
+        pairs = list(dict.fromkeys(zip(message_ids, leases))) if leases is not None else None
         if self._ferretdb:
             self._held.retire(plain)
         with unavailable_on_disconnect("ack"):
-            if plain and lease_of is not None:  # fenced: only while still leased under the consumer's token
+            if plain and pairs is not None:  # fenced: only under the lease the consumer was given
                 await self._coll.bulk_write(
-                    [DeleteOne({"_id": i, "state": "leased", "claims": lease_of[i]}) for i in dict.fromkeys(plain)]
+                    [DeleteOne({"_id": i, "claims": lease}) for i, lease in pairs if not i.startswith(WRAPPED_PREFIX)]
                 )
             elif plain and self._ferretdb:  # one statement per ``_id``: a ``$in`` filter is a full decode there
                 await self._coll.bulk_write([DeleteOne({"_id": i}) for i in dict.fromkeys(plain)])
             elif plain:
                 await self._coll.delete_many({"_id": {"$in": plain}})
-            for message_id in message_ids:
+            wrapped_pairs = pairs if pairs is not None else [(i, None) for i in dict.fromkeys(message_ids)]
+            for message_id, wrapped_lease in wrapped_pairs:
                 if message_id.startswith(WRAPPED_PREFIX):
                     target = self._wrapped_target(message_id)
                     if target is not None:
                         coll, doc_id = target
-                        fence = {} if lease_of is None else {"_sg_state": "leased", "_sg_claims": lease_of[message_id]}
+                        fence = {} if wrapped_lease is None else {"_sg_claims": wrapped_lease}
                         await coll.delete_one({"_id": doc_id, **fence})
 
     async def release(self, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None = None) -> None:
         plain = [i for i in message_ids if not i.startswith(WRAPPED_PREFIX)]
-        lease_of = dict(zip(message_ids, leases)) if leases is not None else None
+        pairs = list(dict.fromkeys(zip(message_ids, leases))) if leases is not None else None  # see ack
+        plain_pairs = None if pairs is None else [(i, lease) for i, lease in pairs if not i.startswith(WRAPPED_PREFIX)]
         if self._ferretdb:
             self._held.forget(plain)
         with unavailable_on_disconnect("release"):
             if plain:
                 if self._ferretdb:
-                    await self._release_ferretdb(plain, how, lease_of)
-                elif lease_of is not None:
-                    await self._release_fenced(plain, how, lease_of)
+                    await self._release_ferretdb(plain, how, plain_pairs)
+                elif plain_pairs is not None:
+                    await self._release_fenced(plain_pairs, how)
                 elif how is Release.REQUEUE:
                     await self._coll.update_many(
                         {"_id": {"$in": plain}, "state": "leased"},
@@ -719,13 +723,13 @@ class MongoPollQueue(PollQueue):
                             }
                         ],
                     )
-            for message_id in message_ids:
+            for message_id, wrapped_lease in pairs if pairs is not None else [(i, None) for i in message_ids]:
                 if message_id.startswith(WRAPPED_PREFIX):
-                    await self._release_wrapped(message_id, how, None if lease_of is None else lease_of[message_id])
+                    await self._release_wrapped(message_id, how, wrapped_lease)
         self._invalidate()
         self._signals.notify_all()
 
-    async def _release_fenced(self, ids: list[str], how: Release, lease_of: Mapping[str, int]) -> None:
+    async def _release_fenced(self, pairs: list[tuple[str, int]], how: Release) -> None:
         """MongoDB: each document only while still leased under its consumer's token (one statement each)."""
         update: Any
         if how is Release.REQUEUE:
@@ -744,16 +748,18 @@ class MongoPollQueue(PollQueue):
                 }
             ]
         await self._coll.bulk_write(
-            [UpdateOne({"_id": i, "state": "leased", "claims": lease_of[i]}, update) for i in dict.fromkeys(ids)]
+            [UpdateOne({"_id": i, "state": "leased", "claims": lease}, update) for i, lease in pairs]
         )
 
-    async def _release_ferretdb(self, ids: list[str], how: Release, lease_of: Mapping[str, int] | None = None) -> None:
-        async def one(message_id: str) -> None:
+    async def _release_ferretdb(
+        self, ids: list[str], how: Release, pairs: list[tuple[str, int]] | None = None
+    ) -> None:
+        async def one(message_id: str, lease: int | None) -> None:
             doc = await self._coll.find_one({"_id": message_id, "state": "leased"})
             if doc is None:
                 return
             read_version = int(doc.get("claims", 0))
-            if lease_of is not None and read_version != lease_of[message_id]:
+            if lease is not None and read_version != lease:
                 return  # claimed again since this consumer's lease: not ours to give back
             # the token is held RELEASE_HOLD_MS: a claimer steps over it only if this release died before its update
             now_ms = int(time.time() * 1000)
@@ -772,7 +778,8 @@ class MongoPollQueue(PollQueue):
             # by the version read too: had someone stepped over our token meanwhile, their lease is not undone
             await self._coll.update_one({"_id": doc["_id"], "claims": read_version}, {"$set": changes})
 
-        await _gather_limited([lambda i=i: one(i) for i in dict.fromkeys(ids)])
+        work = pairs if pairs is not None else [(i, None) for i in dict.fromkeys(ids)]
+        await _gather_limited([lambda i=i, lease=lease: one(i, lease) for i, lease in work])
 
     async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
         lease_until = now_ms + lease_ms
@@ -959,5 +966,7 @@ class MongoPollQueue(PollQueue):
             await self._coll.insert_one(dead)
         except DuplicateKeyError:
             pass
-        await coll.delete_one({"_id": doc_id})
+        # fenced like the read: had another consumer claimed it meanwhile, theirs is not deleted (a duplicate in the
+        # DLQ then, never a loss)
+        await coll.delete_one({"_id": doc_id, **fence})
 

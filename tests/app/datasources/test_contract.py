@@ -530,3 +530,33 @@ async def test_a_late_ack_or_release_under_a_lapsed_lease_touches_nothing(dataso
     await datasource.queues.ack([ids[1]], [lease_b[ids[1]]])  # and B's own ACK
     stats = await datasource.queues.stats(Q, now_ms=later)
     assert (stats.ready, stats.unacked) == (1, 0)
+
+
+async def test_acks_of_one_message_under_two_leases_in_one_batch_are_each_judged(datasource: Datasource) -> None:
+    """One ACK batch may name a message twice: a late consumer's stale lease and the new holder's. The new holder's
+    ACK must still delete it (a dict by id once kept only one of the two leases)."""
+    await datasource.queues.put([msg(1)])
+    [old] = await claim(datasource, owner="g1")
+    [new] = await claim(datasource, owner="g1", now=NOW + LEASE + 1)  # the first lease lapsed: claimed again
+    await datasource.queues.ack([new.message_id, old.message_id], [new.lease, old.lease])
+    stats = await datasource.queues.stats(Q, now_ms=NOW + LEASE + 1)
+    assert (stats.ready, stats.unacked) == (0, 0)
+    await datasource.queues.put([msg(2)])
+    [old] = await claim(datasource, owner="g1")
+    [new] = await claim(datasource, owner="g1", now=NOW + LEASE + 1)
+    await datasource.queues.release([new.message_id, old.message_id], Release.REQUEUE, [new.lease, old.lease])
+    stats = await datasource.queues.stats(Q, now_ms=NOW + LEASE + 1)
+    assert (stats.ready, stats.unacked) == (1, 0)
+
+
+async def test_a_late_ack_with_no_claim_since_still_deletes(datasource: Datasource) -> None:
+    """Only a later claim changes the lease: a consumer that was merely slow (its lease lapsed, nobody took the
+    message) still acknowledges it, on every store."""
+    await datasource.queues.put([msg(1)])
+    [got] = await claim(datasource, owner="a")
+    later = NOW + LEASE + 1  # a's lease lapsed; b looks (its selector takes nothing), which requeues lapsed leases
+    taken = await datasource.queues.claim(Q, owner="b", limit=1, lease_ms=LEASE, now_ms=later, selector=lambda h: False)
+    assert taken == []
+    await datasource.queues.ack([got.message_id], [got.lease])
+    stats = await datasource.queues.stats(Q, now_ms=NOW + LEASE + 1)
+    assert (stats.ready, stats.unacked) == (0, 0)

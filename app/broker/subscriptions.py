@@ -137,6 +137,7 @@ class QueueSubscription(Subscription):
         self._held: list[StoredMessage] = []  # claimed, not yet handed to the connection (no room yet)
         self._auto_in_flight: list[Held] = []  # auto mode: handed to the connection, acked once it took them
         self._size_estimate = INITIAL_SIZE_ESTIMATE
+        self._backoff = 0.05  # seconds before retrying a claim the database refused; doubles up to 2 s
         self._scan = ScanMark()  # where a selector's scan of the backlog goes on from (used with a Python selector)
 
     async def _run(self) -> None:
@@ -232,8 +233,6 @@ class QueueSubscription(Subscription):
                 await queues.wait(self.destination_text, self._idle_wait(), wake)
             return None
         return messages
-
-    _backoff = 0.05
 
     def _idle_wait(self) -> float:
         """How long an empty claim waits for a wake-up before looking again. On a shared database another gateway's

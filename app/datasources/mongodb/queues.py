@@ -98,6 +98,25 @@ MAX_CLAIM_ROUNDS = 4  # candidate reads per claim call before returning fewer th
 SCAN_BATCH = 128  # documents one read of a selector scan takes
 
 
+def _release_update(how: Release) -> Any:
+    """The MongoDB update that gives a leased document back: requeue it, or (one pipeline update per document,
+    atomic on MongoDB; FerretDB v1 has no pipeline updates and takes its own path) move it to its dead-letter queue."""
+    if how is Release.REQUEUE:
+        return {"$set": {"state": "ready", "lease_until": 0, "owner": None}}
+    return [
+        {
+            "$set": {
+                "original_destination": {"$ifNull": ["$original_destination", "$destination"]},
+                "destination": {"$concat": ["$destination", ".DLQ"]},
+                "deliveries": 0,
+                "state": "ready",
+                "lease_until": 0,
+                "owner": None,
+            }
+        }
+    ]
+
+
 def _after_in_order(after: tuple[int, int]) -> Doc:
     """Documents after ``(priority, seq)`` in delivery order (priority descending, then seq)."""
     priority, seq = after
@@ -702,27 +721,8 @@ class MongoPollQueue(PollQueue):
                     await self._release_ferretdb(plain, how, plain_pairs)
                 elif plain_pairs is not None:
                     await self._release_fenced(plain_pairs, how)
-                elif how is Release.REQUEUE:
-                    await self._coll.update_many(
-                        {"_id": {"$in": plain}, "state": "leased"},
-                        {"$set": {"state": "ready", "lease_until": 0, "owner": None}},
-                    )
-                else:  # one pipeline update per document: atomic on MongoDB (FerretDB v1 has no pipeline updates)
-                    await self._coll.update_many(
-                        {"_id": {"$in": plain}, "state": "leased"},
-                        [
-                            {
-                                "$set": {
-                                    "original_destination": {"$ifNull": ["$original_destination", "$destination"]},
-                                    "destination": {"$concat": ["$destination", ".DLQ"]},
-                                    "deliveries": 0,
-                                    "state": "ready",
-                                    "lease_until": 0,
-                                    "owner": None,
-                                }
-                            }
-                        ],
-                    )
+                else:
+                    await self._coll.update_many({"_id": {"$in": plain}, "state": "leased"}, _release_update(how))
             for message_id, wrapped_lease in pairs if pairs is not None else [(i, None) for i in message_ids]:
                 if message_id.startswith(WRAPPED_PREFIX):
                     await self._release_wrapped(message_id, how, wrapped_lease)
@@ -731,22 +731,7 @@ class MongoPollQueue(PollQueue):
 
     async def _release_fenced(self, pairs: list[tuple[str, int]], how: Release) -> None:
         """MongoDB: each document only while still leased under its consumer's token (one statement each)."""
-        update: Any
-        if how is Release.REQUEUE:
-            update = {"$set": {"state": "ready", "lease_until": 0, "owner": None}}
-        else:  # a pipeline update: atomic per document on MongoDB
-            update = [
-                {
-                    "$set": {
-                        "original_destination": {"$ifNull": ["$original_destination", "$destination"]},
-                        "destination": {"$concat": ["$destination", ".DLQ"]},
-                        "deliveries": 0,
-                        "state": "ready",
-                        "lease_until": 0,
-                        "owner": None,
-                    }
-                }
-            ]
+        update = _release_update(how)
         await self._coll.bulk_write(
             [UpdateOne({"_id": i, "state": "leased", "claims": lease}, update) for i, lease in pairs]
         )

@@ -17,6 +17,7 @@ import pytest
 
 from tests.app.transports.live_app import LiveApp, live_app
 from tests.gateway_process import Gateway, run_gateway
+from tests.raw_http import raw_http
 
 PROBLEM_JSON = "application/problem+json"
 
@@ -25,19 +26,6 @@ PROBLEM_JSON = "application/problem+json"
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with run_gateway(tmp_path_factory.mktemp("http-layer"), store="memory://") as gw:
         yield gw
-
-
-def exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send exact bytes, read until the server closes, split the answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
 
 
 def assert_problem(answer: tuple[int, dict[str, str], bytes], status: int, slug: str) -> dict[str, object]:
@@ -66,13 +54,13 @@ PARSER_REJECTS = {
 
 @pytest.mark.parametrize("request_bytes", PARSER_REJECTS.values(), ids=PARSER_REJECTS.keys())
 def test_requests_the_http_parser_refuses_get_problem_json(gateway: Gateway, request_bytes: bytes) -> None:
-    code, headers, body = exchange(gateway.http_port, request_bytes)
+    code, headers, body = raw_http(gateway.http_port, request_bytes)
     assert_problem((code, headers, body), 400, "invalid-http")
     assert headers["connection"] == "close"
 
 
 def test_the_parser_problem_names_the_path_when_it_was_read(gateway: Gateway) -> None:
-    answer = exchange(gateway.http_port, b"GET /health?x=1 HTTP/1.1\r\nHost: gw\r\nX-Bad: a\x01b\r\n\r\n")
+    answer = raw_http(gateway.http_port, b"GET /health?x=1 HTTP/1.1\r\nHost: gw\r\nX-Bad: a\x01b\r\n\r\n")
     assert assert_problem(answer, 400, "invalid-http")["instance"] == "/health"
 
 
@@ -102,11 +90,11 @@ APP_REJECTS = {
 
 @pytest.mark.parametrize(("request_bytes", "status", "slug"), APP_REJECTS.values(), ids=APP_REJECTS.keys())
 def test_malformed_requests_the_app_sees_are_problems(gateway: Gateway, request_bytes: bytes, status: int, slug: str) -> None:
-    assert_problem(exchange(gateway.http_port, request_bytes), status, slug)
+    assert_problem(raw_http(gateway.http_port, request_bytes), status, slug)
 
 
 def test_no_traceback_in_the_log(gateway: Gateway) -> None:
-    exchange(gateway.http_port, PARSER_REJECTS["control byte in a header value"])
+    raw_http(gateway.http_port, PARSER_REJECTS["control byte in a header value"])
     assert "Traceback" not in gateway.log()
 
 

@@ -6,7 +6,6 @@ Against a real uvicorn (``live_app``), with raw STOMP sockets and httpx over the
 from __future__ import annotations
 
 import itertools
-import socket
 from collections.abc import Iterator
 
 import httpx
@@ -14,6 +13,7 @@ import pytest
 
 from tests.app.transports.live_app import LiveApp, live_app
 from tests.raw_stomp import RawClient
+from tests.raw_http import raw_http
 
 _names = itertools.count(1)
 
@@ -133,19 +133,6 @@ def test_stomp_destination_with_an_escaped_control_character_is_an_error(gateway
         assert (error.command, error.headers["message"]) == ("ERROR", "Invalid destination")
     finally:
         client.close()
-
-
-def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send exact request bytes (no client-side path normalisation) and read the whole answer."""
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(request)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return int(status_line.split()[1]), headers, body
 
 
 @pytest.mark.parametrize(

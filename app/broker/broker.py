@@ -22,6 +22,7 @@ from app.broker.cursors import CursorSaver
 from app.broker.supervision import BackgroundHealth, supervise
 from app.broker.subscriptions import TopicSubscription
 from app.datasources.interface import (
+    Changes,
     Datasource,
     Held,
     NewMessage,
@@ -77,6 +78,7 @@ class Broker:
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[Held] = Batcher(self._ack_with_retry)
+        self._committer: Batcher[Changes] = Batcher(self._apply_commits, max_batch=64)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._background: list[asyncio.Task[None]] = []
         self.accepting = True
@@ -122,6 +124,7 @@ class Broker:
         await self._queue_writer.close()
         await self._topic_writer.close()
         await self._acker.close()
+        await self._committer.close()
         await self.cursors.close()
         if self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
@@ -205,6 +208,34 @@ class Broker:
 
     async def _publish_topics(self, messages: list[NewMessage]) -> None:
         await self.datasource.topics.publish(messages)
+
+    # ---- transactions ----
+
+    def commit_nowait(self, changes: Changes) -> asyncio.Future[None]:
+        """Store a STOMP COMMIT's changes with the next group of commits; the future completes once they are
+        stored (all or nothing where ``datasource.atomic_changes``). When they could not be, the messages the
+        transaction settled are given back (fenced by their leases), so nothing of the COMMIT takes effect."""
+        if changes.queue:
+            self.metrics.published("queue", [m.destination for m in changes.queue])
+        if changes.topic:
+            self.metrics.published("topic", [m.destination for m in changes.topic])
+        future = self._committer.submit([changes])
+
+        def settled(done: asyncio.Future[None]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                if held := changes.settled():
+                    self.spawn(self.release(held, Release.REQUEUE))
+                return
+            if changes.requeue:
+                self.metrics.redelivered(len(changes.requeue))
+            if changes.dead_letter:
+                self.metrics.dead_lettered(len(changes.dead_letter))
+
+        future.add_done_callback(settled)
+        return future
+
+    async def _apply_commits(self, batch: list[Changes]) -> None:
+        await self.datasource.apply(Changes.merge(batch))
 
     # ---- acknowledgements ----
 

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from app.broker.auth import ANONYMOUS, Principal
@@ -26,7 +27,7 @@ from app.broker.subscriptions import (
     Subscription,
     TopicSubscription,
 )
-from app.datasources.interface import Held, NewMessage, Release, StoredMessage
+from app.datasources.interface import Changes, Held, NewMessage, Release, StoredMessage
 from stomp_core import (
     Abort,
     Ack,
@@ -171,6 +172,11 @@ class Session:
         self._flush_scheduled = False
         self._pending_sends: dict[Literal["queue", "topic"], tuple[list[NewMessage], asyncio.Future[None]]] = {}
         self._pending_acks: tuple[list[Held], asyncio.Future[None]] | None = None
+        # Order of this connection's writes: the newest write of each kind handed to the broker (a COMMIT waits for
+        # them), and the COMMIT in flight (writes submitted after it wait for it), so the database sees SENDs, ACKs
+        # and COMMITs in the order the client sent them although they travel through different group writers.
+        self._latest_writes: dict[str, asyncio.Future[None]] = {}
+        self._commit_barrier: asyncio.Future[None] | None = None
         self._destinations: dict[str, Destination] = {}  # parsed destination names, per connection
         self._held: list[ServerEvent] | None = None  # frames that came after a CONNECT still being checked
         self._login: asyncio.Task[None] | None = None  # that check (a reference keeps the task alive)
@@ -418,13 +424,25 @@ class Session:
 
     def _submit_sends(self) -> None:
         if self._pending_acks is not None:
-            (ids, placeholder), self._pending_acks = self._pending_acks, None
-            chain(self.broker.ack_nowait(ids), placeholder)
+            (held, placeholder), self._pending_acks = self._pending_acks, None
+            self._submit_in_order("ack", lambda: self.broker.ack_nowait(held), placeholder)
         if not self._pending_sends:
             return
         groups, self._pending_sends = self._pending_sends, {}
         for kind, (messages, placeholder) in groups.items():
-            chain(self.broker.publish_nowait(messages, kind), placeholder)
+            self._submit_in_order(kind, partial(self.broker.publish_nowait, messages, kind), placeholder)
+
+    def _submit_in_order(
+        self, kind: str, submit: Callable[[], asyncio.Future[None]], placeholder: asyncio.Future[None]
+    ) -> None:
+        """Hand a write to the broker now, or once the COMMIT submitted before it is stored."""
+        self._latest_writes[kind] = placeholder
+        barrier = self._commit_barrier
+        if barrier is None or barrier.done():
+            self._commit_barrier = None
+            chain(submit(), placeholder)
+        else:
+            barrier.add_done_callback(lambda _: chain(submit(), placeholder))
 
     def _transaction(self, name: str) -> Transaction:
         tx = self.transactions.get(name)
@@ -509,7 +527,7 @@ class Session:
     def _settle(self, sub: Subscription, message_ids: list[str], how: Release | None) -> asyncio.Future[None] | None:
         settled = sub.settle(message_ids)
         if isinstance(sub, DurableTopicSubscription):
-            return sub.saved  # the RECEIPT waits until the moved position is stored
+            return sub.save_position()  # the RECEIPT waits until the moved position is stored
         if not isinstance(sub, QueueSubscription):
             return None  # live topic deliveries have nothing to delete
         held = [(d.message.message_id, d.message.lease) for d in settled]
@@ -517,7 +535,9 @@ class Session:
             return None
         if how is None:
             return self._batched_ack(held)
-        return asyncio.ensure_future(self.broker.release(held, how))
+        released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._submit_in_order("release", lambda: asyncio.ensure_future(self.broker.release(held, how)), released)
+        return released
 
     def _on_subscribe(self, event: Subscribe) -> None:
         if event.id in self.subscriptions:
@@ -613,22 +633,47 @@ class Session:
         self._receipt_after(None, event.receipt)
 
     def _on_commit(self, event: Commit) -> None:
+        """Everything the transaction holds goes to the datasource as one ``Changes`` (one database transaction
+        where the store has them: ``Datasource.apply``), after the writes this connection sent before the COMMIT.
+        A durable topic subscription's position moves once that is stored; the RECEIPT waits for both."""
         tx = self._end_transaction(event.transaction)
         if tx is None:
             raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
         self._submit_sends()  # SENDs before this COMMIT are written before the transaction's
-        futures: list[asyncio.Future[None]] = []
-        queue_sends = [m for m in tx.sends if m.destination.startswith("/queue/")]
-        topic_sends = [m for m in tx.sends if not m.destination.startswith("/queue/")]
-        if queue_sends:
-            futures.append(self.broker.publish_nowait(queue_sends, "queue"))
-        if topic_sends:
-            futures.append(self.broker.publish_nowait(topic_sends, "topic"))
+        acks: list[Held] = []
+        released: dict[Release, list[Held]] = {Release.REQUEUE: [], Release.DEAD_LETTER: []}
+        durable: list[DurableTopicSubscription] = []
         for sub, message_ids, how in tx.settlements:
-            if (future := self._settle(sub, message_ids, how)) is not None:
-                futures.append(future)
-        combined = asyncio.ensure_future(_all(futures)) if futures else None
-        self._receipt_after(combined, event.receipt)
+            settled = sub.settle(message_ids)
+            if isinstance(sub, DurableTopicSubscription):
+                durable.append(sub)
+            elif isinstance(sub, QueueSubscription):
+                held = [(d.message.message_id, d.message.lease) for d in settled]
+                (acks if how is None else released[how]).extend(held)
+        changes = Changes(
+            queue=[m for m in tx.sends if m.destination.startswith("/queue/")],
+            topic=[m for m in tx.sends if not m.destination.startswith("/queue/")],
+            acks=acks,
+            requeue=released[Release.REQUEUE],
+            dead_letter=released[Release.DEAD_LETTER],
+        )
+        earlier = [f for f in (*self._latest_writes.values(), self._commit_barrier) if f is not None and not f.done()]
+        stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if earlier:
+            gathered = asyncio.gather(*earlier, return_exceptions=True)
+            gathered.add_done_callback(lambda _: chain(self.broker.commit_nowait(changes), stored))
+        else:
+            chain(self.broker.commit_nowait(changes), stored)
+        self._commit_barrier = stored
+        done: asyncio.Future[None] = stored
+        if durable:
+            done = asyncio.ensure_future(self._save_positions_after(stored, durable))
+        self._receipt_after(done, event.receipt)
+
+    @staticmethod
+    async def _save_positions_after(stored: asyncio.Future[None], subs: list[DurableTopicSubscription]) -> None:
+        await stored  # a COMMIT that failed moves no position: its topic messages come again
+        await asyncio.gather(*(sub.save_position() for sub in subs))
 
     def _on_disconnect(self, event: Disconnect) -> None:
         def finish(_: BaseException | None) -> None:
@@ -709,10 +754,6 @@ class Session:
     @property
     def connected(self) -> bool:
         return self.conn.state is State.OPEN
-
-
-async def _all(futures: list[asyncio.Future[None]]) -> None:
-    await asyncio.gather(*futures)
 
 
 def _receipt_of(event: ServerEvent) -> str | None:

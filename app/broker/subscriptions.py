@@ -321,7 +321,6 @@ class DurableTopicSubscription(Subscription):
         self.cursor_name = cursor_name
         self.position = 0
         self.pending_gap: Gap | None = None
-        self.saved: asyncio.Future[None] | None = None  # completes when the position the last settle moved is stored
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"durable {self.cursor_name}")
@@ -389,10 +388,9 @@ class DurableTopicSubscription(Subscription):
             yield "x-missed-from", str(gap.expected)
             yield "x-missed-to", str(gap.oldest - 1)
 
-    def settle(self, message_ids: list[str]) -> list[Delivery]:
-        settled = super().settle(message_ids)
-        self.saved = self.session.broker.save_cursor_soon(self.cursor_name, self.safe_position())
-        return settled
+    def save_position(self) -> asyncio.Future[None]:
+        """Store where this subscription stands now (after a settle); the future completes once it is stored."""
+        return self.session.broker.save_cursor_soon(self.cursor_name, self.safe_position())
 
     async def close(self) -> list[Held]:
         await self._stop(self._task)

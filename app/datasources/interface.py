@@ -24,6 +24,7 @@ __all__ = [
     "TailEvent",
     "HeaderFilter",
     "Held",
+    "Changes",
     "PollQueue",
     "Signals",
     "ScanMark",
@@ -87,6 +88,34 @@ class StoredMessage:
 
 # A message as its consumer holds it: (message_id, the lease token its claim returned). ACKs and releases carry it.
 Held = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What one STOMP COMMIT (or several, grouped) asks of the store, applied by ``Datasource.apply``: messages to
+    put on queues and publish on topics, and queue messages the consumers settled, each with its lease token."""
+
+    queue: Sequence[NewMessage] = ()
+    topic: Sequence[NewMessage] = ()
+    acks: Sequence[Held] = ()
+    requeue: Sequence[Held] = ()
+    dead_letter: Sequence[Held] = ()
+
+    @staticmethod
+    def merge(parts: Sequence[Changes]) -> Changes:
+        """Several commits as one (group commit): order kept within each kind."""
+        if len(parts) == 1:
+            return parts[0]
+        return Changes(
+            queue=[m for p in parts for m in p.queue],
+            topic=[m for p in parts for m in p.topic],
+            acks=[h for p in parts for h in p.acks],
+            requeue=[h for p in parts for h in p.requeue],
+            dead_letter=[h for p in parts for h in p.dead_letter],
+        )
+
+    def settled(self) -> list[Held]:
+        return [*self.acks, *self.requeue, *self.dead_letter]
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,6 +397,25 @@ class Datasource(abc.ABC):
     # ``poll_interval``. False when every change comes through this process (SQLite, memory), whose ``wait`` is woken
     # by each local put and requeue, so an idle subscription costs nothing until then.
     shared: bool = False
+
+    # True when ``apply`` is all or nothing (one database transaction); False when it is the ordered best below.
+    atomic_changes: bool = False
+
+    async def apply(self, changes: Changes) -> None:
+        """Store a COMMIT's changes. A backend with transactions overrides this to apply them all or none. This
+        default, for stores without multi-document transactions, applies them one kind after the other, writes
+        first: a failure part-way may leave the SENDs stored and the ACKs not (the consumed messages come back, as
+        after any failed ACK: at-least-once), never the ACKs applied without the SENDs (a consume-and-produce step
+        would then lose its output)."""
+        if changes.queue:
+            await self.queues.put(changes.queue)
+        if changes.topic:
+            await self.topics.publish(changes.topic)
+        if changes.acks:
+            await self.queues.ack([i for i, _ in changes.acks], [lease for _, lease in changes.acks])
+        for held, how in ((changes.requeue, Release.REQUEUE), (changes.dead_letter, Release.DEAD_LETTER)):
+            if held:
+                await self.queues.release([i for i, _ in held], how, [lease for _, lease in held])
 
     @abc.abstractmethod
     async def ping(self) -> None:

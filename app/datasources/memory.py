@@ -375,6 +375,10 @@ class MemoryTailQueue(TailQueue):
 
 
 class MemoryDatasource(Datasource):
+    # ``Datasource.apply`` is all or nothing here: nothing in it awaits, so no other task sees a half-applied COMMIT,
+    # and its only step that can fail, ``put`` (a message id already stored), comes first and checks before it writes.
+    atomic_changes = True
+
     def __init__(self, url: str, options: DatasourceOptions) -> None:
         self.url = url
         self._queues = MemoryPollQueue()

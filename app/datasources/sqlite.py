@@ -43,6 +43,7 @@ from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from app.datasources.interface import (
+    Changes,
     Datasource,
     DatasourceError,
     DatasourceOptions,
@@ -150,6 +151,11 @@ class _Op(Generic[T]):
         # would otherwise include the group commit's fsync.
         self.early = early
         self.answered = False
+
+
+# A write as the writer runs it: the step inside the batch transaction, and what runs on the event loop after the
+# commit (wake-ups, the topic tail), given the step's result.
+_Write = tuple[Callable[[sqlite3.Connection], T], Callable[[T], None] | None]
 
 
 def _answer(future: asyncio.Future[T], result: T) -> None:
@@ -481,8 +487,11 @@ class SqlitePollQueue(PollQueue):
 
     # -- PollQueue ----------------------------------------------------------------------------------------------
     async def put(self, messages: Sequence[NewMessage]) -> None:
-        if not messages:
-            return
+        if messages:
+            await self._store.write(*self.put_write(messages))
+
+    def put_write(self, messages: Sequence[NewMessage]) -> _Write[None]:
+        """The writer-thread step and the event-loop follow-up of a put (``SqliteDatasource.apply`` joins several)."""
         rows = [
             (
                 m.message_id,
@@ -510,7 +519,7 @@ class SqlitePollQueue(PollQueue):
             for destination in destinations:
                 self._signals.notify(destination)
 
-        await self._store.write(run, after)
+        return run, after
 
     async def claim(
         self,
@@ -609,8 +618,10 @@ class SqlitePollQueue(PollQueue):
                 cursor.close()
 
     async def ack(self, message_ids: Sequence[str], leases: Sequence[int] | None = None) -> None:
-        if not message_ids:
-            return
+        if message_ids:
+            await self._store.write(*self.ack_write(message_ids, leases))
+
+    def ack_write(self, message_ids: Sequence[str], leases: Sequence[int] | None) -> _Write[None]:
         ids = list(message_ids)
         m = self._store.messages
         fenced = list(dict.fromkeys(zip(ids, leases))) if leases is not None else None
@@ -628,11 +639,13 @@ class SqlitePollQueue(PollQueue):
             for chunk in _chunks(ids):
                 conn.execute(f"DELETE FROM {m} WHERE message_id IN ({','.join('?' * len(chunk))})", chunk)
 
-        await self._store.write(run)
+        return run, None
 
     async def release(self, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None = None) -> None:
-        if not message_ids:
-            return
+        if message_ids:
+            await self._store.write(*self.release_write(message_ids, how, leases))
+
+    def release_write(self, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None) -> _Write[set[str]]:
         ids = list(message_ids)
         m = self._store.messages
         fenced = list(zip(ids, leases)) if leases is not None else None
@@ -670,7 +683,7 @@ class SqlitePollQueue(PollQueue):
             for destination in woken:
                 self._signals.notify(destination)
 
-        await self._store.write(run, after)
+        return run, after
 
     async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
         m = self._store.messages
@@ -802,6 +815,11 @@ class SqliteTailQueue(TailQueue):
     async def publish(self, messages: Sequence[NewMessage]) -> list[int]:
         if not messages:
             return []
+        start = await self._store.write(*self.publish_write(messages))
+        return list(range(start + 1, start + len(messages) + 1))
+
+    def publish_write(self, messages: Sequence[NewMessage]) -> _Write[int]:
+        """The writer-thread step of a publish (returns the position before the first message) and its follow-up."""
         rows = [
             (
                 m.message_id,
@@ -846,8 +864,7 @@ class SqliteTailQueue(TailQueue):
             self._last = max(self._last, start + len(messages))
             self._signals.notify("log")
 
-        start = await self._store.write(run, after)
-        return list(range(start + 1, start + len(messages) + 1))
+        return run, after
 
     def _newest(self, conn: sqlite3.Connection) -> int:
         # Read in the transaction rather than trusting ``_written``: a rolled-back batch may have advanced it.
@@ -941,6 +958,34 @@ class SqliteDatasource(Datasource):
     def commits(self) -> int:
         """Write transactions committed so far (each may hold many calls: group commit)."""
         return self.store.commits
+
+    atomic_changes = True
+
+    async def apply(self, changes: Changes) -> None:
+        """A COMMIT's puts, publishes, ACKs and releases as one step of the writer, so in one SQLite transaction:
+        all stored, or (the step raised, the transaction rolled back) none. Wake-ups follow the commit."""
+        writes: list[_Write[Any]] = []
+        if changes.queue:
+            writes.append(self._queues.put_write(changes.queue))
+        if changes.topic:
+            writes.append(self._topics.publish_write(changes.topic))
+        if changes.acks:
+            writes.append(self._queues.ack_write([i for i, _ in changes.acks], [lease for _, lease in changes.acks]))
+        for held, how in ((changes.requeue, Release.REQUEUE), (changes.dead_letter, Release.DEAD_LETTER)):
+            if held:
+                writes.append(self._queues.release_write([i for i, _ in held], how, [lease for _, lease in held]))
+        if not writes:
+            return
+
+        def run(conn: sqlite3.Connection) -> list[Any]:
+            return [step(conn) for step, _ in writes]
+
+        def after(results: list[Any]) -> None:
+            for (_, follow_up), result in zip(writes, results):
+                if follow_up is not None:
+                    follow_up(result)
+
+        await self.store.write(run, after)
 
     async def ping(self) -> None:
         await self.store.read(lambda conn: conn.execute("SELECT 1").fetchone())

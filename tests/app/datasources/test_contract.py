@@ -13,7 +13,9 @@ import pytest
 from app.datasources.interface import (
     PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
+    Changes,
     Datasource,
+    DatasourceError,
     Gap,
     NewMessage,
     Published,
@@ -560,3 +562,51 @@ async def test_a_late_ack_with_no_claim_since_still_deletes(datasource: Datasour
     await datasource.queues.ack([got.message_id], [got.lease])
     stats = await datasource.queues.stats(Q, now_ms=NOW + LEASE + 1)
     assert (stats.ready, stats.unacked) == (0, 0)
+
+
+# -- Datasource.apply (a STOMP COMMIT) --------------------------------------------------------------------------------
+
+
+async def test_apply_stores_sends_and_settles_held_messages_together(datasource: Datasource) -> None:
+    await datasource.queues.put([msg(1), msg(2), msg(3)])
+    one, two, three = await claim(datasource)
+    follower = datasource.topics.follow(after=None)
+    try:
+        await datasource.apply(
+            Changes(
+                queue=[msg(4, destination="/queue/contract.out")],
+                topic=[msg(5, destination="/topic/contract")],
+                acks=[(one.message_id, one.lease)],
+                requeue=[(two.message_id, two.lease)],
+                dead_letter=[(three.message_id, three.lease)],
+            )
+        )
+        event = await next_event(follower)
+        assert isinstance(event, Published) and event.message.headers["n"] == "5"
+    finally:
+        await follower.aclose()  # type: ignore[attr-defined]
+    assert numbers(await claim(datasource, destination="/queue/contract.out")) == ["4"]
+    assert numbers(await claim(datasource)) == ["2"]  # requeued; the ACKed one is gone
+    assert numbers(await claim(datasource, destination=Q + ".DLQ")) == ["3"]
+
+
+async def test_apply_that_fails_part_way_leaves_the_acks_undone(datasource: Datasource) -> None:
+    """The injected failure: the COMMIT's second queue message reuses a stored message id, which every store
+    refuses. A store with transactions (``atomic_changes``) then shows nothing of the COMMIT; every store leaves its
+    ACKs undone, because writes go first (a consumer's input is never deleted while its output was lost)."""
+    await datasource.queues.put([msg("held"), msg("taken")])
+    held = (await claim(datasource, limit=1))[0]
+    with pytest.raises(DatasourceError):
+        await datasource.apply(
+            Changes(
+                queue=[msg(1, destination="/queue/contract.out"), msg("taken", destination="/queue/contract.out")],
+                topic=[msg(2, destination="/topic/contract")],
+                acks=[(held.message_id, held.lease)],
+            )
+        )
+    if datasource.atomic_changes:
+        assert await claim(datasource, destination="/queue/contract.out") == []
+        assert await datasource.topics.last_position() == 0
+    # not ACKed: still held under its lease, and back to the next consumer once that lapses
+    assert (await datasource.queues.stats(Q, now_ms=NOW)).unacked == 1
+    assert [m.message_id for m in await claim(datasource, now=NOW + LEASE + 1)] == ["held", "taken"]

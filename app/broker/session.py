@@ -642,12 +642,13 @@ class Session:
         self._submit_sends()  # SENDs before this COMMIT are written before the transaction's
         acks: list[Held] = []
         released: dict[Release, list[Held]] = {Release.REQUEUE: [], Release.DEAD_LETTER: []}
-        durable: list[DurableTopicSubscription] = []
+        durable: list[tuple[DurableTopicSubscription, list[str]]] = []
         for sub, message_ids, how in tx.settlements:
-            settled = sub.settle(message_ids)
             if isinstance(sub, DurableTopicSubscription):
-                durable.append(sub)
-            elif isinstance(sub, QueueSubscription):
+                durable.append((sub, message_ids))  # settled once the COMMIT is stored, or its position would move
+                continue
+            settled = sub.settle(message_ids)
+            if isinstance(sub, QueueSubscription):
                 held = [(d.message.message_id, d.message.lease) for d in settled]
                 (acks if how is None else released[how]).extend(held)
         changes = Changes(
@@ -671,9 +672,15 @@ class Session:
         self._receipt_after(done, event.receipt)
 
     @staticmethod
-    async def _save_positions_after(stored: asyncio.Future[None], subs: list[DurableTopicSubscription]) -> None:
-        await stored  # a COMMIT that failed moves no position: its topic messages come again
-        await asyncio.gather(*(sub.save_position() for sub in subs))
+    async def _save_positions_after(
+        stored: asyncio.Future[None], settlements: list[tuple[DurableTopicSubscription, list[str]]]
+    ) -> None:
+        # A COMMIT that failed moves no position: its topic messages stay unacknowledged, and come again after the
+        # reconnect (the subscription saves where it stands when the failing connection closes).
+        await stored
+        for sub, message_ids in settlements:
+            sub.settle(message_ids)
+        await asyncio.gather(*(sub.save_position() for sub in {sub for sub, _ in settlements}))
 
     def _on_disconnect(self, event: Disconnect) -> None:
         def finish(_: BaseException | None) -> None:

@@ -83,3 +83,42 @@ def test_a_commit_that_fails_in_its_middle_leaves_nothing_of_it_visible(tmp_path
             again.close()
         assert depth(gateway, outbox) == 1
         assert depth(gateway, inbox) == 0
+
+
+def test_a_failed_commit_does_not_move_a_durable_subscription(tmp_path: Path) -> None:
+    db = tmp_path / "gw.db"
+    with run_gateway(tmp_path, f"sqlite:///{db}") as gateway:
+        topic, poison = (f"/topic/{n}-{uuid.uuid4().hex[:6]}" for n in ("news", "poison"))
+        with sqlite3.connect(db) as conn:
+            conn.execute(
+                "CREATE TRIGGER refuse_poison BEFORE INSERT ON stompgate_topic_log "
+                f"WHEN NEW.destination = '{poison}' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+            )
+
+        def subscribe(c: RawClient) -> None:
+            c.connect(**{"client-id": "reader"})
+            c.frame(
+                "SUBSCRIBE",
+                {"id": "d", "destination": topic, "ack": "client-individual", "durable": "true", "receipt": "sub"},
+            )
+            assert c.read().headers["receipt-id"] == "sub"
+
+        c = RawClient(gateway.stomp_port)
+        try:
+            subscribe(c)
+            c.frame("SEND", {"destination": topic, "receipt": "p"}, b"news")
+            frames = [c.read(), c.read()]
+            news = next(f for f in frames if f.command == "MESSAGE")
+            c.frame("BEGIN", {"transaction": "t"})
+            c.frame("ACK", {"id": news.headers["ack"], "transaction": "t"})
+            c.frame("SEND", {"destination": poison, "transaction": "t"}, b"refused")
+            c.frame("COMMIT", {"transaction": "t", "receipt": "commit"})
+            assert read_until_error(c)[-1].headers["message"] == "Not stored"
+        finally:
+            c.close()
+        again = RawClient(gateway.stomp_port)
+        try:
+            subscribe(again)
+            assert again.read(timeout=10).body == b"news"  # its ACK was part of the failed COMMIT: it comes again
+        finally:
+            again.close()

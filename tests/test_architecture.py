@@ -91,3 +91,140 @@ def test_only_the_registry_names_backends() -> None:
             continue
         for name in imports_of(path):
             assert not _under(name, BACKENDS), f"{path} imports {name}"
+
+
+# ---- the import graph of app/ has no cycle ----
+#
+# Every import between two modules of app/ is an edge, wherever it stands: at the top, inside a function, or under
+# ``if TYPE_CHECKING:`` (a cycle hidden from the interpreter is still a cycle in the design). The broker's layers are
+# one-way: broker -> session -> subscriptions -> ports (DESIGN §1).
+
+# Cycles known and accepted, each as the set of modules of its strongly connected component, with the reason. Empty.
+ALLOWED_CYCLES: dict[frozenset[str], str] = {}
+
+
+def app_modules() -> dict[str, Path]:
+    return {module_name(path): path for path in modules("app")}
+
+
+def app_imports(path: Path, known: set[str]) -> set[str]:
+    """The app modules ``path`` imports: ``from a.b import c`` names ``a.b.c`` when that is a module, else ``a.b``."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join([*parts[: len(parts) - node.level + 1], *([node.module] if node.module else [])])
+            else:
+                base = node.module or ""
+            candidates = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base for alias in node.names]
+        else:
+            continue
+        for name in candidates:
+            while name and name not in known:  # ``import app.x.y`` of a name that is not a module: its package
+                name = name.rpartition(".")[0]
+            if name:
+                found.add(name)
+    found.discard(module_name(path))
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    paths = app_modules()
+    known = set(paths)
+    return {name: app_imports(path, known) for name, path in paths.items()}
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Tarjan's algorithm, iterative: the components of more than one module (an import cycle each)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+    for root in sorted(graph):
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = len(index)
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = len(index)
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def a_cycle(graph: dict[str, set[str]], component: list[str]) -> list[str]:
+    """One shortest cycle through the first module of ``component``, as the path of imports back to it."""
+    members = set(component)
+    start = component[0]
+    came_from: dict[str, str] = {}
+    frontier = [start]
+    while frontier:
+        following = []
+        for node in frontier:
+            for child in sorted(graph[node] & members):
+                if child == start:
+                    path = [node]
+                    while path[-1] != start:
+                        path.append(came_from[path[-1]])
+                    return [*reversed(path), start]
+                if child not in came_from:
+                    came_from[child] = node
+                    following.append(child)
+        frontier = following
+    raise AssertionError(f"no cycle through {start}")  # pragma: no cover - a component always has one
+
+
+def test_the_import_graph_of_app_has_no_cycle() -> None:
+    graph = import_graph()
+    cycles = [c for c in strongly_connected(graph) if frozenset(c) not in ALLOWED_CYCLES]
+    report = "\n".join(
+        " -> ".join(a_cycle(graph, c))
+        + "\n    every import inside that cycle: "
+        + ", ".join(f"{a} -> {b}" for a in c for b in sorted(graph[a] & set(c)))
+        for c in cycles
+    )
+    assert not cycles, f"import cycles in app/ (TYPE_CHECKING imports included):\n{report}"
+
+
+def test_the_broker_layers_import_one_way() -> None:
+    """broker -> session -> subscriptions -> ports: no module imports one above it, not even for type checking."""
+    graph = import_graph()
+    layers = ["app.broker.broker", "app.broker.session", "app.broker.subscriptions", "app.broker.ports"]
+    for i, lower in enumerate(layers):
+        for higher in layers[:i]:
+            assert higher not in graph.get(lower, set()), f"{lower} imports {higher}"
+
+
+def test_the_cycle_check_sees_a_cycle() -> None:
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert strongly_connected(graph) == [["a", "b", "c"]]
+    assert a_cycle(graph, ["a", "b", "c"]) == ["a", "b", "c", "a"]

@@ -157,6 +157,8 @@ class Broker:
         if (refused := self.refusal(address)) is not None:
             self.metrics.error(refused.metric)
             return None
+        # A session knows its broker as a session.SessionBroker (ports.BrokerPort and the calls that take a session or
+        # a topic subscription): passing ``self`` here is where mypy checks that Broker provides all of it.
         session = Session(self, transport, peer=peer, kind=kind)
         self.sessions[session.id] = session
         if address is not None:

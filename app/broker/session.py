@@ -14,12 +14,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from app.broker.auth import ANONYMOUS, Principal
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
 from app.broker.futures import chain
 from app.broker.messages import HeaderError, delivery_headers
+from app.broker.ports import BrokerPort, SessionPort, SubscriptionPort
 from app.broker.selectors import SelectorError, compile_selector
 from app.broker.subscriptions import (
     DurableTopicSubscription,
@@ -46,10 +47,7 @@ from stomp_core import (
     Unsubscribe,
 )
 
-if TYPE_CHECKING:
-    from app.broker.broker import Broker
-
-__all__ = ["Session", "Transport"]
+__all__ = ["Session", "SessionBroker", "Transport"]
 
 log = logging.getLogger("stompgate.session")
 
@@ -74,6 +72,17 @@ class Transport(Protocol):
 
     async def drained(self) -> None:
         """Return once the write backlog is small again."""
+
+
+class SessionBroker(BrokerPort, Protocol):
+    """What a session needs from the broker: ``BrokerPort``, plus the calls that hand the broker this layer's objects
+    (the session itself, its live topic subscriptions), which ports.py cannot name. ``Broker`` satisfies it."""
+
+    def add_topic_subscription(self, sub: TopicSubscription) -> None: ...  # the topic follower feeds it from now on
+
+    def remove_topic_subscription(self, sub: TopicSubscription) -> None: ...
+
+    def forget_session(self, session: Session) -> None: ...  # the connection ended and released what it held
 
 
 class SessionError(Exception):
@@ -144,8 +153,8 @@ def _exception_of(future: asyncio.Future[None] | None) -> BaseException | None:
 
 
 class Session:
-    def __init__(self, broker: Broker, transport: Transport, *, peer: str, kind: str) -> None:
-        self.broker = broker
+    def __init__(self, broker: SessionBroker, transport: Transport, *, peer: str, kind: str) -> None:
+        self.broker: SessionBroker = broker
         self.transport = transport
         self.peer = peer
         self.address = peer.rpartition(":")[0] or peer  # the client's IP address, without the port
@@ -267,7 +276,7 @@ class Session:
         await self.transport.drained()
         await asyncio.sleep(0)
 
-    def deliver(self, subscription: Subscription, message: StoredMessage) -> bool:
+    def deliver(self, subscription: SubscriptionPort, message: StoredMessage) -> bool:
         """Queue one MESSAGE; False when this connection takes no more (it is failing or closed), so the caller
         keeps the message for release instead of counting it delivered."""
         if not self.accepts_deliveries:
@@ -562,17 +571,20 @@ class Session:
             except SelectorError as exc:
                 raise SessionError("Invalid selector", str(exc)) from None
         common = dict(id=event.id, destination=destination, ack=event.ack, prefetch=prefetch, selector=selector)
+        # A subscription knows its session as a SessionPort; the annotation makes mypy check that Session is one (the
+        # constructors below take **common, so their own arguments are not checked).
+        owner: SessionPort = self
         sub: Subscription
         if destination.kind == "queue":
-            sub = QueueSubscription(self, **common)
+            sub = QueueSubscription(owner, **common)
         elif event.headers.get("durable", event.headers.get("persistent")) == "true":
             cursor = self._durable_cursor_name(event.id)
             if cursor in self.broker.durable_in_use:
                 raise SessionError("Durable subscription in use", f"{cursor!r} is already consumed by another connection")
-            sub = DurableTopicSubscription(self, cursor_name=cursor, **common)
+            sub = DurableTopicSubscription(owner, cursor_name=cursor, **common)
             self.broker.durable_in_use.add(cursor)
         else:
-            sub = TopicSubscription(self, **common)  # type: ignore[arg-type]
+            sub = TopicSubscription(owner, **common)  # type: ignore[arg-type]
             self.broker.add_topic_subscription(sub)
         self.subscriptions[event.id] = sub
         sub.start()

@@ -6,15 +6,12 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from app.broker.destinations import Destination
+from app.broker.ports import SessionPort
 from app.broker.selectors import Selector
 from app.datasources.interface import DatasourceUnavailable, Gap, Held, Published, Release, ScanMark, StoredMessage
 from stomp_core import AckMode
-
-if TYPE_CHECKING:
-    from app.broker.session import Session
 
 __all__ = ["Subscription", "QueueSubscription", "TopicSubscription", "DurableTopicSubscription"]
 
@@ -41,7 +38,7 @@ class Subscription:
 
     def __init__(
         self,
-        session: Session,
+        session: SessionPort,  # a Session; typed by what is used of it, as this module may not import session.py
         *,
         id: str,
         destination: Destination,

@@ -588,7 +588,11 @@ class Session:
             self.broker.add_topic_subscription(sub)
         self.subscriptions[event.id] = sub
         sub.start()
-        self._receipt_after(None, event.receipt)
+        if isinstance(sub, DurableTopicSubscription):
+            self._receipt_after(sub.placed, event.receipt)
+            self._completions.push(None, partial(_complete, sub.announced))
+        else:
+            self._receipt_after(None, event.receipt)
 
     def _durable_cursor_name(self, sub_id: str) -> str:
         """Where a durable subscription's place is kept. It belongs to the authenticated login: ``client-id`` only
@@ -773,6 +777,11 @@ class Session:
     @property
     def connected(self) -> bool:
         return self.conn.state is State.OPEN
+
+
+def _complete(future: asyncio.Future[None], _: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _receipt_of(event: ServerEvent) -> str | None:

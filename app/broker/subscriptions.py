@@ -318,6 +318,11 @@ class DurableTopicSubscription(Subscription):
         self.cursor_name = cursor_name
         self.position = 0
         self.pending_gap: Gap | None = None
+        # Done once the starting position is known (loaded, or fixed at the log's end for a new subscription): the
+        # SUBSCRIBE's RECEIPT waits for it, so every message published after that RECEIPT is delivered.
+        self.placed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        # Completed by the session once that RECEIPT is out: the backlog's first MESSAGE comes after it.
+        self.announced: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"durable {self.cursor_name}")
@@ -337,6 +342,9 @@ class DurableTopicSubscription(Subscription):
                 if not loaded:
                     await self._load()
                     loaded = True
+                    if not self.placed.done():
+                        self.placed.set_result(None)
+                    await self.announced
                 await self._follow()
                 return
             except asyncio.CancelledError:
@@ -391,5 +399,8 @@ class DurableTopicSubscription(Subscription):
 
     async def close(self) -> list[Held]:
         await self._stop(self._task)
+        if not self.placed.done():  # closed before its position was loaded: the stored one (if any) stands
+            self.placed.set_result(None)
+            return []
         await self.session.broker.datasource.topics.save_cursor(self.cursor_name, self.safe_position())
         return []

@@ -78,8 +78,16 @@ class Broker:
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[Held] = Batcher(self._ack_with_retry)
-        self._committer: Batcher[Changes] = Batcher(self._apply_commits, max_batch=64)
+        # Several connections' COMMITs share one database transaction where ``apply`` is atomic; elsewhere each
+        # goes alone, since a group that failed part-way could not be written again one COMMIT at a time.
+        self._committer: Batcher[Changes] = Batcher(
+            self._apply_commits, max_batch=64 if datasource.atomic_changes else 1
+        )
         self._tasks: set[asyncio.Task[Any]] = set()
+        # Messages this gateway holds for nobody: their consumer is gone or settled them, but the ACK or release
+        # that should have ended their lease failed. Lease renewal (which renews every lease of this gateway) would
+        # keep them held for good, so the renewal step gives them back (requeues them, fenced) until that succeeds.
+        self._give_back: dict[Held, None] = {}
         self._background: list[asyncio.Task[None]] = []
         self.accepting = True
         self.started_at = time.time()
@@ -215,8 +223,8 @@ class Broker:
 
     def commit_nowait(self, changes: Changes) -> asyncio.Future[None]:
         """Store a STOMP COMMIT's changes with the next group of commits; the future completes once they are
-        stored (all or nothing where ``datasource.atomic_changes``). When they could not be, the messages the
-        transaction settled are given back (fenced by their leases), so nothing of the COMMIT takes effect."""
+        stored (all or nothing where ``datasource.atomic_changes``). The session keeps the messages it settles
+        unacknowledged until then: when the COMMIT fails, the connection's close gives them back."""
         if changes.queue:
             self.metrics.published("queue", [m.destination for m in changes.queue])
         if changes.topic:
@@ -225,8 +233,6 @@ class Broker:
 
         def settled(done: asyncio.Future[None]) -> None:
             if done.cancelled() or done.exception() is not None:
-                if held := changes.settled():
-                    self.spawn(self.release(held, Release.REQUEUE))
                 return
             if changes.requeue:
                 self.metrics.redelivered(len(changes.requeue))
@@ -254,6 +260,7 @@ class Broker:
                 return
             except Exception as exc:
                 if attempt == ACK_ATTEMPTS - 1:
+                    self._give_back.update(dict.fromkeys(held))  # the client was told: they come again
                     raise
                 log.warning("ack of %d messages failed (attempt %d), retrying: %r", len(message_ids), attempt + 1, exc)
                 await asyncio.sleep(0.05 * 2**attempt)
@@ -268,7 +275,11 @@ class Broker:
     async def release(self, held: list[Held], how: Release) -> None:
         """Requeue or dead-letter messages this gateway's consumers hold, fenced by their leases."""
         if held:
-            await self.datasource.queues.release([i for i, _ in held], how, [lease for _, lease in held])
+            try:
+                await self.datasource.queues.release([i for i, _ in held], how, [lease for _, lease in held])
+            except Exception:
+                self._give_back.update(dict.fromkeys(held))
+                raise
             if how is Release.REQUEUE:
                 self.metrics.redelivered(len(held))
             else:
@@ -388,6 +399,12 @@ class Broker:
         """Keep the leases of our in-flight messages alive, so only a dead gateway's messages come back. One step:
         ``supervise`` runs it every lease/3 and retries any failure, whatever its kind."""
         await self.datasource.queues.renew(self.gateway_id, lease_ms=self.config.lease_ms, now_ms=self.now_ms())
+        if self._give_back:
+            held = list(self._give_back)
+            await self.datasource.queues.release([i for i, _ in held], Release.REQUEUE, [lease for _, lease in held])
+            for pair in held:
+                self._give_back.pop(pair, None)
+            log.info("gave back %d messages whose ACK or release had failed", len(held))
 
 
 def _log_failure(future: asyncio.Future[Any]) -> None:

@@ -17,6 +17,7 @@ from typing import Literal, Protocol
 
 from app.broker.auth import ANONYMOUS, Principal
 from app.broker.completions import Completions
+from app.broker.ordering import WriteOrder
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
 from app.broker.futures import chain
 from app.broker.messages import HeaderError, delivery_headers
@@ -133,11 +134,7 @@ class Session:
         self._flush_scheduled = False
         self._pending_sends: dict[Literal["queue", "topic"], tuple[list[NewMessage], asyncio.Future[None]]] = {}
         self._pending_acks: tuple[list[Held], asyncio.Future[None]] | None = None
-        # Order of this connection's writes: the newest write of each kind handed to the broker (a COMMIT waits for
-        # them), and the COMMIT in flight (writes submitted after it wait for it), so the database sees SENDs, ACKs
-        # and COMMITs in the order the client sent them although they travel through different group writers.
-        self._latest_writes: dict[str, asyncio.Future[None]] = {}
-        self._commit_barrier: asyncio.Future[None] | None = None
+        self._order = WriteOrder()  # the database sees this connection's SENDs, ACKs and COMMITs in the order sent
         self._destinations: dict[str, Destination] = {}  # parsed destination names, per connection
         self._held: list[ServerEvent] | None = None  # frames that came after a CONNECT still being checked
         self._login: asyncio.Task[None] | None = None  # that check (a reference keeps the task alive)
@@ -386,24 +383,12 @@ class Session:
     def _submit_sends(self) -> None:
         if self._pending_acks is not None:
             (held, placeholder), self._pending_acks = self._pending_acks, None
-            self._submit_in_order("ack", lambda: self.broker.ack_nowait(held), placeholder)
+            self._order.write(lambda: self.broker.ack_nowait(held), placeholder)
         if not self._pending_sends:
             return
         groups, self._pending_sends = self._pending_sends, {}
         for kind, (messages, placeholder) in groups.items():
-            self._submit_in_order(kind, partial(self.broker.publish_nowait, messages, kind), placeholder)
-
-    def _submit_in_order(
-        self, kind: str, submit: Callable[[], asyncio.Future[None]], placeholder: asyncio.Future[None]
-    ) -> None:
-        """Hand a write to the broker now, or once the COMMIT submitted before it is stored."""
-        self._latest_writes[kind] = placeholder
-        barrier = self._commit_barrier
-        if barrier is None or barrier.done():
-            self._commit_barrier = None
-            chain(submit(), placeholder)
-        else:
-            barrier.add_done_callback(lambda _: chain(submit(), placeholder))
+            self._order.write(partial(self.broker.publish_nowait, messages, kind), placeholder)
 
     def _transaction(self, name: str) -> Transaction:
         tx = self.transactions.get(name)
@@ -497,7 +482,7 @@ class Session:
         if how is None:
             return self._batched_ack(held)
         released: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._submit_in_order("release", lambda: asyncio.ensure_future(self.broker.release(held, how)), released)
+        self._order.write(lambda: asyncio.ensure_future(self.broker.release(held, how)), released)
         return released
 
     def _on_subscribe(self, event: Subscribe) -> None:
@@ -603,21 +588,18 @@ class Session:
     def _on_commit(self, event: Commit) -> None:
         """Everything the transaction holds goes to the datasource as one ``Changes`` (one database transaction
         where the store has them: ``Datasource.apply``), after the writes this connection sent before the COMMIT.
-        A durable topic subscription's position moves once that is stored; the RECEIPT waits for both."""
+        Its ACKs and NACKs settle the subscriptions only once that is stored: until then the messages stay
+        unacknowledged, so a failed COMMIT (an ERROR, then the connection closes) releases them with the rest, and
+        a durable subscription's position does not move. The RECEIPT waits for all of it."""
         tx = self._end_transaction(event.transaction)
         if tx is None:
             raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
         self._submit_sends()  # SENDs before this COMMIT are written before the transaction's
         acks: list[Held] = []
         released: dict[Release, list[Held]] = {Release.REQUEUE: [], Release.DEAD_LETTER: []}
-        durable: list[tuple[DurableTopicSubscription, list[str]]] = []
         for sub, message_ids, how in tx.settlements:
-            if isinstance(sub, DurableTopicSubscription):
-                durable.append((sub, message_ids))  # settled once the COMMIT is stored, or its position would move
-                continue
-            settled = sub.settle(message_ids)
             if isinstance(sub, QueueSubscription):
-                held = [(d.message.message_id, d.message.lease) for d in settled]
+                held = [(d.message.message_id, d.message.lease) for i in message_ids if (d := sub.unacked.get(i))]
                 (acks if how is None else released[how]).extend(held)
         changes = Changes(
             queue=[m for m in tx.sends if m.destination.startswith("/queue/")],
@@ -626,29 +608,22 @@ class Session:
             requeue=released[Release.REQUEUE],
             dead_letter=released[Release.DEAD_LETTER],
         )
-        earlier = [f for f in (*self._latest_writes.values(), self._commit_barrier) if f is not None and not f.done()]
         stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if earlier:
-            gathered = asyncio.gather(*earlier, return_exceptions=True)
-            gathered.add_done_callback(lambda _: chain(self.broker.commit_nowait(changes), stored))
-        else:
-            chain(self.broker.commit_nowait(changes), stored)
-        self._commit_barrier = stored
-        done: asyncio.Future[None] = stored
-        if durable:
-            done = asyncio.ensure_future(self._save_positions_after(stored, durable))
+        self._order.commit(lambda: self.broker.commit_nowait(changes), stored)
+        done = asyncio.ensure_future(self._settle_after(stored, tx.settlements)) if tx.settlements else stored
         self._receipt_after(done, event.receipt)
 
     @staticmethod
-    async def _save_positions_after(
-        stored: asyncio.Future[None], settlements: list[tuple[DurableTopicSubscription, list[str]]]
+    async def _settle_after(
+        stored: asyncio.Future[None], settlements: list[tuple[Subscription, list[str], Release | None]]
     ) -> None:
-        # A COMMIT that failed moves no position: its topic messages stay unacknowledged, and come again after the
-        # reconnect (the subscription saves where it stands when the failing connection closes).
         await stored
-        for sub, message_ids in settlements:
+        durable: dict[DurableTopicSubscription, None] = {}
+        for sub, message_ids, _ in settlements:
             sub.settle(message_ids)
-        await asyncio.gather(*(sub.save_position() for sub in {sub for sub, _ in settlements}))
+            if isinstance(sub, DurableTopicSubscription) and not sub.closed:  # a closed one saved where it stood
+                durable[sub] = None
+        await asyncio.gather(*(sub.save_position() for sub in durable))
 
     def _on_disconnect(self, event: Disconnect) -> None:
         def finish(_: BaseException | None) -> None:

@@ -114,9 +114,6 @@ class Changes:
             dead_letter=[h for p in parts for h in p.dead_letter],
         )
 
-    def settled(self) -> list[Held]:
-        return [*self.acks, *self.requeue, *self.dead_letter]
-
 
 @dataclass(frozen=True, slots=True)
 class QueueStats:

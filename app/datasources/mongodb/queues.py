@@ -203,7 +203,7 @@ class _Held:
 
     def __init__(self) -> None:
         self.versions: dict[str, int] = {}
-        self.retired: deque[tuple[float, str]] = deque()  # (monotonic time acked, id), oldest first
+        self.retired: deque[tuple[float, str, int]] = deque()  # (monotonic time acked, id, version), oldest first
 
     def mark(self, doc: Doc) -> bool:
         """Record that this process now tries to take ``doc`` from the version it shows; False (and nothing
@@ -232,18 +232,23 @@ class _Held:
         for message_id in message_ids:
             self.versions.pop(message_id, None)
 
-    def retire(self, message_ids: Sequence[str]) -> None:
+    def retire(self, message_ids: Sequence[str], leases: Sequence[int] | None = None) -> None:
         """Acked (being deleted): windows read before the delete may still show them; skip those copies for a
-        while."""
+        while. A fenced ACK (``leases``, one per id) deletes only the version its lease names, so only copies up to
+        that version are skipped: when it was refused as late (claimed again since), the newer version stays
+        claimable here."""
         now = time.monotonic()
         retired = self.retired
         while retired and retired[0][0] < now - RETIRED_S:
-            old = retired.popleft()[1]
-            if self.versions.get(old) == _GONE:
+            _, old, version = retired.popleft()
+            if self.versions.get(old) == version:
                 del self.versions[old]
-        for message_id in message_ids:
-            self.versions[message_id] = _GONE
-            retired.append((now, message_id))
+        for i, message_id in enumerate(message_ids):
+            version = _GONE if leases is None else leases[i] + 1
+            if self.versions.get(message_id, -1) >= version:
+                continue  # a later version is being claimed or held here, or every copy is skipped already
+            self.versions[message_id] = version
+            retired.append((now, message_id, version))
 
 
 async def _gather_limited(calls: list[Any], limit: int = PARALLEL_WRITES) -> list[Any]:
@@ -689,7 +694,10 @@ class MongoPollQueue(PollQueue):
         # (id, lease) pairs, never a dict by id: one batch may name a message twice (two consumers of this gateway,
         # one of them late), and each must be judged under its own lease
         pairs = list(dict.fromkeys(zip(message_ids, leases))) if leases is not None else None
-        if self._ferretdb:
+        if self._ferretdb and pairs is not None:
+            fenced = [(i, lease) for i, lease in pairs if not i.startswith(WRAPPED_PREFIX)]
+            self._held.retire([i for i, _ in fenced], [lease for _, lease in fenced])
+        elif self._ferretdb:
             self._held.retire(plain)
         with unavailable_on_disconnect("ack"):
             if plain and pairs is not None:  # fenced: only under the lease the consumer was given

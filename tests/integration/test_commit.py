@@ -16,16 +16,18 @@ from pathlib import Path
 import httpx
 
 from tests.gateway_process import Gateway, run_gateway
-from tests.raw_stomp import RawClient, RawFrame
+from tests.integration.test_hardening import read_until_error
+from tests.raw_stomp import RawClient
 
 
-def read_until_error(c: RawClient) -> list[RawFrame]:
-    frames = []
-    while True:
-        frame = c.read(timeout=10)
-        frames.append(frame)
-        if frame.command == "ERROR":
-            return frames
+def refuse_topic_messages_to(db: Path, destination: str) -> None:
+    """The injected fault: a trigger in the gateway's own database refuses every topic message to ``destination``
+    (the gateway made its tables at start-up; it sees the trigger at once)."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "CREATE TRIGGER refuse_poison BEFORE INSERT ON stompgate_topic_log "
+            f"WHEN NEW.destination = '{destination}' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
+        )
 
 
 def depth(gateway: Gateway, queue: str) -> int:
@@ -46,11 +48,7 @@ def test_a_commit_that_fails_in_its_middle_leaves_nothing_of_it_visible(tmp_path
     db = tmp_path / "gw.db"
     with run_gateway(tmp_path, f"sqlite:///{db}", ["--lease-ms", "60000"]) as gateway:
         poison = f"/topic/poison-{uuid.uuid4().hex[:6]}"
-        with sqlite3.connect(db) as conn:  # the gateway made its tables at start-up; it sees the trigger at once
-            conn.execute(
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON stompgate_topic_log "
-                f"WHEN NEW.destination = '{poison}' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
-            )
+        refuse_topic_messages_to(db, poison)
         inbox, outbox, notes = (f"/queue/{n}-{uuid.uuid4().hex[:6]}" for n in ("in", "out", "notes"))
         c = RawClient(gateway.stomp_port)
         try:
@@ -98,11 +96,7 @@ def test_a_failed_commit_does_not_move_a_durable_subscription(tmp_path: Path) ->
     db = tmp_path / "gw.db"
     with run_gateway(tmp_path, f"sqlite:///{db}") as gateway:
         topic, poison = (f"/topic/{n}-{uuid.uuid4().hex[:6]}" for n in ("news", "poison"))
-        with sqlite3.connect(db) as conn:
-            conn.execute(
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON stompgate_topic_log "
-                f"WHEN NEW.destination = '{poison}' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
-            )
+        refuse_topic_messages_to(db, poison)
 
         def subscribe() -> RawClient:
             """The durable subscription, once its previous connection has let go of it (the gateway releases it
@@ -149,11 +143,8 @@ def test_messages_whose_release_failed_are_given_back_once_the_database_recovers
     with run_gateway(tmp_path, f"sqlite:///{db}", ["--lease-ms", "1500"]) as gateway:
         poison = f"/topic/poison-{uuid.uuid4().hex[:6]}"
         inbox = f"/queue/in-{uuid.uuid4().hex[:6]}"
+        refuse_topic_messages_to(db, poison)
         with sqlite3.connect(db) as conn:
-            conn.execute(
-                "CREATE TRIGGER refuse_poison BEFORE INSERT ON stompgate_topic_log "
-                f"WHEN NEW.destination = '{poison}' BEGIN SELECT RAISE(ABORT, 'injected fault'); END"
-            )
             conn.execute(  # the give-back fails too, until the trigger is dropped below
                 "CREATE TRIGGER refuse_requeue BEFORE UPDATE OF state ON stompgate_messages "
                 f"WHEN NEW.state = 0 AND OLD.state = 1 AND OLD.destination = '{inbox}' "

@@ -32,7 +32,7 @@ QUERY_OPERATORS = frozenset(
     }
 )  # fmt: skip
 _LOGICAL = frozenset({"$and", "$or", "$nor"})
-# The backend leases a wrapped document in place with these fields (see app/datasources/mongodb/queues.py): a filter
+# The backend leases a wrapped document in place with these fields (see app/datasources/mongodb/wrapped.py): a filter
 # on them would fight the lease.
 LEASE_FIELD_PREFIX = "_sg_"
 

@@ -26,9 +26,7 @@ __all__ = [
     "Held",
     "Changes",
     "PollQueue",
-    "Signals",
     "ScanMark",
-    "ScanBook",
     "SCAN_BUDGET",
     "PEEK_SCAN_LIMIT",
     "TailQueue",
@@ -143,42 +141,6 @@ class Gap:
 TailEvent = Published | Gap
 
 
-class Signals:
-    """Wake-ups for ``PollQueue.wait``: one asyncio.Event per key (a destination), replaced after it fires, so a waiter
-    only sees notifications made after it began. Shared by the backends, which may import only this module."""
-
-    def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
-
-    def event(self, key: str) -> asyncio.Event:
-        event = self._events.get(key)
-        if event is None:
-            event = self._events[key] = asyncio.Event()
-        return event
-
-    def notify(self, key: str) -> None:
-        event = self._events.pop(key, None)
-        if event is not None:
-            event.set()
-
-    def notify_all(self) -> None:
-        for key in list(self._events):
-            self.notify(key)
-
-    async def wait(self, key: str, timeout: float, token: asyncio.Event | None = None) -> None:
-        """Return once ``key`` is notified or after ``timeout`` seconds. With ``token`` (an ``event(key)`` taken
-        before the caller looked for work) a notification made since then returns at once: no wake-up is lost
-        between an empty claim and the wait (an eventcount)."""
-        event = token if token is not None else self.event(key)
-        if event.is_set():
-            return
-        try:
-            async with asyncio.timeout(timeout):
-                await event.wait()
-        except TimeoutError:
-            pass
-
-
 # Messages one claim with a Python selector examines at most (about 5 ms of header decoding and matching): a deep
 # backlog of messages that do not match costs a subscription a bounded amount per turn, and never holds up the
 # writes of other clients for longer than that.
@@ -199,60 +161,6 @@ class ScanMark:
     after: tuple[int, int] | None = None
     version: tuple[int, int] = (-1, -1)  # the destination's (requeue epoch, put count) when ``after`` was recorded
     more: bool = False
-
-
-class _Book:
-    __slots__ = ("epoch", "puts", "last_put")
-
-    def __init__(self) -> None:
-        self.epoch = 0  # bumped by every requeue: a message back at its old place may sort before a mark
-        self.puts = 0  # counts puts
-        self.last_put = [0] * 10  # by priority: the put count of the latest put of that priority
-
-
-class ScanBook:
-    """What makes a :class:`ScanMark` stale, per destination: a requeue (the message returns to its old place in
-    the order) and a put of a higher priority than the mark's (it sorts before the mark). A backend whose claims
-    evaluate a Python selector keeps one, and calls it in the same serialized step as its writes and claims."""
-
-    def __init__(self) -> None:
-        self._books: dict[str, _Book] = {}
-
-    def _book(self, destination: str) -> _Book:
-        book = self._books.get(destination)
-        if book is None:
-            book = self._books[destination] = _Book()
-        return book
-
-    def put(self, destination: str, priority: int) -> None:
-        book = self._book(destination)
-        book.puts += 1
-        book.last_put[max(0, min(priority, 9))] = book.puts
-
-    def requeue(self, destination: str) -> None:
-        self._book(destination).epoch += 1
-
-    def requeue_all(self) -> None:
-        """Any destination may have had messages put back (a rolled-back batch of claims)."""
-        for book in self._books.values():
-            book.epoch += 1
-
-    def resume_after(self, destination: str, mark: ScanMark) -> tuple[int, int] | None:
-        """Where a claim with ``mark`` starts: after ``mark.after`` while nothing made it stale, else the beginning."""
-        if mark.after is None:
-            return None
-        book = self._book(destination)
-        epoch, puts = mark.version
-        if epoch != book.epoch or any(last > puts for last in book.last_put[mark.after[0] + 1 :]):
-            return None
-        return mark.after
-
-    def record(self, destination: str, mark: ScanMark, last: tuple[int, int] | None, more: bool) -> None:
-        """After a scan that examined up to ``last`` (None: nothing at all)."""
-        book = self._book(destination)
-        mark.after = last
-        mark.version = (book.epoch, book.puts)
-        mark.more = more
 
 
 class PollQueue(abc.ABC):

@@ -13,29 +13,29 @@ from __future__ import annotations
 import asyncio
 import heapq
 from collections import deque
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
+from app.datasources import rules
 from app.datasources.interface import (
     Datasource,
     DatasourceError,
     DatasourceOptions,
-    Gap,
     HeaderFilter,
     NewMessage,
     PollQueue,
     Published,
     QueueStats,
     Release,
-    ScanBook,
     ScanMark,
-    Signals,
     StoredMessage,
     TailEvent,
     TailQueue,
     PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
 )
+from app.datasources.scanning import ScanBook, scan_in_order
+from app.datasources.wakeups import Signals
 
 __all__ = ["MemoryDatasource", "MemoryPollQueue", "MemoryTailQueue", "open_datasource"]
 
@@ -72,12 +72,11 @@ class _Record:
             lease=self.lease,
         )
 
-    def available(self, now_ms: int) -> bool:
-        """Ready, or leased with the lease lapsed (without changing anything: inspection must not mutate)."""
-        return self.owner is None or self.lease_until <= now_ms
-
-    def expired(self, now_ms: int) -> bool:
-        return self.expires_at is not None and self.expires_at <= now_ms
+    def claimable(self, now_ms: int) -> bool:
+        """Without changing anything: inspection must not mutate."""
+        return rules.claimable(
+            leased=self.owner is not None, lease_until=self.lease_until, expires_at=self.expires_at, now_ms=now_ms
+        )
 
 
 _ReadyEntry = tuple[int, int, int, str]  # (-priority, seq, version, message_id)
@@ -139,9 +138,9 @@ class MemoryPollQueue(PollQueue):
         out = [
             r
             for r in self._records.values()
-            if r.destination == destination and r.available(now_ms) and not r.expired(now_ms)
+            if r.destination == destination and r.claimable(now_ms)
         ]
-        out.sort(key=lambda r: (-r.priority, r.seq))
+        out.sort(key=lambda r: rules.delivery_order(r.priority, r.seq))
         return out
 
     # -- PollQueue ----------------------------------------------------------------------------------------------
@@ -184,47 +183,49 @@ class MemoryPollQueue(PollQueue):
         heap = self._ready.get(destination)
         if not heap or limit <= 0:
             return []
-        taken: list[StoredMessage] = []
-        skipped: list[_ReadyEntry] = []
-        lease_until = now_ms + lease_ms
         marked = selector is not None and scan is not None
         start = self._scans.resume_after(destination, scan) if scan is not None and marked else None
-        last, more, examined = start, False, 0
-        while heap and len(taken) < limit:
-            entry = heapq.heappop(heap)
-            record = self._live(entry, destination)
-            if record is None:
-                continue
-            if record.expired(now_ms):
-                self._remove(record)
-                continue
-            if selector is not None:
-                if start is not None and (entry[0], entry[1]) <= (-start[0], start[1]):
-                    skipped.append(entry)  # examined by an earlier claim of this subscription
+        popped: list[_ReadyEntry] = []  # live entries taken off the heap: those not claimed go back
+
+        def ready_in_order() -> Iterator[tuple[int, int, _Record]]:
+            while heap:
+                entry = heapq.heappop(heap)
+                record = self._live(entry, destination)
+                if record is None:
                     continue
-                if marked and examined >= SCAN_BUDGET:
-                    skipped.append(entry)
-                    more = True
-                    break
-                examined += 1
-                last = (record.priority, record.seq)
-                if not selector(record.headers):
-                    skipped.append(entry)
+                if rules.expired(record.expires_at, now_ms):
+                    self._remove(record)
                     continue
+                popped.append(entry)
+                if start is not None and (entry[0], entry[1]) <= rules.delivery_order(*start):
+                    continue  # examined by an earlier claim of this subscription
+                yield record.priority, record.seq, record
+
+        found = scan_in_order(
+            ready_in_order(),
+            (lambda record: selector(record.headers)) if selector is not None else (lambda record: True),
+            want=limit,
+            budget=SCAN_BUDGET if marked else None,
+            after=start,
+        )
+        lease_until = rules.lease_until(now_ms, lease_ms)
+        taken: list[StoredMessage] = []
+        for record in found.chosen:
             record.owner = owner
             record.lease_until = lease_until
             record.deliveries += 1
             record.lease += 1
-            record.version += 1
+            record.version += 1  # its ready entry is stale from now on
             self._owners.setdefault(owner, set()).add(record.message_id)
             heapq.heappush(self._leases, (lease_until, record.version, record.message_id))
             taken.append(record.stored())
-        for entry in skipped:
-            heapq.heappush(heap, entry)
+        for entry in popped:
+            if self._live(entry, destination) is not None:
+                heapq.heappush(heap, entry)
         if not heap:
             del self._ready[destination]
         if scan is not None and marked:
-            self._scans.record(destination, scan, last, more)
+            self._scans.record(destination, scan, found.last, found.more)
         return taken
 
     def _held(self, message_id: str, lease: int | None) -> _Record | None:
@@ -250,7 +251,7 @@ class MemoryPollQueue(PollQueue):
             if how is Release.DEAD_LETTER:
                 if record.original_destination is None:
                     record.original_destination = record.destination
-                record.destination = record.destination + ".DLQ"
+                record.destination = rules.dead_letter_destination(record.destination)
                 record.deliveries = 0
             self._make_ready(record)
             woken.add(record.destination)
@@ -258,7 +259,7 @@ class MemoryPollQueue(PollQueue):
             self._signals.notify(destination)
 
     async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
-        lease_until = now_ms + lease_ms
+        lease_until = rules.lease_until(now_ms, lease_ms)
         for message_id in self._owners.get(owner, ()):
             record = self._records[message_id]
             record.lease_until = lease_until
@@ -276,9 +277,9 @@ class MemoryPollQueue(PollQueue):
         for record in self._records.values():
             if record.destination != destination:
                 continue
-            if not record.available(now_ms):
+            if record.owner is not None and record.lease_until > now_ms:
                 unacked += 1
-            elif not record.expired(now_ms):
+            elif record.claimable(now_ms):
                 ready += 1
         return QueueStats(ready=ready, unacked=unacked)
 
@@ -347,8 +348,9 @@ class MemoryTailQueue(TailQueue):
         while not self._closed:
             if position < self._last:
                 oldest = self._oldest()
-                if oldest > position + 1:
-                    yield Gap(expected=position + 1, oldest=oldest)
+                gap = rules.gap_before(oldest, position)
+                if gap is not None:
+                    yield gap
                     position = oldest - 1
                     continue
                 entry = self._log[position + 1 - oldest]

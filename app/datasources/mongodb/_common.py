@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure
-from pymongo.results import BulkWriteResult, DeleteResult, InsertOneResult, UpdateResult
+from pymongo.results import DeleteResult, InsertOneResult, UpdateResult
 
 from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage, StoredMessage
 

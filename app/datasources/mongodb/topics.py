@@ -66,13 +66,12 @@ from pymongo.errors import (
     OperationFailure,
 )
 
+from app.datasources import rules
 from app.datasources.interface import (
     DatasourceError,
     DatasourceOptions,
-    Gap,
     NewMessage,
     Published,
-    Signals,
     TailEvent,
     TailQueue,
 )
@@ -87,6 +86,7 @@ from app.datasources.mongodb._common import (
 )
 from app.datasources.mongodb._failover import FailoverWriter
 from app.datasources.mongodb._sequence import SequenceAllocator
+from app.datasources.wakeups import Signals
 
 __all__ = ["BLOCK", "REORDER_SETTLE_S", "SEED_ID", "MongoTailQueue", "topic_doc"]
 
@@ -239,10 +239,10 @@ class MongoTailQueue(TailQueue):
         batch = 1 if self._ferretdb else 100
         while not self._closed:
             try:
-                oldest = await self._oldest_if_trimmed()
-                if oldest is not None and oldest > last + 1:
-                    yield Gap(expected=last + 1, oldest=oldest)
-                    last = oldest - 1
+                gap = rules.gap_before(await self._oldest_if_trimmed(), last)
+                if gap is not None:
+                    yield gap
+                    last = gap.oldest - 1
                     pending = {p: d for p, d in pending.items() if p > last}
                 yielded_here = False
                 cursor = self._coll.raw.find(
@@ -320,10 +320,10 @@ class MongoTailQueue(TailQueue):
         while not self._closed:
             try:
                 if check_trimmed:
-                    oldest = await self._oldest_if_trimmed()
-                    if oldest is not None and oldest > last + 1:
-                        yield Gap(expected=last + 1, oldest=oldest)
-                        last = oldest - 1
+                    gap = rules.gap_before(await self._oldest_if_trimmed(), last)
+                    if gap is not None:
+                        yield gap
+                        last = gap.oldest - 1
                         pending = {p: d for p, d in pending.items() if p > last}
                     check_trimmed = False
                 wake = self._signals.event(SIGNAL)  # taken before any read: a publish meanwhile still wakes us
@@ -372,10 +372,10 @@ class MongoTailQueue(TailQueue):
                 if now - hole_since < REORDER_SETTLE_S:
                     await _wait(wake, self._options.poll_interval if stalled else HOLE_POLL_S)
                     continue
-                oldest = await self._oldest_if_trimmed()
-                if oldest is not None and oldest > last + 1:
-                    yield Gap(expected=last + 1, oldest=oldest)
-                    last = oldest - 1
+                gap = rules.gap_before(await self._oldest_if_trimmed(), last)
+                if gap is not None:
+                    yield gap
+                    last = gap.oldest - 1
                     pending = {p: d for p, d in pending.items() if p > last}
                     hole_since = None
                     continue

@@ -42,7 +42,7 @@ T = TypeVar("T")
 START = 1_700_000_000_000
 # The clock moves by about UNIT at a time, never by a few ms: the MongoDB backend on FerretDB claims from a window of
 # candidates it reuses for up to max(250 ms, 4 x its read time) of ``now_ms``, so a lease that lapsed a few ms ago may
-# be seen one window later (documented in app/datasources/mongodb/queues.py). Steps of UNIT - 1 and UNIT + 1 still
+# be seen one window later (documented in app/datasources/mongodb/ferretdb_claims.py). Steps of UNIT - 1 and UNIT + 1 still
 # land on every lease and expiry boundary exactly, and one ms either side of it. A lease lasts one UNIT, so most steps
 # lapse leases: the late ACKs and releases of a redelivered message are where the contract is subtle.
 UNIT = 20_000
@@ -473,8 +473,9 @@ def test_what_the_model_found(backend: Backend, request: pytest.FixtureRequest, 
 
     A late ACK (stale lease token) on FerretDB hid the message it could not delete: the backend marked the id as
     acked for its claim windows, so once the new holder's lease lapsed too, this gateway's claims skipped the message
-    (for 30 s of wall time at least, until a later ACK pruned the mark). Fixed in app/datasources/mongodb/queues.py,
-    ``_Held.retire``: a fenced ACK hides only the version its lease names."""
+    (for 30 s of wall time at least, until a later ACK pruned the mark). Fixed in
+    app/datasources/mongodb/ferretdb_claims.py, ``HeldVersions.retire``: a fenced ACK hides only the version its
+    lease names."""
     machine = machine_for(backend, request, tmp_path)()
     try:
         machine.start([(QUEUES[0], 4, None)])

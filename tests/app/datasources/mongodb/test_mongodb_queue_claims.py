@@ -1,6 +1,6 @@
-"""The FerretDB claim path of ``MongoPollQueue``: the candidate window's size and reuse, the skipping of stale copies
-of this process's own messages (``_Held``), and claim tokens left by a claimer that died (looked up by ``_id`` when
-the loss comes round again, ``_Lost``)."""
+"""The FerretDB claim path of ``MongoPollQueue`` (``ferretdb_claims``): the candidate window's size and reuse, the
+skipping of stale copies of this process's own messages (``HeldVersions``), and claim tokens left by a claimer that
+died (looked up by ``_id`` when the loss comes round again, ``LostTokens``)."""
 
 from __future__ import annotations
 
@@ -12,20 +12,19 @@ from typing import Any
 import pytest
 
 from app.datasources.interface import Datasource, DatasourceOptions, NewMessage
-from app.datasources.mongodb import MongoDatasource
-from app.datasources.mongodb import queues as queues_module
-from app.datasources.mongodb.queues import (
+from app.datasources.mongodb import MongoDatasource, ferretdb_claims
+from app.datasources.mongodb.ferretdb_claims import (
     LOST_RECHECK_S,
     WINDOW,
     WINDOW_BYTES,
     WINDOW_MAX,
     WINDOW_S,
-    MongoPollQueue,
-    _Held,
-    _Lost,
-    _Window,
-    _window_size,
+    HeldVersions,
+    LostTokens,
+    Window,
+    window_size,
 )
+from app.datasources.mongodb.queues import MongoPollQueue
 from app.datasources.registry import open_datasource
 
 NOW = 1_700_000_000_000
@@ -41,7 +40,7 @@ def doc(n: int, claims: int = 0, body: bytes = b"x") -> dict[str, Any]:
 
 
 def test_held_skips_stale_copies_of_local_claims_and_acks() -> None:
-    held = _Held()
+    held = HeldVersions()
     assert held.mark(doc(1))  # a claim from version 0 starts
     assert not held.mark(doc(1))  # a second copy at version 0 (another window) is stale
     held.settle([doc(1)], [doc(1, claims=1)])  # won: stored now at version 1
@@ -58,7 +57,7 @@ def test_held_skips_stale_copies_of_local_claims_and_acks() -> None:
 
 
 def test_a_lost_token_is_looked_up_only_when_it_comes_round_again_later() -> None:
-    lost = _Lost()
+    lost = LostTokens()
     assert not lost.due("q|m1", 1, 100.0)  # first loss: the winner is nearly always alive
     assert not lost.due("q|m1", 1, 100.0 + LOST_RECHECK_S / 2)
     assert lost.due("q|m1", 1, 100.0 + LOST_RECHECK_S)  # still at that version a while later
@@ -71,21 +70,21 @@ def test_a_lost_token_is_looked_up_only_when_it_comes_round_again_later() -> Non
 
 
 def test_window_takes_fresh_candidates_only() -> None:
-    held = _Held()
-    window = _Window([doc(1), doc(2), {**doc(3), "expires_at": NOW - 1}, doc(4)], NOW, 0, True, 0.0)
+    held = HeldVersions()
+    window = Window([doc(1), doc(2), {**doc(3), "expires_at": NOW - 1}, doc(4)], NOW, 0, True, 0.0)
     assert [d["_id"] for d in window.take(2, NOW, held)] == ["m1", "m2"]
-    stale = _Window([doc(1), doc(2), doc(5)], NOW, 0, True, 0.0)
+    stale = Window([doc(1), doc(2), doc(5)], NOW, 0, True, 0.0)
     assert [d["_id"] for d in stale.take(5, NOW, held)] == ["m5"]  # m1, m2 are being claimed here
     assert [d["_id"] for d in window.take(5, NOW, held)] == ["m4"]  # m3 expired
 
 
 def test_window_reuse_follows_the_read_duration() -> None:
-    quick = _Window([doc(1)], NOW, 0, False, 0.01)
+    quick = Window([doc(1)], NOW, 0, False, 0.01)
     assert quick.max_age == WINDOW_S
     assert quick.usable(NOW + 200, 0)
     assert not quick.usable(NOW + int(WINDOW_S * 1000), 0)  # leases that expired since must be seen
     assert not quick.usable(NOW, 1)  # a local release or purge
-    slow = _Window([doc(1)], NOW, 0, False, 0.2)
+    slow = Window([doc(1)], NOW, 0, False, 0.2)
     assert slow.max_age == pytest.approx(0.8)
     assert slow.usable(NOW + 700, 0)  # not re-read every WINDOW_MS while a read costs this much
     assert not slow.usable(NOW + 800, 0)
@@ -93,14 +92,14 @@ def test_window_reuse_follows_the_read_duration() -> None:
 
 
 def test_window_size_grows_behind_a_backlog_within_the_byte_budget() -> None:
-    assert _window_size(None, 100) == WINDOW
-    assert _window_size(None, 400) == 800
-    complete = _Window([doc(1)], NOW, 0, True, 0.0)
-    assert _window_size(complete, 10) == WINDOW
-    small = _Window([doc(i, body=b"x" * 256) for i in range(WINDOW)], NOW, 0, False, 0.0)
-    assert _window_size(small, 10) == WINDOW_MAX
-    large = _Window([doc(i, body=b"x" * (WINDOW_BYTES // 100)) for i in range(4)], NOW, 0, False, 0.0)
-    assert _window_size(large, 10) == WINDOW
+    assert window_size(None, 100) == WINDOW
+    assert window_size(None, 400) == 800
+    complete = Window([doc(1)], NOW, 0, True, 0.0)
+    assert window_size(complete, 10) == WINDOW
+    small = Window([doc(i, body=b"x" * 256) for i in range(WINDOW)], NOW, 0, False, 0.0)
+    assert window_size(small, 10) == WINDOW_MAX
+    large = Window([doc(i, body=b"x" * (WINDOW_BYTES // 100)) for i in range(4)], NOW, 0, False, 0.0)
+    assert window_size(large, 10) == WINDOW
 
 
 # -- on the server ---------------------------------------------------------------------------------------------------
@@ -145,12 +144,12 @@ async def test_stale_window_copies_of_claimed_and_acked_messages_cost_no_token(d
     first = await queue.claim(Q, owner="g", limit=2, lease_ms=LEASE, now_ms=NOW)
     assert [m.message_id for m in first] == [m.message_id for m in msgs[:2]]
     # a window read before those leases landed: its copies of m0, m1 must not be claimed again
-    queue._windows[Q] = _Window(list(before), NOW, queue._generation[Q], True, 0.0)
+    queue._windows[Q] = Window(list(before), NOW, queue._generation[Q], True, 0.0)
     second = await queue.claim(Q, owner="g", limit=2, lease_ms=LEASE, now_ms=NOW)
     assert [m.message_id for m in second] == [m.message_id for m in msgs[2:4]]
 
     await queue.ack([m.message_id for m in first + second])
-    queue._windows[Q] = _Window(list(before), NOW, queue._generation[Q], True, 0.0)
+    queue._windows[Q] = Window(list(before), NOW, queue._generation[Q], True, 0.0)
     third = await queue.claim(Q, owner="g", limit=6, lease_ms=LEASE, now_ms=NOW)
     assert [m.message_id for m in third] == [m.message_id for m in msgs[4:]]
     assert lookups.calls == 0  # no token was lost, so none was looked up
@@ -159,7 +158,7 @@ async def test_stale_window_copies_of_claimed_and_acked_messages_cost_no_token(d
 
 @pytest.mark.mongodb
 async def test_a_token_of_a_claimer_that_died_is_passed_over(ds: Datasource, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(queues_module, "LOST_RECHECK_S", 0.0)
+    monkeypatch.setattr(ferretdb_claims, "LOST_RECHECK_S", 0.0)
     queue = ds.queues
     assert isinstance(queue, MongoPollQueue)
     dead, alive = new(1), new(2)

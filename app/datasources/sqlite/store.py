@@ -1,0 +1,340 @@
+"""The SQLite store's engine: the two connections (one writer thread, one reader thread), the schema, and the group
+commit every write goes through. Shared by the queue and topic halves; see the package docstring for the guarantees."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import sqlite3
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+from urllib.parse import unquote, urlsplit
+
+from app.datasources.interface import DatasourceError, DatasourceOptions, DatasourceUnavailable
+
+__all__ = ["Store", "Write", "database_path", "MIN_SQLITE"]
+
+T = TypeVar("T")
+
+MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
+MAX_BATCH_OPS = 2_000  # operations grouped into one transaction at most (bounds one commit's latency)
+_SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA", "0", "1", "2", "3"}
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def database_path(url: str) -> str:
+    """The file path in a ``sqlite:///...`` URL (``sqlite:////abs`` is absolute, ``sqlite:///rel`` relative)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() != "sqlite":
+        raise DatasourceError(f"not a sqlite:// URL: {url!r}")
+    if parts.netloc:
+        raise DatasourceError(f"a sqlite URL has no host; write sqlite:///path/to/file.db, not {url!r}")
+    if parts.query or parts.fragment:
+        raise DatasourceError(f"a sqlite URL takes no query string; use DatasourceOptions instead ({url!r})")
+    path = unquote(parts.path)[1:]  # drop the slash that separates the (empty) host from the path
+    if not path or path == ":memory:":
+        raise DatasourceError(f"a sqlite URL needs a database file path, e.g. sqlite:///./data/stompgate.db ({url!r})")
+    return path
+
+
+
+class _Op(Generic[T]):
+    """One queued write: ``run`` executes in the writer thread inside the batch transaction; ``after`` runs on the
+    event loop once the commit succeeded."""
+
+    __slots__ = ("run", "future", "after", "early", "answered")
+
+    def __init__(
+        self,
+        run: Callable[[sqlite3.Connection], T],
+        future: asyncio.Future[T],
+        after: Callable[[T], None] | None,
+        early: bool = False,
+    ) -> None:
+        self.run = run
+        self.future = future
+        self.after = after
+        # An early op is answered as soon as it ran, before the COMMIT: used for claims, whose result need not be
+        # durable (leases are reset on open, so a claim lost in a crash only means a redelivery) and whose latency
+        # would otherwise include the group commit's fsync.
+        self.early = early
+        self.answered = False
+
+
+# A write as the writer runs it: the step inside the batch transaction, and what runs on the event loop after the
+# commit (wake-ups, the topic tail), given the step's result.
+Write = tuple[Callable[[sqlite3.Connection], T], Callable[[T], None] | None]
+
+
+def _answer(future: asyncio.Future[T], result: T) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+class Store:
+    """The two connections, the writer loop and the group commit. Shared by the queue and topic halves."""
+
+    _inflight: asyncio.Future[None] | None = None  # the running batch, while it holds answered early ops
+
+    def __init__(self, path: str, options: DatasourceOptions) -> None:
+        self.path = path
+        self.options = options
+        ns = options.namespace
+        if not _NAME.match(ns):
+            raise DatasourceError(f"namespace {ns!r} is not a valid SQLite table name prefix (letters, digits, _)")
+        synchronous = options.sqlite_synchronous.upper()
+        if synchronous not in _SYNCHRONOUS:
+            raise DatasourceError(f"sqlite_synchronous must be one of OFF, NORMAL, FULL, EXTRA, not {synchronous!r}")
+        self.synchronous = synchronous
+        self.messages = f"{ns}_messages"
+        self.topic_log = f"{ns}_topic_log"
+        self.cursors = f"{ns}_cursors"
+        self.commits = 0  # committed write transactions; tests use it to see group commit at work
+        self._writer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-writer")
+        self._reader_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-reader")
+        self._writer: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None
+        self._pending: deque[_Op[Any]] = deque()
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        # writer-thread state (only touched by the writer thread)
+        self.lease_floor: dict[str, int] = {}  # destination -> a lower bound of its earliest lease_until
+        # Called in the writer thread after a rolled-back batch: claims answered early are undone, so their messages
+        # are ready again, and whoever waits or scans must look again.
+        self.on_rollback: list[Callable[[], None]] = []
+        self.swept_at: dict[str, float] = {}  # destination -> monotonic time of the last expired-message sweep
+        # owner -> destinations it claimed from since it last renewed nothing there; lets renew use the claim index
+        # (destination, state) instead of an owner index that every claim and ack would have to maintain
+        self.owner_destinations: dict[str, set[str]] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------------------------
+    async def open(self) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            self._shutdown_pools()
+            raise DatasourceError(
+                f"cannot create the directory {directory!r} for the SQLite database: {exc.strerror or exc}"
+            ) from exc
+        loop = asyncio.get_running_loop()
+        try:
+            self._writer = await loop.run_in_executor(self._writer_pool, self._open_writer)
+            self._reader = await loop.run_in_executor(self._reader_pool, self._open_reader)
+        except Exception as exc:
+            await self._close_connections()
+            self._shutdown_pools()
+            if isinstance(exc, DatasourceError):
+                raise
+            raise DatasourceError(
+                f"cannot open the SQLite database {self.path!r} (is the directory {directory!r} writable?): {exc}"
+            ) from exc
+        self._loop = loop
+        self._task = loop.create_task(self._writer_loop(), name="sqlite-writer")
+
+    def call_on_loop(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the event loop (from the writer thread)."""
+        self._loop.call_soon_threadsafe(callback)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA busy_timeout = 30000")
+        return conn
+
+    def _open_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise DatasourceError(f"SQLite refused WAL mode for {self.path!r} (journal_mode is {mode})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            m, t, c = self.messages, self.topic_log, self.cursors
+            conn.executescript(
+                f"""
+                BEGIN IMMEDIATE;
+                CREATE TABLE IF NOT EXISTS {m} (
+                    seq INTEGER PRIMARY KEY,
+                    message_id TEXT NOT NULL UNIQUE,
+                    destination TEXT NOT NULL,
+                    state INTEGER NOT NULL DEFAULT 0,          -- 0 ready, 1 leased
+                    priority INTEGER NOT NULL,
+                    expires_at INTEGER,
+                    published_at INTEGER NOT NULL,
+                    deliveries INTEGER NOT NULL DEFAULT 0,
+                    owner TEXT,
+                    lease_until INTEGER,
+                    original_destination TEXT,
+                    headers TEXT NOT NULL,
+                    body BLOB NOT NULL,
+                    lease INTEGER NOT NULL DEFAULT 0            -- bumped by every claim: the fencing token
+                );
+                CREATE INDEX IF NOT EXISTS {m}_claim ON {m} (destination, state, priority DESC, seq);
+                CREATE INDEX IF NOT EXISTS {m}_expiry ON {m} (destination, expires_at) WHERE expires_at IS NOT NULL;
+                CREATE TABLE IF NOT EXISTS {t} (
+                    position INTEGER PRIMARY KEY,
+                    message_id TEXT NOT NULL,
+                    destination TEXT NOT NULL,
+                    headers TEXT NOT NULL,
+                    body BLOB NOT NULL,
+                    priority INTEGER NOT NULL,
+                    expires_at INTEGER,
+                    published_at INTEGER NOT NULL
+                );
+                CREATE TABLE IF NOT EXISTS {c} (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
+                UPDATE {m} SET state = 0, owner = NULL, lease_until = NULL WHERE state = 1;
+                COMMIT;
+                """
+            )
+            conn.execute("BEGIN IMMEDIATE")  # check and change in one transaction: two openers cannot both add it
+            columns = {row[1] for row in conn.execute(f"PRAGMA table_info({m})")}
+            if "lease" not in columns:  # a database made before leases were fenced
+                conn.execute(f"ALTER TABLE {m} ADD COLUMN lease INTEGER NOT NULL DEFAULT 0")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _open_reader(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA query_only = ON")
+        return conn
+
+    async def close(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task  # drains everything already queued
+        await self._close_connections()
+        self._shutdown_pools()
+
+    async def _close_connections(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._writer is not None:
+            await loop.run_in_executor(self._writer_pool, self._writer.close)
+            self._writer = None
+        if self._reader is not None:
+            await loop.run_in_executor(self._reader_pool, self._reader.close)
+            self._reader = None
+
+    def _shutdown_pools(self) -> None:
+        self._writer_pool.shutdown(wait=True)
+        self._reader_pool.shutdown(wait=True)
+
+    # -- writes: the group commit ----------------------------------------------------------------------------------
+    def write(
+        self, run: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None, *, early: bool = False
+    ) -> asyncio.Future[T]:
+        if self._closing:
+            raise DatasourceUnavailable("the SQLite datasource is closed")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Op(run, future, after, early))
+        self._wakeup.set()
+        return future
+
+    async def _writer_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        pending = self._pending
+        while True:
+            if not pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch = [pending.popleft() for _ in range(min(len(pending), MAX_BATCH_OPS))]
+            try:
+                early = any(op.early for op in batch)
+                if early:
+                    self._inflight = loop.create_future()
+                try:
+                    results = await loop.run_in_executor(self._writer_pool, self._run_batch, batch)
+                finally:
+                    if early and self._inflight is not None:
+                        self._inflight.set_result(None)
+                        self._inflight = None
+            except BaseException as exc:  # the writer thread itself failed: fail the batch, keep serving
+                error = exc if isinstance(exc, Exception) else DatasourceUnavailable("the SQLite writer stopped")
+                results = [(False, error)] * len(batch)
+                if not isinstance(exc, Exception):
+                    for op in batch:
+                        if not op.future.done():
+                            op.future.set_exception(error)
+                    raise
+            for op, (ok, value) in zip(batch, results):
+                if ok and op.after is not None:
+                    try:
+                        op.after(value)
+                    except Exception as exc:  # a bug in a hook must not stop the writer
+                        ok, value = False, exc
+                if op.future.done():  # the caller was cancelled; its write may still have committed
+                    continue
+                if ok:
+                    op.future.set_result(value)
+                else:
+                    op.future.set_exception(value)
+
+    def _run_batch(self, batch: list[_Op[Any]]) -> list[tuple[bool, Any]]:
+        conn = self._writer
+        assert conn is not None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            results = []
+            for op in batch:
+                result = op.run(conn)
+                results.append(result)
+                if op.early:
+                    op.answered = True
+                    self._loop.call_soon_threadsafe(_answer, op.future, result)
+            conn.execute("COMMIT")
+        except Exception as exc:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            self.lease_floor.clear()  # may describe rolled-back claims; forgetting it is always safe
+            for hook in self.on_rollback:
+                hook()
+            if len(batch) == 1:
+                return [(False, _translate(exc))]
+            # Isolate the failing call. An early op already answered is not run again: its claim was rolled back, so
+            # those messages are ready again and may be delivered twice (at-least-once), never leaked.
+            return [
+                (True, None) if op.answered else result
+                for op in batch
+                for result in ([(True, None)] if op.answered else self._run_batch([op]))
+            ]
+        self.commits += 1
+        return [(True, r) for r in results]
+
+    # -- reads -------------------------------------------------------------------------------------------------
+    async def read(self, run: Callable[[sqlite3.Connection], T]) -> T:
+        if self._closing or self._reader is None:
+            raise DatasourceUnavailable("the SQLite datasource is closed")
+        if self._inflight is not None:
+            # A batch holding claims already answered is not committed yet: read after it, so that whoever saw a
+            # claim's result also sees it in stats and peek.
+            await asyncio.shield(self._inflight)
+        reader = self._reader
+
+        def call() -> T:
+            try:
+                return run(reader)
+            except sqlite3.Error as exc:
+                raise _translate(exc) from exc
+
+        return await asyncio.get_running_loop().run_in_executor(self._reader_pool, call)
+
+
+def _translate(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlite3.IntegrityError):
+        return DatasourceError(f"SQLite refused the write (a message_id already stored?): {exc}")
+    if isinstance(exc, sqlite3.OperationalError):
+        return DatasourceUnavailable(f"SQLite could not complete the operation: {exc}")
+    if isinstance(exc, sqlite3.Error):
+        return DatasourceError(f"SQLite error: {exc}")
+    return exc

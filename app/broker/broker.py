@@ -13,6 +13,7 @@ from typing import Any, Literal, NamedTuple
 
 from app.broker.auth import AllowAll, Authorizer
 from app.broker.batching import Batcher
+from app.broker.transactions import TransactionMemory
 from app.broker.config import BrokerConfig
 from app.broker.destinations import parse_destination
 from app.broker.messages import new_message
@@ -70,11 +71,10 @@ class Broker:
         self._address_of: dict[str, str] = {}
         self.topic_subscriptions: dict[str, set[TopicSubscription]] = defaultdict(set)
         self.durable_in_use: set[str] = set()
-        self.transaction_bytes = 0  # held by every session's open transactions (max_transaction_bytes_total)
+        self.transaction_memory = TransactionMemory(self.config)  # every connection's open transactions
         self.health = BackgroundHealth(on_change=self._background_changed)
         self.cursors = CursorSaver(self._save_cursor, self.health)
         self._topic_position: int | None = None  # the topic follower's place, kept across its restarts
-        self.transaction_bytes_by_address: dict[str, int] = {}  # the same per client address (..._per_address)
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[Held] = Batcher(self._ack_with_retry)

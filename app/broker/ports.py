@@ -41,12 +41,6 @@ class BrokerPort(Protocol):
     @property
     def metrics(self) -> BrokerMetrics: ...  # bytes out and ERROR counts of a connection
 
-    # Transaction memory of every connection (max_transaction_bytes_total / _per_address): sessions keep it up to date.
-    transaction_bytes: int
-
-    @property
-    def transaction_bytes_by_address(self) -> dict[str, int]: ...
-
     @property
     def durable_in_use(self) -> set[str]: ...  # durable cursor names consumed now: one connection each
 

@@ -10,26 +10,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, Protocol
 
 from app.broker.auth import ANONYMOUS, Principal
 from app.broker.completions import Completions
+from app.broker.errors import SessionError
 from app.broker.ordering import WriteOrder
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
-from app.broker.futures import chain
 from app.broker.messages import HeaderError, delivery_headers
 from app.broker.ports import BrokerPort, SessionPort, SubscriptionPort
 from app.broker.selectors import SelectorError, compile_selector
+from app.broker.transactions import Settlement, TransactionMemory, Transactions
 from app.broker.subscriptions import (
     DurableTopicSubscription,
     QueueSubscription,
     Subscription,
     TopicSubscription,
 )
-from app.datasources.interface import Changes, Held, NewMessage, Release, StoredMessage
+from app.datasources.interface import Held, NewMessage, Release, StoredMessage
 from stomp_core import (
     Abort,
     Ack,
@@ -85,24 +84,8 @@ class SessionBroker(BrokerPort, Protocol):
 
     def forget_session(self, session: Session) -> None: ...  # the connection ended and released what it held
 
-
-class SessionError(Exception):
-    """A broker-level rule was broken by the client: becomes an ERROR frame, then close."""
-
-    def __init__(self, message: str, detail: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.detail = detail
-
-
-@dataclass(slots=True)
-class Transaction:
-    sends: list[NewMessage] = field(default_factory=list)
-    settlements: list[tuple[Subscription, list[str], Release | None]] = field(default_factory=list)
-    size: int = 0  # bytes of the SENDs held (bodies and headers), counted against the transaction limits
-
-    def __len__(self) -> int:
-        return len(self.sends) + len(self.settlements)
+    @property
+    def transaction_memory(self) -> TransactionMemory: ...  # what every connection's open transactions hold
 
 
 class Session:
@@ -117,8 +100,7 @@ class Session:
         self.principal: Principal | None = None
         self.client_id: str | None = None
         self.subscriptions: dict[str, Subscription] = {}
-        self.transactions: dict[str, Transaction] = {}
-        self.transaction_bytes = 0  # held by this connection's open transactions
+        self.transactions = Transactions(broker.transaction_memory, broker.config, self.address)
         self.heartbeat: HeartbeatPlan | None = None
         now = time.monotonic()
         self.opened_at = now
@@ -281,8 +263,7 @@ class Session:
             case Commit():
                 self._on_commit(event)
             case Abort():
-                if self._end_transaction(event.transaction) is None:
-                    raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
+                self.transactions.end(event.transaction)
                 self._receipt_after(None, event.receipt)
             case ConnectRequested():
                 self._on_connect(event)
@@ -358,8 +339,8 @@ class Session:
         except HeaderError as exc:
             raise SessionError("Invalid header", str(exc)) from None
         if event.transaction is not None:
-            tx = self._transaction(event.transaction)
-            self._hold_for_transaction(tx, len(event.body) + sum(len(k) + len(v) for k, v in event.headers.items()))
+            tx = self.transactions.get(event.transaction)
+            self.transactions.hold(tx, len(event.body) + sum(len(k) + len(v) for k, v in event.headers.items()))
             tx.sends.append(message)
             self._receipt_after(None, event.receipt)
             return
@@ -390,61 +371,6 @@ class Session:
         for kind, (messages, placeholder) in groups.items():
             self._order.write(partial(self.broker.publish_nowait, messages, kind), placeholder)
 
-    def _transaction(self, name: str) -> Transaction:
-        tx = self.transactions.get(name)
-        if tx is None:
-            raise SessionError("Bad transaction", f"transaction {name!r} is not open")
-        if len(tx) >= self.broker.config.max_frames_per_transaction:
-            raise SessionError(
-                "Transaction too large",
-                f"limit max_frames_per_transaction={self.broker.config.max_frames_per_transaction}",
-            )
-        return tx
-
-    def _hold_for_transaction(self, tx: Transaction, size: int) -> None:
-        """Count ``size`` bytes against this connection's and the gateway's transaction memory, or refuse."""
-        config = self.broker.config
-        if self.transaction_bytes + size > config.max_transaction_bytes:
-            raise SessionError(
-                "Transaction too large",
-                f"limit max_transaction_bytes={config.max_transaction_bytes}: open transactions of one connection "
-                "may hold no more",
-            )
-        held_here = self.broker.transaction_bytes_by_address.get(self.address, 0)
-        if held_here + size > config.max_transaction_bytes_per_address:
-            raise SessionError(
-                "Transaction too large",
-                f"limit max_transaction_bytes_per_address={config.max_transaction_bytes_per_address}: open "
-                f"transactions of the connections from {self.address} may hold no more",
-            )
-        if self.broker.transaction_bytes + size > config.max_transaction_bytes_total:
-            raise SessionError(
-                "Transaction too large",
-                f"limit max_transaction_bytes_total={config.max_transaction_bytes_total}: the gateway holds as much "
-                "uncommitted data as it allows; commit smaller transactions or retry later",
-            )
-        tx.size += size
-        self.transaction_bytes += size
-        self.broker.transaction_bytes += size
-        self.broker.transaction_bytes_by_address[self.address] = held_here + size
-
-    def _end_transaction(self, name: str) -> Transaction | None:
-        tx = self.transactions.pop(name, None)
-        if tx is not None and tx.size:
-            self.transaction_bytes -= tx.size
-            self.broker.transaction_bytes -= tx.size
-            by_address = self.broker.transaction_bytes_by_address
-            left = by_address.get(self.address, 0) - tx.size
-            if left > 0:
-                by_address[self.address] = left
-            else:
-                by_address.pop(self.address, None)
-        return tx
-
-    def _end_all_transactions(self) -> None:
-        for name in list(self.transactions):
-            self._end_transaction(name)
-
     def _find_unacked(self, ack_id: str, subscription_id: str | None) -> tuple[Subscription, list[str]]:
         message_id, _, sub_from_ack = ack_id.partition("@")
         candidates: list[Subscription]
@@ -465,7 +391,7 @@ class Session:
     ) -> None:
         sub, message_ids = self._find_unacked(ack_id, subscription_id)
         if transaction is not None:
-            self._transaction(transaction).settlements.append((sub, message_ids, how))
+            self.transactions.get(transaction).settlements.append((sub, message_ids, how))
             self._receipt_after(None, receipt)
             return
         self._receipt_after(self._settle(sub, message_ids, how), receipt)
@@ -575,14 +501,7 @@ class Session:
             await self.broker.release(unacked, Release.REQUEUE)
 
     def _on_begin(self, event: Begin) -> None:
-        if event.transaction in self.transactions:
-            raise SessionError("Bad transaction", f"transaction {event.transaction!r} is already open")
-        if len(self.transactions) >= self.broker.config.max_transactions_per_connection:
-            raise SessionError(
-                "Too many transactions",
-                f"limit max_transactions_per_connection={self.broker.config.max_transactions_per_connection}",
-            )
-        self.transactions[event.transaction] = Transaction()
+        self.transactions.begin(event.transaction)
         self._receipt_after(None, event.receipt)
 
     def _on_commit(self, event: Commit) -> None:
@@ -591,23 +510,9 @@ class Session:
         Its ACKs and NACKs settle the subscriptions only once that is stored: until then the messages stay
         unacknowledged, so a failed COMMIT (an ERROR, then the connection closes) releases them with the rest, and
         a durable subscription's position does not move. The RECEIPT waits for all of it."""
-        tx = self._end_transaction(event.transaction)
-        if tx is None:
-            raise SessionError("Bad transaction", f"transaction {event.transaction!r} is not open")
+        tx = self.transactions.end(event.transaction)
         self._submit_sends()  # SENDs before this COMMIT are written before the transaction's
-        acks: list[Held] = []
-        released: dict[Release, list[Held]] = {Release.REQUEUE: [], Release.DEAD_LETTER: []}
-        for sub, message_ids, how in tx.settlements:
-            if isinstance(sub, QueueSubscription):
-                held = [(d.message.message_id, d.message.lease) for i in message_ids if (d := sub.unacked.get(i))]
-                (acks if how is None else released[how]).extend(held)
-        changes = Changes(
-            queue=[m for m in tx.sends if m.destination.startswith("/queue/")],
-            topic=[m for m in tx.sends if not m.destination.startswith("/queue/")],
-            acks=acks,
-            requeue=released[Release.REQUEUE],
-            dead_letter=released[Release.DEAD_LETTER],
-        )
+        changes = tx.changes()
         stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._order.commit(lambda: self.broker.commit_nowait(changes), stored)
         done = asyncio.ensure_future(self._settle_after(stored, tx.settlements)) if tx.settlements else stored
@@ -615,7 +520,7 @@ class Session:
 
     @staticmethod
     async def _settle_after(
-        stored: asyncio.Future[None], settlements: list[tuple[Subscription, list[str], Release | None]]
+        stored: asyncio.Future[None], settlements: list[Settlement]
     ) -> None:
         await stored
         durable: dict[DurableTopicSubscription, None] = {}
@@ -632,7 +537,7 @@ class Session:
             self.conn.close()
             self.flush()
 
-        self._end_all_transactions()  # DISCONNECT aborts open transactions
+        self.transactions.end_all()  # DISCONNECT aborts open transactions
         self._completions.push(None, finish)
 
     # ---- completions ----
@@ -691,7 +596,7 @@ class Session:
 
     async def _end(self) -> None:
         self._completions.cancel_all()
-        self._end_all_transactions()
+        self.transactions.end_all()
         subs = list(self.subscriptions.values())
         self.subscriptions.clear()
         for sub in subs:

@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         "cannot take every slot; 256 leaves room for many clients behind one NAT. Loopback counts too: raise it behind "
         "a local reverse proxy.",
     )
-    max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest frame a client may send.")
+    max_frame_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Largest body of a frame a client may send (its headers have their own limits).")
     max_frame_bytes_before_connect: int = Field(64 * 1024, ge=256, description="Largest frame before CONNECTED.")
     max_headers: int = Field(100, ge=1, description="Most headers in one frame.")
     max_header_line_bytes: int = Field(8 * 1024, ge=64, description="Longest header line.")

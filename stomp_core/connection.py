@@ -20,6 +20,9 @@ Server contract:
   the connection's version cannot carry (a line break in 1.0, a CR in 1.1, a ':' in a 1.0 name, a NUL anywhere) is
   left out of that MESSAGE rather than break the frame: one producer's header never stops another's delivery.
 - The I/O layer sends ``data_to_send()`` and closes the socket once ``closed`` is True.
+- Accepted beyond the spec, as RabbitMQ accepts it from its clients: a CONNECT body made only of EOLs (LF or CRLF;
+  any other byte is still refused), NACK in 1.0 (by ``message-id``, like a 1.0 ACK), and ``requeue`` on NACK read
+  case-insensitively (``requeue:False``). ``Unsubscribe`` carries its headers, for extensions a broker reads.
 
 API::
 
@@ -84,6 +87,12 @@ from .states import TRANSITIONS, State
 __all__ = ["ServerConnection", "ClientConnection"]
 
 _ACK_MODES: dict[str, AckMode] = {"auto": "auto", "client": "client", "client-individual": "client-individual"}
+
+
+def _only_eols(body: bytes) -> bool:
+    """True for an empty body or one made only of EOLs (LF or CRLF): several clients end CONNECT with an extra EOL,
+    which lands in the body. A bare CR, or any other byte, is a body."""
+    return not body or not body.replace(b"\r\n", b"").replace(b"\n", b"")
 
 
 def _require(headers: Mapping[str, str], name: str, command: str) -> str:
@@ -226,7 +235,7 @@ class ServerConnection(_Endpoint):
     def _on_connect(self, frame: Frame) -> ConnectRequested:
         headers = frame.headers
         version = negotiate_version(headers.get("accept-version"), self._versions)
-        if frame.body:
+        if not _only_eols(frame.body):
             raise ProtocolError("Bad CONNECT", "A CONNECT frame carries no body")
         heartbeat = (0, 0) if version == "1.0" else parse_heartbeat(headers.get("heart-beat"))
         self._version = self._parser.version = version
@@ -267,7 +276,7 @@ class ServerConnection(_Endpoint):
             sub_id = headers.get("destination")
         if sub_id is None:
             raise ProtocolError("Missing header", "UNSUBSCRIBE requires the 'id' header")
-        return Unsubscribe(sub_id, headers.get("receipt"))
+        return Unsubscribe(sub_id, headers.get("receipt"), headers)
 
     def _ack_id(self, headers: Mapping[str, str], command: str) -> str:
         if self._version == "1.2":
@@ -283,16 +292,16 @@ class ServerConnection(_Endpoint):
         return Ack(ack_id, headers.get("subscription"), headers.get("transaction"), headers.get("receipt"))
 
     def _on_nack(self, frame: Frame) -> Nack:
-        if self._version == "1.0":
-            raise ProtocolError("Bad command", "NACK is not part of STOMP 1.0")
+        # NACK is not part of STOMP 1.0, but 1.0 clients send it (RabbitMQ accepts it): by message-id, as a 1.0 ACK.
         headers = frame.headers
         ack_id = self._ack_id(headers, "NACK")
+        requeue = headers.get("requeue")
         return Nack(
             ack_id,
             headers.get("subscription"),
             headers.get("transaction"),
             headers.get("receipt"),
-            headers.get("requeue") != "false",
+            requeue is None or requeue.lower() != "false",  # Python clients write the boolean as "False"
         )
 
     def _on_begin(self, frame: Frame) -> Begin:

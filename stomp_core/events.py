@@ -67,8 +67,12 @@ class Subscribe:
 
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
+    """``id`` is the ``id`` header; in 1.0 a missing id defaults to the ``destination`` (as for SUBSCRIBE), and then
+    ``headers`` holds no ``id``. ``headers`` is every header as received (a broker may read extensions from it)."""
+
     id: str
     receipt: str | None
+    headers: Mapping[str, str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,11 @@ Rules (any split of the input gives the same frames):
 - ``content-length`` means exactly N bytes (NULs allowed), then a NUL; without it the body runs to the first NUL.
 - Headers must be UTF-8. Errors are :class:`ProtocolError` (``"Invalid frame"``, ``"Invalid header"``,
   ``"Bad command"``) or :class:`LimitExceeded`, whose message names the limit. After an error the parser is dead.
+- Sizes: under ``max_frame_bytes`` (a logged-in peer) the limit counts the body only, so a body of exactly that size
+  fits whatever headers come with it; the headers are bounded by their own limits (``max_headers`` lines of at most
+  ``max_header_line_bytes``), so a frame never holds more than the body limit plus that. Under any other frame limit
+  (``max_frame_bytes_before_connect``: a stranger) it counts the whole frame. The body is also held to
+  ``max_body_bytes`` in every state.
 
 The parser scans whole frames with ``bytes.find``; when a chunk holds complete frames it slices them straight out of
 the received ``bytes`` without copying into the buffer.
@@ -42,6 +47,9 @@ class FrameParser:
         "commands",
         "_frame_limit",
         "_frame_limit_name",
+        "_whole",
+        "_body_limit",
+        "_head_limit",
         "_buf",
         "_pos",
         "_scan",
@@ -61,7 +69,12 @@ class FrameParser:
         self.version = version
         self.commands = commands
         self._frame_limit_name = frame_limit
-        self._frame_limit: int = getattr(limits, frame_limit)
+        self._frame_limit: int = 0
+        self._whole = False  # the frame limit counts the whole frame (True) or the body only
+        self._body_limit = 0
+        # No head of at most max_headers lines (and the command) of max_header_line_bytes each, CRLF-ended, is longer.
+        self._head_limit = (limits.max_headers + 1) * (limits.max_header_line_bytes + 2) + 2
+        self.use_frame_limit(frame_limit)
         self._buf: bytes | bytearray = b""
         self._pos = 0  # start of the unconsumed data (the current frame once noise is skipped)
         self._scan = 0  # offset from _pos where the next search for a terminator resumes
@@ -69,9 +82,12 @@ class FrameParser:
         self._failed: ProtocolError | None = None
 
     def use_frame_limit(self, name: str) -> None:
-        """Switch the frame-size limit to another field of :class:`Limits` (``max_frame_bytes`` after login)."""
-        self._frame_limit = getattr(self.limits, name)
+        """Switch the frame-size limit to another field of :class:`Limits` (``max_frame_bytes`` after login, which
+        counts the body only; any other counts the whole frame)."""
+        self._frame_limit = limit = getattr(self.limits, name)
         self._frame_limit_name = name
+        self._whole = name != "max_frame_bytes"
+        self._body_limit = self.limits.max_body_bytes if self._whole else min(limit, self.limits.max_body_bytes)
 
     @property
     def failed(self) -> ProtocolError | None:
@@ -135,11 +151,26 @@ class FrameParser:
         )
 
     def _body_too_large(self, receipt: str | None) -> LimitExceeded:
+        if not self._whole and self._frame_limit <= self.limits.max_body_bytes:  # the frame limit is the body's
+            return LimitExceeded(
+                f"Frame too large: limit {self._frame_limit_name}={self._frame_limit}",
+                f"A frame body may hold at most {self._frame_limit} bytes",
+                receipt_id=receipt,
+            )
         limit = self.limits.max_body_bytes
         return LimitExceeded(
             f"Body too large: limit max_body_bytes={limit}",
             f"A frame body may hold at most {limit} bytes",
             receipt_id=receipt,
+        )
+
+    def _head_too_large(self) -> LimitExceeded:
+        limits = self.limits
+        return LimitExceeded(
+            f"Headers too large: limit max_headers={limits.max_headers}, "
+            f"max_header_line_bytes={limits.max_header_line_bytes}",
+            f"No end of headers within {self._head_limit} bytes: a frame may hold at most {limits.max_headers} header "
+            f"lines of at most {limits.max_header_line_bytes} bytes",
         )
 
     def _next(self) -> Frame | None:
@@ -183,16 +214,16 @@ class FrameParser:
         else:
             stop = buf.find(b"\0", max(body_start, pos + self._scan))
             if stop < 0:
-                if end - pos >= self._frame_limit:
+                if self._whole and end - pos >= self._frame_limit:
                     raise self._too_large(headers.get("receipt"))
-                if end - body_start > self.limits.max_body_bytes:
+                if end - body_start > self._body_limit:
                     raise self._body_too_large(headers.get("receipt"))
                 self._pending = pending
                 self._scan = end - pos
                 return None
-            if stop - body_start > self.limits.max_body_bytes:
+            if stop - body_start > self._body_limit:
                 raise self._body_too_large(headers.get("receipt"))
-            if stop - pos >= self._frame_limit:
+            if self._whole and stop - pos >= self._frame_limit:
                 raise self._too_large(headers.get("receipt"))
         self._pos = stop + 1
         self._pending = None
@@ -208,8 +239,10 @@ class FrameParser:
         elif lf >= 0:
             block_end, body_start = lf, lf + 2
         else:
-            if end - pos >= self._frame_limit:
+            if self._whole and end - pos >= self._frame_limit:
                 raise self._too_large(None)
+            if end - pos > self._head_limit:
+                raise self._head_too_large()
             self._scan = max(0, end - pos - 2)
             return None
         self._scan = 0
@@ -270,9 +303,9 @@ class FrameParser:
                     "Invalid header", f"content-length must be a non-negative integer, not {cl[:32]!r}", receipt_id=receipt
                 )
             # more digits than any allowed body needs is too large (and int() refuses over 4300 digits)
-            length = int(cl) if len(cl) <= 12 else limits.max_body_bytes + 1
-            if length > limits.max_body_bytes:
+            length = int(cl) if len(cl) <= 12 else self._body_limit + 1
+            if length > self._body_limit:
                 raise self._body_too_large(receipt)
-            if body_start - pos + length >= self._frame_limit:
+            if self._whole and body_start - pos + length >= self._frame_limit:
                 raise self._too_large(receipt)
         return command, headers, body_start - pos, length

@@ -53,7 +53,8 @@ Two ways to send it:
 * **envelope**: `Content-Type: {ENVELOPE_MEDIA_TYPE}` with a JSON body
   `{{"headers": {{...}}, "body": "...", "body_encoding": "utf-8" | "base64"}}`.
 
-A message larger than the gateway's `max_frame_bytes` (body plus headers) is refused with 413."""
+A message whose body is larger than the gateway's `max_frame_bytes` is refused with 413 (headers have their own
+limits, `max_headers` and `max_header_line_bytes`, as on STOMP)."""
 
 
 def _destination(kind: DestinationKind, name: str) -> Destination:
@@ -170,8 +171,8 @@ async def publish(
         if content_type is not None:
             headers.setdefault("content-type", _http_header_text(content_type))
     limits = broker.config.limits
-    header_bytes = _check_headers(headers, limits.max_headers, limits.max_header_line_bytes)
-    if len(body) + header_bytes > limit:
+    _check_headers(headers, limits.max_headers, limits.max_header_line_bytes)
+    if len(body) > limit:  # the body's limit, as on STOMP; headers have their own limits (just checked)
         raise ProblemError(413, "too-large", f"the message is larger than max_frame_bytes={limit}", title="Message too large")
     if not broker.accepting:
         raise ProblemError(503, "unavailable", "the gateway is shutting down", headers={"Retry-After": "5"})

@@ -73,7 +73,7 @@ class Broker:
         self.durable_in_use: set[str] = set()
         self.transaction_memory = TransactionMemory(self.config)  # every connection's open transactions
         self.health = BackgroundHealth(on_change=self._background_changed)
-        self.cursors = CursorSaver(self._save_cursor, self.health)
+        self.cursors = CursorSaver(self._save_cursor, self._delete_cursor, self.health)
         self._topic_position: int | None = None  # the topic follower's place, kept across its restarts
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
@@ -360,6 +360,14 @@ class Broker:
 
     async def _save_cursor(self, name: str, position: int) -> None:
         await self.datasource.topics.save_cursor(name, position)
+
+    async def _delete_cursor(self, name: str) -> None:
+        await self.datasource.topics.delete_cursor(name)
+
+    async def forget_durable(self, name: str) -> None:
+        """Delete durable subscription ``name`` (an UNSUBSCRIBE with ``durable:true``): its saved position is
+        deleted, so its next SUBSCRIBE starts fresh, at the end of the topic as of then."""
+        await self.cursors.delete(name)
 
     def save_cursor_soon(self, name: str, position: int) -> asyncio.Future[None]:
         """Save a durable subscription's position with the next batch of saves (within 50 ms); the future completes

@@ -25,8 +25,14 @@ class CursorSaver:
     a later one) is stored. One flush runs at a time, so a retried older position can never overwrite a newer one,
     and one name failing does not hold up the others."""
 
-    def __init__(self, save: Callable[[str, int], Awaitable[None]], health: BackgroundHealth) -> None:
+    def __init__(
+        self,
+        save: Callable[[str, int], Awaitable[None]],
+        delete: Callable[[str], Awaitable[None]],
+        health: BackgroundHealth,
+    ) -> None:
         self._save = save
+        self._delete = delete
         self._health = health
         self._pending: dict[str, int] = {}
         self._waiters: dict[str, asyncio.Future[None]] = {}
@@ -84,6 +90,18 @@ class CursorSaver:
                 self._health.succeeded("cursor saves")
             if self._pending:
                 self._schedule(RETRY_S if failed else BATCH_DELAY_S)
+
+    async def delete(self, name: str) -> None:
+        """Forget ``name`` (a deleted durable subscription): a position of it still waiting here is dropped, and the
+        delete runs under the flush lock, so no save of an older position can land after it and bring it back.
+        Whoever waited for a dropped position is told it is done: the subscription it belonged to is gone."""
+        async with self._lock:
+            self._pending.pop(name, None)
+            self._attempts.pop(name, None)
+            waiter = self._waiters.pop(name, None)
+            await self._delete(name)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     async def close(self) -> None:
         """A last flush; whoever still waits is then told the position was not stored."""

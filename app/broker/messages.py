@@ -89,13 +89,16 @@ def new_message(
 
 
 def delivery_headers(message: StoredMessage) -> Mapping[str, str]:
-    """Application headers plus what a consumer needs to know about this delivery."""
+    """Application headers plus what a consumer needs to know about this delivery. ``redelivered`` is on every
+    MESSAGE, ``false`` on a first delivery (queue or topic), as RabbitMQ writes it: its clients test for it."""
     if message.deliveries <= 1 and message.original_destination is None:
-        return message.headers
+        return {**message.headers, "redelivered": "false"}
     headers = dict(message.headers)
     if message.deliveries > 1:
         headers["redelivered"] = "true"
         headers["x-delivery-count"] = str(message.deliveries)
+    else:
+        headers["redelivered"] = "false"
     if message.original_destination is not None:
         headers["x-original-destination"] = message.original_destination
     return headers

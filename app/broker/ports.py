@@ -46,6 +46,8 @@ class BrokerPort(Protocol):
 
     def new_session_id(self) -> str: ...  # a session's id, unique across gateways
 
+    async def forget_durable(self, name: str) -> None: ...  # an UNSUBSCRIBE with durable:true deletes the subscription
+
     def build_message(self, destination: str, headers: Mapping[str, str], body: bytes) -> NewMessage: ...  # a SEND
 
     # SENDs, ACKs and COMMITs go to the broker's group writers; each future completes once the write is durable.
@@ -87,6 +89,10 @@ class SubscriptionPort(Protocol):
 
 class SessionPort(Protocol):
     """What a subscription uses of its connection (and the broker's topic follower, through ``sub.session``)."""
+
+    # Bytes of topic messages waiting for ACK room (prefetch-count) over all this connection's topic subscriptions,
+    # bounded by max_session_buffer (TopicSubscription).
+    topic_waiting_bytes: int
 
     @property
     def broker(self) -> BrokerPort: ...  # the subscription reaches the broker through its session

@@ -11,7 +11,8 @@ import asyncio
 import logging
 import time
 from functools import partial
-from typing import Literal, Protocol
+from collections.abc import Coroutine, Mapping
+from typing import Any, Literal, Protocol, TypedDict
 
 from app.broker.auth import ANONYMOUS, Principal
 from app.broker.completions import Completions
@@ -20,7 +21,7 @@ from app.broker.ordering import WriteOrder
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
 from app.broker.messages import HeaderError, delivery_headers
 from app.broker.ports import BrokerPort, SessionPort, SubscriptionPort
-from app.broker.selectors import SelectorError, compile_selector
+from app.broker.selectors import Selector, SelectorError, compile_selector
 from app.broker.transactions import Settlement, TransactionMemory, Transactions
 from app.broker.subscriptions import (
     DurableTopicSubscription,
@@ -30,6 +31,7 @@ from app.broker.subscriptions import (
 )
 from app.datasources.interface import Held, NewMessage, Release, StoredMessage
 from stomp_core import (
+    AckMode,
     Abort,
     Ack,
     Begin,
@@ -100,6 +102,7 @@ class Session:
         self.principal: Principal | None = None
         self.client_id: str | None = None
         self.subscriptions: dict[str, Subscription] = {}
+        self.topic_waiting_bytes = 0  # topic messages waiting for ACK room (see TopicSubscription)
         self.transactions = Transactions(broker.transaction_memory, broker.config, self.address)
         self.heartbeat: HeartbeatPlan | None = None
         now = time.monotonic()
@@ -372,18 +375,22 @@ class Session:
             self._order.write(partial(self.broker.publish_nowait, messages, kind), placeholder)
 
     def _find_unacked(self, ack_id: str, subscription_id: str | None) -> tuple[Subscription, list[str]]:
+        """The subscription holding the unacknowledged message ``ack_id`` names, and the ids the ACK/NACK covers.
+        The subscription named (in a 1.2 ack id, or the 1.1 ``subscription`` header) is looked at first; when it does
+        not hold that message (RabbitMQ clients sometimes name another one) every subscription of THIS connection is
+        searched, as for 1.0, which names none. Another connection's messages are never reached."""
         message_id, _, sub_from_ack = ack_id.partition("@")
-        candidates: list[Subscription]
         sub_id = sub_from_ack or subscription_id
-        if sub_id is not None:
-            sub = self.subscriptions.get(sub_id)
-            candidates = [sub] if sub is not None else []
-        else:  # STOMP 1.0: only the message id; search this connection's subscriptions
-            candidates = list(self.subscriptions.values())
-        for sub in candidates:
-            covered = sub.take_for_ack(message_id)
+        named = self.subscriptions.get(sub_id) if sub_id is not None else None
+        if named is not None:
+            covered = named.take_for_ack(message_id)
             if covered is not None:
-                return sub, covered
+                return named, covered
+        for sub in list(self.subscriptions.values()):
+            if sub is not named:
+                covered = sub.take_for_ack(message_id)
+                if covered is not None:
+                    return sub, covered
         raise SessionError("Invalid ack", f"no unacknowledged message {ack_id!r} on this connection")
 
     def _on_settle(
@@ -426,28 +433,31 @@ class Session:
         assert self.principal is not None
         if not self.broker.authorizer.can_read(self.principal, event.destination):
             raise SessionError("Access refused", f"user {self.principal.name!r} may not read {event.destination}")
-        prefetch = self._prefetch(event)
+        durable = _says_durable(event.headers)
+        # Live topic subscriptions without prefetch-count keep what they always had (RabbitMQ sets no limit there):
+        # up to max_prefetch unacknowledged; queues and durable subscriptions default to default_prefetch.
+        live_topic = destination.kind == "topic" and not durable
+        prefetch = self._prefetch(event, self.broker.config.max_prefetch if live_topic else None)
         selector = None
         if (text := event.headers.get("selector")) is not None:
             try:
                 selector = compile_selector(text)
             except SelectorError as exc:
                 raise SessionError("Invalid selector", str(exc)) from None
-        common = dict(id=event.id, destination=destination, ack=event.ack, prefetch=prefetch, selector=selector)
-        # A subscription knows its session as a SessionPort; the annotation makes mypy check that Session is one (the
-        # constructors below take **common, so their own arguments are not checked).
+        common = _SubscriptionArgs(id=event.id, destination=destination, ack=event.ack, prefetch=prefetch, selector=selector)
+        # A subscription knows its session as a SessionPort; the annotation makes mypy check that Session is one.
         owner: SessionPort = self
         sub: Subscription
         if destination.kind == "queue":
             sub = QueueSubscription(owner, **common)
-        elif event.headers.get("durable", event.headers.get("persistent")) == "true":
+        elif durable:
             cursor = self._durable_cursor_name(event.id)
             if cursor in self.broker.durable_in_use:
                 raise SessionError("Durable subscription in use", f"{cursor!r} is already consumed by another connection")
             sub = DurableTopicSubscription(owner, cursor_name=cursor, **common)
             self.broker.durable_in_use.add(cursor)
         else:
-            sub = TopicSubscription(owner, **common)  # type: ignore[arg-type]
+            sub = TopicSubscription(owner, **common)
             self.broker.add_topic_subscription(sub)
         self.subscriptions[event.id] = sub
         sub.start()
@@ -471,11 +481,11 @@ class Session:
             return f"{principal.name}/{sub_id}"
         return f"{principal.name}/{client}/{sub_id}"
 
-    def _prefetch(self, event: Subscribe) -> int:
+    def _prefetch(self, event: Subscribe, default: int | None = None) -> int:
         raw = event.headers.get("prefetch-count") or event.headers.get("activemq.prefetchSize")
         config = self.broker.config
         if raw is None:
-            return config.default_prefetch
+            return config.default_prefetch if default is None else default
         try:
             value = int(raw)
         except ValueError:
@@ -485,18 +495,31 @@ class Session:
         return min(value, config.max_prefetch)
 
     def _on_unsubscribe(self, event: Unsubscribe) -> None:
-        sub = self.subscriptions.pop(event.id, None)
-        if sub is None:
+        """By ``id``; a STOMP 1.0 UNSUBSCRIBE without one (its id is then the destination) ends every subscription
+        of this connection on that destination, whatever id it was given. A durable subscription is kept (its
+        position saved) unless the UNSUBSCRIBE says ``durable:true`` (or ``persistent:true``), as with RabbitMQ:
+        then it is deleted, and its next SUBSCRIBE starts at the end of the topic."""
+        if "id" in event.headers:
+            ids = [event.id] if event.id in self.subscriptions else []
+        else:
+            ids = [sid for sid, sub in self.subscriptions.items() if sid == event.id or sub.destination_text == event.id]
+        if not ids:
             raise SessionError("Bad subscription", f"no subscription with id {event.id!r}")
-        future = asyncio.ensure_future(self._close_subscription(sub))
+        forget = _says_durable(event.headers)
+        closing = [self._close_subscription(self.subscriptions.pop(sid), forget=forget) for sid in ids]
+        future = asyncio.ensure_future(closing[0] if len(closing) == 1 else _gather(closing))
         self._receipt_after(future, event.receipt)
 
-    async def _close_subscription(self, sub: Subscription) -> None:
+    async def _close_subscription(self, sub: Subscription, *, forget: bool = False) -> None:
         if isinstance(sub, TopicSubscription):
             self.broker.remove_topic_subscription(sub)
         unacked = await sub.close()
         if isinstance(sub, DurableTopicSubscription):
-            self.broker.durable_in_use.discard(sub.cursor_name)
+            try:
+                if forget:
+                    await self.broker.forget_durable(sub.cursor_name)
+            finally:  # the name is free again, even when forgetting failed (the RECEIPT then becomes an ERROR)
+                self.broker.durable_in_use.discard(sub.cursor_name)
         if unacked:
             await self.broker.release(unacked, Release.REQUEUE)
 
@@ -609,6 +632,25 @@ class Session:
     @property
     def connected(self) -> bool:
         return self.conn.state is State.OPEN
+
+
+class _SubscriptionArgs(TypedDict):
+    """What every kind of subscription is made with, so mypy checks the ``**common`` calls."""
+
+    id: str
+    destination: Destination
+    ack: AckMode
+    prefetch: int
+    selector: Selector | None
+
+
+def _says_durable(headers: Mapping[str, str]) -> bool:
+    """``durable:true`` (RabbitMQ's, and ours) or the legacy ``persistent:true``, on SUBSCRIBE and UNSUBSCRIBE."""
+    return headers.get("durable", headers.get("persistent")) == "true"
+
+
+async def _gather(closing: list[Coroutine[Any, Any, None]]) -> None:
+    await asyncio.gather(*closing)
 
 
 def _complete(future: asyncio.Future[None], _: BaseException | None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ WRITE_BUDGET = 1024 * 1024
 # What a claim assumes a message weighs before it has seen any: small, so the first claim is not a batch of 4 MiB
 # bodies; the estimate then follows the largest body of the last claim.
 INITIAL_SIZE_ESTIMATE = 64 * 1024
+# What a topic message waiting for ACK room is counted as beyond its body (its headers and the bookkeeping), so that
+# a flood of empty bodies is bounded too: at most max_session_buffer / 512 of them wait per connection.
+WAITING_OVERHEAD = 512
 
 
 @dataclass(slots=True)
@@ -293,15 +297,73 @@ class QueueSubscription(Subscription):
 
 
 class TopicSubscription(Subscription):
-    """Live subscriber of a topic: the broker's single follower hands it each new message."""
+    """Live subscriber of a topic: the broker's single follower hands it each new message.
+
+    In ``client`` and ``client-individual`` modes at most ``prefetch`` MESSAGEs are unacknowledged: the rest wait
+    here, in order, and go out as ACKs and NACKs make room. What waits is bounded per connection, over all its topic
+    subscriptions: ``max_session_buffer`` bytes, each message counted as its body plus ``WAITING_OVERHEAD``. A
+    subscriber that lets more pile up is too slow for a live topic: its connection gets an ERROR "Slow consumer"
+    and is closed, as when more than ``max_session_buffer`` bytes wait to be written to it.
+    """
+
+    def __init__(
+        self,
+        session: SessionPort,
+        *,
+        id: str,
+        destination: Destination,
+        ack: AckMode,
+        prefetch: int,
+        selector: Selector | None,
+    ) -> None:
+        super().__init__(session, id=id, destination=destination, ack=ack, prefetch=prefetch, selector=selector)
+        self._waiting: deque[Published] = deque()  # no room under prefetch yet: delivered in order once acks make it
 
     def offer(self, published: Published) -> None:
-        if self.closed or not self.matches(published.message):
+        if self.closed or not self.matches(published.message) or not self.session.accepts_deliveries:
             return
-        if self.needs_ack and len(self.unacked) >= self.session.broker.config.max_prefetch:
-            # A client that never acks cannot make us remember unbounded deliveries; the oldest is forgotten.
-            self.unacked.pop(next(iter(self.unacked)))
+        if self.needs_ack and (self._waiting or len(self.unacked) >= self.prefetch):
+            self._wait(published)
+            return
         self._deliver(published.message, published.position)
+
+    def _wait(self, published: Published) -> None:
+        session = self.session
+        limit = session.broker.config.max_session_buffer
+        cost = len(published.message.body) + WAITING_OVERHEAD
+        if session.topic_waiting_bytes + cost > limit:
+            session.close_with_error(
+                "Slow consumer",
+                f"topic messages waiting for ACKs (prefetch-count={self.prefetch} on subscription {self.id!r}) passed "
+                f"max_session_buffer={limit} bytes",
+            )
+            return
+        self._waiting.append(published)
+        session.topic_waiting_bytes += cost
+
+    def settle(self, message_ids: list[str]) -> list[Delivery]:
+        settled = super().settle(message_ids)
+        if self._waiting:
+            self._deliver_waiting()
+        return settled
+
+    def _deliver_waiting(self) -> None:
+        session = self.session
+        delivered = False
+        while self._waiting and len(self.unacked) < self.prefetch and not self.closed:
+            published = self._waiting[0]
+            if not self._deliver(published.message, published.position):
+                break  # the connection is failing: what waits is dropped on close
+            self._waiting.popleft()
+            session.topic_waiting_bytes -= len(published.message.body) + WAITING_OVERHEAD
+            delivered = True
+        if delivered:
+            session.flush_soon()
+
+    async def close(self) -> list[Held]:
+        waiting, self._waiting = self._waiting, deque()
+        self.session.topic_waiting_bytes -= sum(len(p.message.body) + WAITING_OVERHEAD for p in waiting)
+        return await super().close()
 
 
 class DurableTopicSubscription(Subscription):

@@ -263,6 +263,10 @@ class TailQueue(abc.ABC):
     @abc.abstractmethod
     async def load_cursor(self, name: str) -> int | None: ...
 
+    @abc.abstractmethod
+    async def delete_cursor(self, name: str) -> None:
+        """Forget a durable subscription's position (it was deleted): ``load_cursor`` then answers None."""
+
 
 @dataclass(frozen=True, slots=True)
 class WrappedCollection:

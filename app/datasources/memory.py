@@ -368,6 +368,9 @@ class MemoryTailQueue(TailQueue):
     async def load_cursor(self, name: str) -> int | None:
         return self._cursors.get(name)
 
+    async def delete_cursor(self, name: str) -> None:
+        self._cursors.pop(name, None)
+
     async def trim(self) -> None:
         """The memory log trims on every publish; nothing to do (kept so tests can call it on any backend)."""
 

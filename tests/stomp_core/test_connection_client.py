@@ -100,8 +100,9 @@ def test_bad_frames_from_the_server(data: bytes, message: str) -> None:
 def test_limit_violation_from_the_server() -> None:
     client = ClientConnection(limits=Limits(max_frame_bytes=10))
     client.connect()
-    (event,) = client.receive_data(b"CONNECTED\nversion:1.2\n\n\x00")
+    (event,) = client.receive_data(b"CONNECTED\nversion:1.2\n\n" + b"x" * 11 + b"\x00")
     assert isinstance(event, ProtocolViolation) and event.limit
+    assert event.message == "Frame too large: limit max_frame_bytes=10"
 
 
 def test_messages_receipts_errors() -> None:

@@ -184,6 +184,10 @@ def test_work_frames_per_version() -> None:
         b"ACK\nid:a2\nsubscription:7\n\n\x00"
         b"NACK\nid:a3\nrequeue:false\n\n\x00"
         b"NACK\nid:a4\n\n\x00"
+        b"NACK\nid:a5\nrequeue:False\n\n\x00"
+        b"NACK\nid:a6\nrequeue:FALSE\n\n\x00"
+        b"NACK\nid:a7\nrequeue:true\n\n\x00"
+        b"NACK\nid:a8\nrequeue:no\n\n\x00"
         b"BEGIN\ntransaction:t\n\n\x00COMMIT\ntransaction:t\nreceipt:c\n\n\x00ABORT\ntransaction:u\n\n\x00"
         b"\n\n"
         b"DISCONNECT\nreceipt:bye\n\n\x00"
@@ -199,11 +203,15 @@ def test_work_frames_per_version() -> None:
         ),
         Subscribe("/q", "7", "client-individual", {"destination": "/q", "id": "7", "ack": "client-individual", "receipt": "r2"}, "r2"),
         Subscribe("/t", "8", "auto", {"destination": "/t", "id": "8"}, None),
-        Unsubscribe("7", None),
+        Unsubscribe("7", None, {"id": "7"}),
         Ack("a1", None, "t", None),
         Ack("a2", "7", None, None),
         Nack("a3", None, None, None, False),
         Nack("a4", None, None, None, True),
+        Nack("a5", None, None, None, False),  # Python clients write the boolean as "False"
+        Nack("a6", None, None, None, False),
+        Nack("a7", None, None, None, True),
+        Nack("a8", None, None, None, True),  # only "false", in any case, turns requeueing off
         Begin("t", None),
         Commit("t", "c"),
         Abort("u", None),
@@ -220,13 +228,17 @@ def test_10_defaults() -> None:
     events = conn.receive_data(
         b"SUBSCRIBE\ndestination:/q\n\n\x00UNSUBSCRIBE\ndestination:/q\n\n\x00UNSUBSCRIBE\nid:x\ndestination:/q\n\n\x00"
         b"ACK\nmessage-id:m1\n\n\x00SUBSCRIBE\ndestination:/q\nid:given\n\n\x00"
+        b"NACK\nmessage-id:m2\nreceipt:r\n\n\x00NACK\nmessage-id:m3\nrequeue:false\n\n\x00"
     )
     assert events == [
         Subscribe("/q", "/q", "auto", {"destination": "/q"}, None),
-        Unsubscribe("/q", None),
-        Unsubscribe("x", None),
+        Unsubscribe("/q", None, {"destination": "/q"}),  # by destination: no id in the headers
+        Unsubscribe("x", None, {"id": "x", "destination": "/q"}),
         Ack("m1", None, None, None),
         Subscribe("/q", "given", "auto", {"destination": "/q", "id": "given"}, None),
+        # not in the 1.0 spec, but 1.0 clients send it: by message-id, as a 1.0 ACK
+        Nack("m2", None, None, "r", True),
+        Nack("m3", None, None, None, False),
     ]
 
 
@@ -249,7 +261,7 @@ def test_11_ack() -> None:
         ("1.1", b"ACK\nmessage-id:m\nreceipt:r\n\n\x00", "Missing header"),
         ("1.1", b"ACK\nsubscription:s\nreceipt:r\n\n\x00", "Missing header"),
         ("1.0", b"ACK\nid:m\nreceipt:r\n\n\x00", "Missing header"),
-        ("1.0", b"NACK\nmessage-id:m\nreceipt:r\n\n\x00", "Bad command"),
+        ("1.0", b"NACK\nid:m\nreceipt:r\n\n\x00", "Missing header"),
         ("1.2", b"NACK\nreceipt:r\n\n\x00", "Missing header"),
         ("1.2", b"BEGIN\nreceipt:r\n\n\x00", "Missing header"),
         ("1.2", b"COMMIT\nreceipt:r\n\n\x00", "Missing header"),
@@ -292,6 +304,9 @@ def test_server_with_fewer_versions() -> None:
     [
         (b"STOMP\naccept-version:1.2\nheart-beat:x\n\n\x00", "Invalid header"),
         (b"STOMP\nz:1\n\nx\x00", "Bad CONNECT"),
+        (b"CONNECT\n\n\n x\x00", "Bad CONNECT"),
+        (b"CONNECT\n\n\r\x00", "Bad CONNECT"),  # a bare CR is not an EOL
+        (b"CONNECT\n\n\r\r\n\x00", "Bad CONNECT"),
         (b"CONNECT\nhost:/\n" + b"x" * 64, "Frame too large: limit max_frame_bytes_before_connect=64"),
     ],
 )
@@ -302,20 +317,30 @@ def test_bad_connect(data: bytes, message: str) -> None:
     assert event.limit == message.startswith("Frame")
 
 
+@pytest.mark.parametrize("body", [b"\n", b"\r\n", b"\n\r\n\n"])
+def test_a_connect_body_made_only_of_eols_is_accepted(body: bytes) -> None:
+    conn = ServerConnection()
+    events = conn.receive_data(b"CONNECT\naccept-version:1.2\nhost:/\n\n" + body + b"\x00SEND\ndestination:/q\n\nx\x00")
+    assert [type(e) for e in events] == [ConnectRequested, Send]
+
+
 def test_limit_is_lifted_after_accept() -> None:
     limits = Limits(max_frame_bytes_before_connect=64, max_frame_bytes=1000)
     conn = connected("1.2", limits)
     big = b"SEND\ndestination:/q\n\n" + b"x" * 500 + b"\x00"
     (event,) = conn.receive_data(big)
     assert isinstance(event, Send) and len(event.body) == 500
-    event, error = violation(conn, b"SEND\ndestination:/q\nreceipt:big\n\n" + b"x" * 1000)
+    (event,) = conn.receive_data(b"SEND\ndestination:/q\n\n" + b"x" * 1000 + b"\x00")  # the limit is the body's
+    assert isinstance(event, Send) and len(event.body) == 1000
+    event, error = violation(conn, b"SEND\ndestination:/q\nreceipt:big\n\n" + b"x" * 1001)
     assert event.limit and event.message == "Frame too large: limit max_frame_bytes=1000"
+    assert event.detail == "A frame body may hold at most 1000 bytes"
     assert error.headers["receipt-id"] == "big"
 
 
 def test_escaped_error_message_in_11() -> None:
     conn = connected("1.1", Limits(max_frame_bytes=100))
-    (event,) = conn.receive_data(b"SEND\n" + b"x" * 200)
+    (event,) = conn.receive_data(b"SEND\n\n" + b"x" * 200)
     assert isinstance(event, ProtocolViolation)
     conn.send_violation(event)
     wire = conn.data_to_send()

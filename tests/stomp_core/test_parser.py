@@ -158,36 +158,72 @@ def test_content_length_body_in_pieces() -> None:
 # ---- limits ----
 
 
-def test_frame_limit_boundary_with_nul_terminated_body() -> None:
-    head = b"SEND\n\n"
+def test_frame_limit_counts_the_body_only() -> None:
     limits = Limits(max_frame_bytes=20)
-    ok = head + b"x" * (20 - len(head) - 1) + b"\x00"
-    assert len(ok) == 20
-    assert frames(ok, limits=limits)[0] == Frame("SEND", {}, b"x" * 13)
-    exc = error(head + b"x" * 14 + b"\x00", limits=limits)
-    assert isinstance(exc, LimitExceeded)
+    head = b"SEND\ndestination:/queue/a\nreceipt:r1\n\n"  # longer than the limit itself
+    ok = head + b"x" * 20 + b"\x00"
+    assert frames(ok, limits=limits)[0] == Frame("SEND", {"destination": "/queue/a", "receipt": "r1"}, b"x" * 20)
+    exc = error(head + b"x" * 21 + b"\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded) and exc.receipt_id == "r1"
     assert exc.message == "Frame too large: limit max_frame_bytes=20"
+    assert exc.detail == "A frame body may hold at most 20 bytes"
 
 
 def test_frame_limit_while_incomplete() -> None:
     parser = FrameParser(Limits(max_frame_bytes=20))
-    result = parser.feed(b"SEND\nreceipt:r1\n\n" + b"x" * 10)
+    assert parser.feed(b"SEND\nreceipt:r1\n\n" + b"x" * 20) == []  # could still end here
+    result = parser.feed(b"x")
     assert isinstance(result[0], LimitExceeded) and result[0].receipt_id == "r1"
-    parser = FrameParser(Limits(max_frame_bytes=20))
-    result = parser.feed(b"SEND\n" + b"x:y\n" * 10)
-    assert isinstance(result[0], LimitExceeded) and result[0].message.startswith("Frame too large")
+    assert result[0].message.startswith("Frame too large")
 
 
 def test_frame_limit_by_content_length() -> None:
     limits = Limits(max_frame_bytes=30)
-    head = b"SEND\ncontent-length:13\n\n"  # 25 bytes + 13 + NUL = 39
-    exc = error(head + b"x" * 13 + b"\x00", limits=limits)
-    assert isinstance(exc, LimitExceeded)
-    ok = b"SEND\ncontent-length:6\n\n" + b"x" * 6 + b"\x00"
-    assert len(ok) == 30
-    assert frames(ok, limits=limits)[0].body == b"xxxxxx"  # type: ignore[union-attr]
-    exc = error(b"SEND\ncontent-length:7\n\n" + b"x" * 7 + b"\x00", limits=limits)
-    assert isinstance(exc, LimitExceeded)
+    ok = b"SEND\ncontent-length:30\n\n" + b"x" * 30 + b"\x00"
+    assert frames(ok, limits=limits)[0].body == b"x" * 30  # type: ignore[union-attr]
+    exc = error(b"SEND\ncontent-length:31\nreceipt:r\n\n" + b"x" * 31 + b"\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded) and exc.message == "Frame too large: limit max_frame_bytes=30"
+    assert exc.receipt_id == "r"
+    exc = error(b"SEND\ncontent-length:" + b"9" * 40 + b"\n\n", limits=limits)
+    assert isinstance(exc, LimitExceeded) and exc.message == "Frame too large: limit max_frame_bytes=30"
+
+
+def test_a_body_limit_below_the_frame_limit_names_itself() -> None:
+    limits = Limits(max_frame_bytes=30, max_body_bytes=10)
+    exc = error(b"SEND\n\n" + b"x" * 11 + b"\x00", limits=limits)
+    assert isinstance(exc, LimitExceeded) and exc.message == "Body too large: limit max_body_bytes=10"
+
+
+def test_headers_are_bounded_by_their_own_limits() -> None:
+    limits = Limits(max_frame_bytes=20, max_headers=3, max_header_line_bytes=10)
+    head_limit = (3 + 1) * (10 + 2) + 2  # the command and three header lines of 10 bytes, CRLF-ended, and the EOL
+    widest = b"SEND\r\n" + b"a:12345678\r\n" * 3 + b"\r\n"
+    assert len(widest) <= head_limit
+    assert frames(widest + b"x" * 20 + b"\x00", limits=limits)[0].body == b"x" * 20  # type: ignore[union-attr]
+    parser = FrameParser(limits)
+    assert parser.feed(b"SEND\n" + b"y" * (head_limit - 5)) == []  # no end of headers yet, but there may be one
+    result = parser.feed(b"y")
+    assert isinstance(result[0], LimitExceeded)
+    assert result[0].message == "Headers too large: limit max_headers=3, max_header_line_bytes=10"
+    # before CONNECTED the whole frame is counted, and a larger frame limit still meets the headers' bound
+    limits = Limits(max_frame_bytes_before_connect=1000, max_headers=3, max_header_line_bytes=10)
+    parser = FrameParser(limits, frame_limit="max_frame_bytes_before_connect")
+    result = parser.feed(b"CONNECT\n" + b"z" * head_limit)
+    assert isinstance(result[0], LimitExceeded) and result[0].message.startswith("Headers too large")
+
+
+def test_before_connect_the_whole_frame_is_counted() -> None:
+    limits = Limits(max_frame_bytes_before_connect=30)
+    head = b"SEND\n\n"
+    parser = FrameParser(limits, frame_limit="max_frame_bytes_before_connect")
+    ok = head + b"x" * (30 - len(head) - 1) + b"\x00"
+    assert len(ok) == 30 and parser.feed(ok) == [Frame("SEND", {}, b"x" * 23)]
+    for data in (head + b"x" * 24 + b"\x00", head + b"x" * 24, b"SEND\ncontent-length:24\n\n"):
+        parser = FrameParser(limits, frame_limit="max_frame_bytes_before_connect")
+        (exc,) = parser.feed(data)
+        assert isinstance(exc, LimitExceeded)
+        assert exc.message == "Frame too large: limit max_frame_bytes_before_connect=30"
+        assert exc.detail == "A frame may hold at most 30 bytes"
 
 
 def test_body_limit() -> None:

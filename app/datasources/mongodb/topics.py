@@ -459,6 +459,10 @@ class MongoTailQueue(TailQueue):
             doc = await self._cursors.find_one({"_id": name})
         return None if doc is None else int(doc["position"])
 
+    async def delete_cursor(self, name: str) -> None:
+        with unavailable_on_disconnect("delete_cursor"):
+            await self._cursors.delete_one({"_id": name})
+
     def close(self) -> None:
         self._closed = True
         self._signals.notify_all()

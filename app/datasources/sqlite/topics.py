@@ -188,6 +188,14 @@ class SqliteTailQueue(TailQueue):
 
         return await self._store.read(run)
 
+    async def delete_cursor(self, name: str) -> None:
+        c = self._store.cursors
+
+        def run(conn: sqlite3.Connection) -> None:
+            conn.execute(f"DELETE FROM {c} WHERE name = ?", (name,))
+
+        await self._store.write(run)
+
     def close(self) -> None:
         self._closed = True
         self._signals.notify_all()

@@ -417,6 +417,10 @@ async def test_cursors_save_and_load(tail_datasource: Datasource) -> None:
     await topics.save_cursor("client-1/sub-1", 12)
     assert await topics.load_cursor("client-1/sub-1") == 12
     assert await topics.load_cursor("client-1/sub-2") == 3
+    await topics.delete_cursor("client-1/sub-1")
+    assert await topics.load_cursor("client-1/sub-1") is None
+    assert await topics.load_cursor("client-1/sub-2") == 3
+    await topics.delete_cursor("client-1/sub-1")  # deleting what is gone is no error
 
 
 async def test_ping(datasource: Datasource) -> None:

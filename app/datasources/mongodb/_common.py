@@ -8,11 +8,11 @@ import weakref
 from functools import partial
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
-from pymongo.errors import BulkWriteError, ConnectionFailure, OperationFailure
+from pymongo.errors import AutoReconnect, BulkWriteError, ConnectionFailure, OperationFailure
 from pymongo.results import DeleteResult, InsertOneResult, UpdateResult
 
 from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage, StoredMessage
@@ -163,6 +163,32 @@ BUSY_RETRIES = 100
 BUSY_PAUSE_S = 0.005
 
 T = TypeVar("T")
+
+
+async def whose_duplicates(coll: Collection, exc: BulkWriteError, number: str) -> Literal["ours", "absent", "other"]:
+    """Whom the documents an insert was refused for as duplicates belong to. Each document carries a ``number``
+    (``seq``, ``position``) that its insert call alone was given, so:
+
+    * "ours": every one is stored with the number this call gave it: an earlier attempt of this very call wrote it
+      (the server stored an insert whose reply was lost, and it was sent again); not a duplicate message;
+    * "absent": none of them is stored at all: the report is not about our documents (FerretDB 1.24 answers a
+      duplicate key error for an insert racing its own catalogue set-up right after a restart); try again;
+    * "other": a different message with that id is stored: a real duplicate."""
+    ops = [e.get("op") or {} for e in exc.details.get("writeErrors", [])]
+    wanted = {op.get("_id"): op.get(number) for op in ops}
+    if not wanted or None in wanted.values():
+        return "other"
+    stored = await coll.find_list({"_id": {"$in": list(wanted)}}, projection={number: 1})
+    if not stored:
+        return "absent"
+    if len(stored) == len(wanted) and all(doc.get(number) == wanted.get(doc["_id"]) for doc in stored):
+        return "ours"
+    return "other"
+
+
+class SpuriousDuplicate(AutoReconnect):
+    """A duplicate key error about documents that are not there (see ``whose_duplicates``): a transient state of
+    the server, so a ``ConnectionFailure``: the failover buffer holds the write and retries it."""
 
 
 def is_busy(exc: OperationFailure) -> bool:

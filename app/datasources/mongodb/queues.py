@@ -49,6 +49,8 @@ from app.datasources.mongodb._common import (
     Doc,
     headers_from_list,
     is_duplicate_only,
+    SpuriousDuplicate,
+    whose_duplicates,
     message_doc,
     stored_from_doc,
     translate_selector,
@@ -167,8 +169,11 @@ class MongoPollQueue(PollQueue):
             except BulkWriteError as exc:
                 if not is_duplicate_only(exc):
                     raise
-                if retry:  # an earlier attempt got (some of) them in: they are ours
-                    return
+                whose = await whose_duplicates(self._coll, exc, "seq")
+                if whose == "ours":  # an earlier attempt of this call stored them: unordered, the rest went in too
+                    return None if retry else await write(True)
+                if whose == "absent":
+                    raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
                 # a put is all or nothing: undo the part of this batch stored before the duplicate
                 index = min(int(e.get("index", 0)) for e in exc.details.get("writeErrors", []))
                 if index:

@@ -80,6 +80,8 @@ from app.datasources.mongodb._common import (
     Db,
     Doc,
     is_duplicate_only,
+    SpuriousDuplicate,
+    whose_duplicates,
     message_doc,
     stored_from_doc,
     unavailable_on_disconnect,
@@ -113,13 +115,14 @@ async def _wait(event: asyncio.Event, timeout: float) -> None:
         pass
 
 
-def topic_doc(message: NewMessage, position: int, batch: tuple[int, int], *, ferretdb: bool) -> Doc:
-    """The stored form of a topic message. On FerretDB it carries the keys its log is read by: ``block`` and the
-    first and last position of the publish call that wrote it (``batch``, ``batch_end``)."""
+def topic_doc(message: NewMessage, position: int, batch: tuple[int, int]) -> Doc:
+    """The stored form of a topic message. It carries the keys the "poll" follow mode reads the log by: ``block`` and
+    the first and last position of the publish call that wrote it (``batch``, ``batch_end``). On every server, not
+    only FerretDB: gateways of one log may follow it in different modes, and a test or an operator may choose
+    "poll" on MongoDB (without these keys it found nothing there and stalled)."""
     doc = message_doc(message, seq_field="position", seq=position, flat_headers=False)
-    if ferretdb:
-        doc["block"] = position // BLOCK
-        doc["batch"], doc["batch_end"] = batch
+    doc["block"] = position // BLOCK
+    doc["batch"], doc["batch_end"] = batch
     return doc
 
 
@@ -190,14 +193,18 @@ class MongoTailQueue(TailQueue):
                 first = await self._sequences.allocate("topic", len(msgs))
                 self._recent_firsts.append((call, first))
             batch = (first, first + len(msgs) - 1)
-            docs = [topic_doc(m, first + i, batch, ferretdb=self._ferretdb) for i, m in enumerate(msgs)]
+            docs = [topic_doc(m, first + i, batch) for i, m in enumerate(msgs)]
             try:
                 await self._coll.insert_many(docs, ordered=not retry)
             except BulkWriteError as exc:
-                if not (retry and is_duplicate_only(exc)):
-                    if is_duplicate_only(exc):
-                        raise DatasourceError("publish: a message with the same message_id is already stored") from exc
+                if not is_duplicate_only(exc):
                     raise
+                whose = await whose_duplicates(self._coll, exc, "position")
+                if whose == "ours":  # an earlier attempt of this call stored them: unordered, the rest went in too
+                    return first if retry else await write(True)
+                if whose == "absent":
+                    raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
+                raise DatasourceError("publish: a message with the same message_id is already stored") from exc
             return first
 
         start = await self._writer.run(len(msgs), write)

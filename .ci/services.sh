@@ -75,3 +75,51 @@ if [ ! -d tests/browser/node_modules/@stomp/stompjs ] || [ ! -d tests/browser/no
     (cd tests/browser && npm install --no-audit --no-fund)
   fi
 fi
+
+# --- mongo-java-server test server (tests/mongo_java_server/, started by tests/mongo_java_server.py) ------------------
+# A second MongoDB-wire-protocol server for the tests: mongo-java-server 1.47.0 (in memory) plus tests/mongo_java_server/
+# (capped collections, tailable cursors, hello, ...). Built into ${XDG_CACHE_HOME:-~/.cache}/stompgate/mongo-java-server/
+# <hash of pom.xml and the Java sources>/: lib/ (the dependency jars, fetched by Maven from its default repository) and
+# stompgate-mongo-test-server.jar (the compiled classes; its manifest names the main class and lib/*.jar, so
+# `java -jar` runs it). Skipped when the directory for the current sources exists (the jar is written last).
+if [ -z "${MONGODB_URL:-}" ]; then
+  MJS_SRC=tests/mongo_java_server
+  MJS_CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/stompgate/mongo-java-server"
+  # keep in step with _source_hash() in tests/mongo_java_server.py
+  MJS_HASH="$(cd "$MJS_SRC" && find . -type f \( -name pom.xml -o -name '*.java' \) | LC_ALL=C sort \
+    | xargs sha256sum | sha256sum | cut -c1-16)"
+  MJS_DIR="$MJS_CACHE/$MJS_HASH"
+  MJS_JAR="$MJS_DIR/stompgate-mongo-test-server.jar"
+  if [ ! -f "$MJS_JAR" ]; then
+    if ! command -v mvn >/dev/null 2>&1; then
+      echo "installing Maven (apt)"
+      SUDO=""
+      if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+      $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends maven
+    fi
+    echo "building the mongo-java-server test server into $MJS_DIR"
+    mkdir -p "$MJS_CACHE"
+    MJS_TMP="$(mktemp -d "$MJS_CACHE/build.XXXXXX")"
+    chmod 755 "$MJS_TMP"
+    trap 'rm -rf "$MJS_TMP"' EXIT
+    mvn -q -B -f "$MJS_SRC/pom.xml" dependency:copy-dependencies -DincludeScope=runtime \
+      -DoutputDirectory="$MJS_TMP/lib"
+    javac --release 17 -nowarn -encoding UTF-8 -d "$MJS_TMP/classes" -cp "$MJS_TMP/lib/*" \
+      $(find "$MJS_SRC/src" -name '*.java' | LC_ALL=C sort)
+    {
+      echo "Main-Class: stompgate.testserver.MongoTestServer"
+      # manifest lines are at most 72 bytes: the first jar on the Class-Path line, then one per continuation line
+      # (a leading space continues the line, the second one separates the entries)
+      (cd "$MJS_TMP" && ls lib/*.jar) | awk 'NR == 1 { print "Class-Path: " $0; next } { print "  " $0 }'
+    } > "$MJS_TMP/manifest.txt"
+    jar --create --file "$MJS_TMP/stompgate-mongo-test-server.jar" --manifest "$MJS_TMP/manifest.txt" \
+      -C "$MJS_TMP/classes" .
+    rm -rf "$MJS_TMP/classes" "$MJS_TMP/manifest.txt" "$MJS_DIR"
+    mv "$MJS_TMP" "$MJS_DIR"
+    trap - EXIT
+    # builds of older sources
+    find "$MJS_CACHE" -mindepth 1 -maxdepth 1 -type d ! -name "$MJS_HASH" ! -name 'build.*' -exec rm -rf {} +
+    echo "mongo-java-server test server ready: $MJS_JAR"
+  fi
+fi

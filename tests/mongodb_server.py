@@ -1,6 +1,7 @@
-"""A MongoDB-protocol server for the tests: ``MONGODB_URL`` when set, else a private FerretDB on PostgreSQL.
+"""MongoDB-protocol servers for the tests: ``MONGODB_URL`` when set, else two test servers in turn, a private FerretDB on
+PostgreSQL and mongo-java-server with our extension (``tests/mongo_java_server.py``).
 
-``mongodb_url`` (session fixture) yields a ``mongodb://127.0.0.1:PORT/`` URL. Without FerretDB (or without the
+``mongodb_url`` (session fixture, one parameter per server) yields a ``mongodb://127.0.0.1:PORT/`` URL. Without FerretDB (or without the
 PostgreSQL binaries, ``postgresql`` Debian package) the MongoDB tests are skipped, or fail when ``CI=true``.
 ``FerretDBServer`` starts extra private servers (the failover tests kill one).
 
@@ -27,10 +28,14 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
-__all__ = ["FerretDBServer", "PostgresCluster", "ferretdb_binary", "free_port", "mongodb_url", "require_ferretdb"]
+if TYPE_CHECKING:
+    from tests.mongo_java_server import JavaMongoServer
+
+__all__ = ["FerretDBServer", "PostgresCluster", "ferretdb_binary", "free_port", "SERVER_FIXTURES", "env_mongodb_url", "ferretdb_url", "mongo_java_server_url", "mongodb_servers", "mongodb_url", "require_ferretdb"]
 
 START_TIMEOUT_S = 20.0
 HANDLER = os.environ.get("STOMPGATE_FERRETDB_HANDLER", "postgresql")
@@ -296,13 +301,23 @@ class FerretDBServer:
         self.cleanup()
 
 
-@pytest.fixture(scope="session")
-def mongodb_url() -> Iterator[str]:
-    url = os.environ.get("MONGODB_URL")
-    if url:
-        yield url
-        return
-    server = FerretDBServer(require_ferretdb())
+def mongodb_servers() -> list[str]:
+    """The servers the MongoDB tests run against: the one ``MONGODB_URL`` names, else both test servers. FerretDB
+    takes the backend's FerretDB paths (claim tokens, block reads of the log); mongo-java-server with this
+    repository's extension (``tests/mongo_java_server/``) takes MongoDB's own (atomic ``find_one_and_update``, a
+    tailable awaitData cursor, pipeline updates, capped trimming)."""
+    if os.environ.get("MONGODB_URL"):
+        return ["env"]
+    return ["ferretdb", "mongo-java-server"]
+
+
+# The session fixture of each server, by the name ``mongodb_servers`` gives it. A test that needs one server asks
+# for its fixture; ``mongodb_url`` runs a test once per server (pytest cannot hand out a parametrized fixture through
+# ``request.getfixturevalue``, so parametrized tests and helpers look these up instead).
+SERVER_FIXTURES = {"env": "env_mongodb_url", "ferretdb": "ferretdb_url", "mongo-java-server": "mongo_java_server_url"}
+
+
+def _serve(server: FerretDBServer | JavaMongoServer) -> Iterator[str]:
     try:
         server.start()
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
@@ -312,3 +327,30 @@ def mongodb_url() -> Iterator[str]:
         yield server.url
     finally:
         server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def env_mongodb_url() -> str:
+    url = os.environ.get("MONGODB_URL")
+    if not url:
+        pytest.skip("MONGODB_URL is not set")
+    return url
+
+
+@pytest.fixture(scope="session")
+def ferretdb_url() -> Iterator[str]:
+    yield from _serve(FerretDBServer(require_ferretdb()))
+
+
+@pytest.fixture(scope="session")
+def mongo_java_server_url() -> Iterator[str]:
+    from tests.mongo_java_server import JavaMongoServer, require_java_server  # it imports this module's helpers
+
+    require_java_server()
+    yield from _serve(JavaMongoServer())
+
+
+@pytest.fixture(scope="session", params=mongodb_servers())
+def mongodb_url(request: pytest.FixtureRequest) -> str:
+    url: str = request.getfixturevalue(SERVER_FIXTURES[request.param])
+    return url

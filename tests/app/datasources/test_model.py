@@ -36,6 +36,7 @@ from app.datasources.interface import (
     TailEvent,
 )
 from app.datasources.registry import open_datasource
+from tests.mongodb_server import SERVER_FIXTURES, mongodb_servers
 
 T = TypeVar("T")
 
@@ -75,7 +76,10 @@ class Backend:
 BACKENDS = [
     pytest.param(Backend("memory://", examples=100, steps=80), id="memory"),
     pytest.param(Backend("sqlite:///{dir}/model.db", examples=80, steps=80), id="sqlite"),
-    pytest.param(Backend("{server}", 30, 80, server="mongodb_url"), id="mongodb", marks=pytest.mark.mongodb),
+    *(
+        pytest.param(Backend("{server}", 30, 80, server=SERVER_FIXTURES[name]), id=f"mongodb-{name}", marks=pytest.mark.mongodb)
+        for name in mongodb_servers()
+    ),
 ]
 
 

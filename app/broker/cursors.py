@@ -94,12 +94,22 @@ class CursorSaver:
     async def delete(self, name: str) -> None:
         """Forget ``name`` (a deleted durable subscription): a position of it still waiting here is dropped, and the
         delete runs under the flush lock, so no save of an older position can land after it and bring it back.
-        Whoever waited for a dropped position is told it is done: the subscription it belonged to is gone."""
+        Whoever waited for a dropped position is told it is done: the subscription it belonged to is gone. When the
+        delete fails, the dropped position is put back (saved with the next flush) and its waiter waits for that."""
         async with self._lock:
-            self._pending.pop(name, None)
-            self._attempts.pop(name, None)
+            position = self._pending.pop(name, None)
             waiter = self._waiters.pop(name, None)
-            await self._delete(name)
+            try:
+                await self._delete(name)
+            except BaseException:
+                if position is not None:
+                    self._pending.setdefault(name, position)
+                    if waiter is not None:
+                        self._waiters.setdefault(name, waiter)
+                        waiter = None
+                    self._schedule(RETRY_S)
+                raise
+            self._attempts.pop(name, None)
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 

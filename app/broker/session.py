@@ -376,21 +376,33 @@ class Session:
 
     def _find_unacked(self, ack_id: str, subscription_id: str | None) -> tuple[Subscription, list[str]]:
         """The subscription holding the unacknowledged message ``ack_id`` names, and the ids the ACK/NACK covers.
-        The subscription named (in a 1.2 ack id, or the 1.1 ``subscription`` header) is looked at first; when it does
-        not hold that message (RabbitMQ clients sometimes name another one) every subscription of THIS connection is
-        searched, as for 1.0, which names none. Another connection's messages are never reached."""
+
+        1.0 names no subscription: the first of this connection's that holds the message. 1.1 and 1.2 name one (the
+        ``subscription`` header, the ack id), and it is looked at first. When it does not hold the message (RabbitMQ
+        clients sometimes name another subscription) the message is still found if exactly one QUEUE subscription
+        of this connection holds it, and then only that message is settled, never cumulatively. Topic
+        subscriptions are left out of that: one topic message reaches several subscriptions under one id, so a
+        repeated or stale ACK on one would settle, and move the position of, another that never acknowledged it.
+        Another connection's messages are never reached."""
         message_id, _, sub_from_ack = ack_id.partition("@")
         sub_id = sub_from_ack or subscription_id
-        named = self.subscriptions.get(sub_id) if sub_id is not None else None
-        if named is not None:
-            covered = named.take_for_ack(message_id)
-            if covered is not None:
-                return named, covered
-        for sub in list(self.subscriptions.values()):
-            if sub is not named:
+        if sub_id is None:  # STOMP 1.0
+            for sub in list(self.subscriptions.values()):
                 covered = sub.take_for_ack(message_id)
                 if covered is not None:
                     return sub, covered
+        else:
+            named = self.subscriptions.get(sub_id)
+            covered = named.take_for_ack(message_id) if named is not None else None
+            if named is not None and covered is not None:
+                return named, covered
+            holders = [
+                sub
+                for sub in self.subscriptions.values()
+                if isinstance(sub, QueueSubscription) and sub is not named and message_id in sub.unacked
+            ]
+            if len(holders) == 1:
+                return holders[0], [message_id]
         raise SessionError("Invalid ack", f"no unacknowledged message {ack_id!r} on this connection")
 
     def _on_settle(
@@ -495,17 +507,21 @@ class Session:
         return min(value, config.max_prefetch)
 
     def _on_unsubscribe(self, event: Unsubscribe) -> None:
-        """By ``id``; a STOMP 1.0 UNSUBSCRIBE without one (its id is then the destination) ends every subscription
-        of this connection on that destination, whatever id it was given. A durable subscription is kept (its
-        position saved) unless the UNSUBSCRIBE says ``durable:true`` (or ``persistent:true``), as with RabbitMQ:
-        then it is deleted, and its next SUBSCRIBE starts at the end of the topic."""
-        if "id" in event.headers:
+        """By ``id``. A STOMP 1.0 UNSUBSCRIBE without one names a destination: it ends the subscription made there
+        without an id (whose id is the destination), else the one subscription of this connection on that
+        destination; with several there, it is an ERROR (name one). A durable subscription is kept (its position
+        saved) unless an UNSUBSCRIBE with an ``id`` says ``durable:true`` (or ``persistent:true``), as with
+        RabbitMQ: then it is deleted, and its next SUBSCRIBE starts at the end of the topic."""
+        explicit = "id" in event.headers
+        if explicit or event.id in self.subscriptions:
             ids = [event.id] if event.id in self.subscriptions else []
         else:
-            ids = [sid for sid, sub in self.subscriptions.items() if sid == event.id or sub.destination_text == event.id]
+            ids = [sid for sid, sub in self.subscriptions.items() if sub.destination_text == event.id]
+            if len(ids) > 1:
+                raise SessionError("Bad subscription", f"several subscriptions on {event.id!r}: UNSUBSCRIBE by id")
         if not ids:
             raise SessionError("Bad subscription", f"no subscription with id {event.id!r}")
-        forget = _says_durable(event.headers)
+        forget = explicit and _says_durable(event.headers)
         closing = [self._close_subscription(self.subscriptions.pop(sid), forget=forget) for sid in ids]
         future = asyncio.ensure_future(closing[0] if len(closing) == 1 else _gather(closing))
         self._receipt_after(future, event.receipt)

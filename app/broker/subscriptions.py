@@ -26,9 +26,15 @@ WRITE_BUDGET = 1024 * 1024
 # What a claim assumes a message weighs before it has seen any: small, so the first claim is not a batch of 4 MiB
 # bodies; the estimate then follows the largest body of the last claim.
 INITIAL_SIZE_ESTIMATE = 64 * 1024
-# What a topic message waiting for ACK room is counted as beyond its body (its headers and the bookkeeping), so that
-# a flood of empty bodies is bounded too: at most max_session_buffer / 512 of them wait per connection.
+# What a topic message waiting for ACK room is counted as beyond its body and its headers (the bookkeeping), so that
+# a flood of empty messages is bounded too: at most max_session_buffer / 512 of them wait per connection.
 WAITING_OVERHEAD = 512
+
+
+def _waiting_cost(message: StoredMessage) -> int:
+    """Bytes a waiting topic message holds: its body, its headers (up to about 800 KiB beside a body since the frame
+    limit counts the body only) and the bookkeeping."""
+    return len(message.body) + sum(len(k) + len(v) for k, v in message.headers.items()) + WAITING_OVERHEAD
 
 
 @dataclass(slots=True)
@@ -317,7 +323,8 @@ class TopicSubscription(Subscription):
         selector: Selector | None,
     ) -> None:
         super().__init__(session, id=id, destination=destination, ack=ack, prefetch=prefetch, selector=selector)
-        self._waiting: deque[Published] = deque()  # no room under prefetch yet: delivered in order once acks make it
+        # no room under prefetch yet: delivered in order once acks make it; each with its cost (``_waiting_cost``)
+        self._waiting: deque[tuple[Published, int]] = deque()
 
     def offer(self, published: Published) -> None:
         if self.closed or not self.matches(published.message) or not self.session.accepts_deliveries:
@@ -330,7 +337,7 @@ class TopicSubscription(Subscription):
     def _wait(self, published: Published) -> None:
         session = self.session
         limit = session.broker.config.max_session_buffer
-        cost = len(published.message.body) + WAITING_OVERHEAD
+        cost = _waiting_cost(published.message)
         if session.topic_waiting_bytes + cost > limit:
             session.close_with_error(
                 "Slow consumer",
@@ -338,7 +345,7 @@ class TopicSubscription(Subscription):
                 f"max_session_buffer={limit} bytes",
             )
             return
-        self._waiting.append(published)
+        self._waiting.append((published, cost))
         session.topic_waiting_bytes += cost
 
     def settle(self, message_ids: list[str]) -> list[Delivery]:
@@ -351,18 +358,18 @@ class TopicSubscription(Subscription):
         session = self.session
         delivered = False
         while self._waiting and len(self.unacked) < self.prefetch and not self.closed:
-            published = self._waiting[0]
+            published, cost = self._waiting[0]
             if not self._deliver(published.message, published.position):
                 break  # the connection is failing: what waits is dropped on close
             self._waiting.popleft()
-            session.topic_waiting_bytes -= len(published.message.body) + WAITING_OVERHEAD
+            session.topic_waiting_bytes -= cost
             delivered = True
         if delivered:
             session.flush_soon()
 
     async def close(self) -> list[Held]:
         waiting, self._waiting = self._waiting, deque()
-        self.session.topic_waiting_bytes -= sum(len(p.message.body) + WAITING_OVERHEAD for p in waiting)
+        self.session.topic_waiting_bytes -= sum(cost for _, cost in waiting)
         return await super().close()
 
 

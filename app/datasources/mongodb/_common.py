@@ -179,11 +179,12 @@ async def whose_duplicates(coll: Collection, exc: BulkWriteError, number: str) -
     if not wanted or None in wanted.values():
         return "other"
     stored = await coll.find_list({"_id": {"$in": list(wanted)}}, projection={number: 1})
-    if not stored:
-        return "absent"
-    if len(stored) == len(wanted) and all(doc.get(number) == wanted.get(doc["_id"]) for doc in stored):
-        return "ours"
-    return "other"
+    if any(doc.get(number) != wanted.get(doc["_id"]) for doc in stored):
+        return "other"
+    return "ours" if len(stored) == len(wanted) else "absent"  # some or all not there: try again
+
+
+MAX_SPURIOUS_DUPLICATES = 10  # tries of one write refused that way before it fails (with backoff: about 8 s)
 
 
 class SpuriousDuplicate(AutoReconnect):

@@ -49,6 +49,7 @@ from app.datasources.mongodb._common import (
     Doc,
     headers_from_list,
     is_duplicate_only,
+    MAX_SPURIOUS_DUPLICATES,
     SpuriousDuplicate,
     whose_duplicates,
     message_doc,
@@ -159,6 +160,8 @@ class MongoPollQueue(PollQueue):
         first: int | None = None
         stored: list[Doc] = []
 
+        spurious: list[BulkWriteError] = []  # the tries refused for messages not stored
+
         async def write(retry: bool) -> None:
             nonlocal first, stored
             if first is None:
@@ -173,7 +176,12 @@ class MongoPollQueue(PollQueue):
                 if whose == "ours":  # an earlier attempt of this call stored them: unordered, the rest went in too
                     return None if retry else await write(True)
                 if whose == "absent":
-                    raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
+                    spurious.append(exc)
+                    if len(spurious) < MAX_SPURIOUS_DUPLICATES:  # a transient state: the failover buffer retries
+                        raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
+                    raise DatasourceError(
+                        "the server keeps refusing messages as duplicates that it has not stored"
+                    ) from exc
                 # a put is all or nothing: undo the part of this batch stored before the duplicate
                 index = min(int(e.get("index", 0)) for e in exc.details.get("writeErrors", []))
                 if index:

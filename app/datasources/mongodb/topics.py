@@ -80,6 +80,7 @@ from app.datasources.mongodb._common import (
     Db,
     Doc,
     is_duplicate_only,
+    MAX_SPURIOUS_DUPLICATES,
     SpuriousDuplicate,
     whose_duplicates,
     message_doc,
@@ -187,6 +188,8 @@ class MongoTailQueue(TailQueue):
         self._publish_calls += 1
         call = self._publish_calls
 
+        spurious: list[BulkWriteError] = []  # the tries refused for messages not stored
+
         async def write(retry: bool) -> int:
             nonlocal first, docs
             if first is None:
@@ -203,7 +206,12 @@ class MongoTailQueue(TailQueue):
                 if whose == "ours":  # an earlier attempt of this call stored them: unordered, the rest went in too
                     return first if retry else await write(True)
                 if whose == "absent":
-                    raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
+                    spurious.append(exc)
+                    if len(spurious) < MAX_SPURIOUS_DUPLICATES:  # a transient state: the failover buffer retries
+                        raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
+                    raise DatasourceError(
+                        "the server keeps refusing messages as duplicates that it has not stored"
+                    ) from exc
                 raise DatasourceError("publish: a message with the same message_id is already stored") from exc
             return first
 

@@ -32,3 +32,25 @@ async def test_a_delete_drops_a_waiting_save_and_is_not_overtaken_by_one_in_flig
     await second  # told done: its subscription is gone
     await saver.close()
     assert stored == {}
+
+
+async def test_a_failed_delete_puts_the_waiting_position_back() -> None:
+    """The database refuses the delete: the position it dropped is saved after all, and whoever waited for it (a
+    durable ACK's RECEIPT, ahead of everything the connection sent later) is answered, not left waiting for ever."""
+    stored: dict[str, int] = {}
+
+    async def save(name: str, position: int) -> None:
+        stored[name] = position
+
+    async def delete(name: str) -> None:
+        raise RuntimeError("the database is away")
+
+    saver = CursorSaver(save, delete, BackgroundHealth())
+    waiting = saver.save_soon("client/1", 5)
+    try:
+        await saver.delete("client/1")
+    except RuntimeError:
+        pass
+    await asyncio.wait_for(waiting, 5)
+    assert stored == {"client/1": 5}
+    await saver.close()

@@ -106,11 +106,12 @@ def test_window_size_grows_behind_a_backlog_within_the_byte_budget() -> None:
 
 
 @pytest.fixture
-async def ds(mongodb_url: str) -> AsyncIterator[Datasource]:
-    d = await open_datasource(mongodb_url, DatasourceOptions(namespace=f"t{uuid.uuid4().hex[:12]}"))
+async def ds(ferretdb_url: str) -> AsyncIterator[Datasource]:
+    """On FerretDB alone: the claim-token path these tests are about runs there only (mongo-java-server and a real
+    MongoDB claim with ``find_one_and_update``)."""
+    d = await open_datasource(ferretdb_url, DatasourceOptions(namespace=f"t{uuid.uuid4().hex[:12]}"))
     try:
-        if not (isinstance(d, MongoDatasource) and d.is_ferretdb):
-            pytest.skip("the token claim path runs on FerretDB only")
+        assert isinstance(d, MongoDatasource) and d.is_ferretdb
         yield d
     finally:
         await d.close()

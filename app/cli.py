@@ -72,6 +72,25 @@ def _check_port(host: str, port: int, what: str) -> None:
             raise StartupError(f"cannot listen on {host}:{port} for {what}: {exc.strerror}") from None
 
 
+def _check_datasource(settings: Settings) -> None:
+    """Open the store once and close it, so that one that cannot be opened (a file that is not a SQLite database, an
+    unreachable MongoDB) is one sentence here rather than a traceback from the server's start-up."""
+    import asyncio
+
+    from app.datasources.interface import DatasourceError
+    from app.datasources.registry import open_datasource
+    from app.main import datasource_options
+
+    async def check() -> None:
+        datasource = await open_datasource(settings.store, datasource_options(settings))
+        await datasource.close()
+
+    try:
+        asyncio.run(check())
+    except DatasourceError as exc:
+        raise StartupError(" ".join(str(exc).split())) from None
+
+
 def serve_with(settings: Settings) -> None:
     import uvicorn
 
@@ -93,6 +112,7 @@ def serve_with(settings: Settings) -> None:
         raise StartupError(str(exc)) from None
     _check_port(settings.host, settings.stomp_port, "stomp")
     _check_port(settings.host, settings.http_port, "http")
+    _check_datasource(settings)
     configure_logging(settings.log_level, settings.log_format)
     app = create_app(settings)
     config = uvicorn.Config(

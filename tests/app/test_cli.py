@@ -52,6 +52,28 @@ def test_unusable_data_directory(tmp_path: Path) -> None:
     assert_clear_failure(result, "data directory")
 
 
+def test_a_file_that_is_not_a_sqlite_database(tmp_path: Path) -> None:
+    not_a_database = tmp_path / "notes.db"
+    not_a_database.write_text("plain text where a SQLite database should be, long enough to fill a header page " * 4)
+    result = serve(
+        "--store", f"sqlite:///{not_a_database}", "--stomp-port", str(free_port()), "--http-port", str(free_port()),
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert_clear_failure(result, str(not_a_database), "not a SQLite database")
+    assert "writable" not in result.stderr  # the cause, not a guess
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_an_unreachable_mongodb(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens there
+    result = serve(
+        "--store", f"mongodb://127.0.0.1:{closed}/x?serverSelectionTimeoutMS=300", "--stomp-port", str(free_port()),
+        "--http-port", str(free_port()), cwd=tmp_path,
+    )  # fmt: skip
+    assert_clear_failure(result, "MongoDB unreachable", f"127.0.0.1:{closed}")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_invalid_setting_value(tmp_path: Path) -> None:
     result = serve("--stomp-port", "70000", cwd=tmp_path)
     assert result.returncode != 0

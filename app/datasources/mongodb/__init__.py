@@ -128,7 +128,9 @@ async def open_datasource(url: str, options: DatasourceOptions) -> Datasource:
         await topics.setup()
     except ConnectionFailure as exc:
         await client.close()
-        raise DatasourceUnavailable(f"MongoDB unreachable at start-up: {exc}") from exc
+        # the driver's text ends with its whole topology description: the cause comes before it
+        cause = str(exc).split(", Timeout: ")[0]
+        raise DatasourceUnavailable(f"MongoDB unreachable at start-up: {cause}") from exc
     except PyMongoError as exc:
         await client.close()
         raise DatasourceError(f"MongoDB set-up failed: {exc}") from exc

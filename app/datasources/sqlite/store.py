@@ -130,6 +130,8 @@ class Store:
             self._shutdown_pools()
             if isinstance(exc, DatasourceError):
                 raise
+            if isinstance(exc, sqlite3.DatabaseError) and "not a database" in str(exc):
+                raise DatasourceError(f"{self.path} is not a SQLite database ({exc})") from exc
             raise DatasourceError(
                 f"cannot open the SQLite database {self.path!r} (is the directory {directory!r} writable?): {exc}"
             ) from exc

@@ -9,7 +9,9 @@ from datetime import datetime, timezone
 
 __all__ = ["JsonFormatter", "configure_logging"]
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# Record attributes that are not ``extra=`` fields; uvicorn's ``color_message`` (its message again, with ANSI colour
+# codes for a terminal) is one of them here.
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):

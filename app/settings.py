@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
@@ -82,8 +82,8 @@ class Settings(BaseSettings):
     server_selection_timeout_ms: int = Field(5_000, ge=100, description="MongoDB server selection timeout.")
     failover_buffer: int = Field(10_000, ge=0, description="SENDs held in memory while MongoDB has no primary.")
     sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$", description="SQLite PRAGMA synchronous.")
-    log_level: str = Field("info", pattern="^(debug|info|warning|error)$", description="debug, info, warning or error.")
-    log_format: str = Field("text", pattern="^(text|json)$", description="text lines, or one JSON object per line.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or error.")
+    log_format: Literal["text", "json"] = Field("text", description="text lines, or one JSON object per line.")
     users_file: str | None = Field(
         None, description="TOML file of users (bcrypt-hashed passcodes and tokens, roles) and per-role permissions."
     )

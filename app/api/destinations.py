@@ -171,6 +171,8 @@ async def publish(
         if content_type is not None:
             headers.setdefault("content-type", _http_header_text(content_type))
     limits = broker.config.limits
+    if "destination" in headers:  # the URL names it: a header naming another would be dropped without a word
+        raise _bad_header(f"the destination is {destination}, from the URL; send no destination header")
     _check_headers(headers, limits.max_headers, limits.max_header_line_bytes)
     if len(body) > limit:  # the body's limit, as on STOMP; headers have their own limits (just checked)
         raise ProblemError(413, "too-large", f"the message is larger than max_frame_bytes={limit}", title="Message too large")

@@ -135,6 +135,14 @@ def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines]
     assert any("STOMP over TCP" in r["message"] for r in records)
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    assert not any("color_message" in r for r in records)  # uvicorn's copy of the message with ANSI colours
+    assert "\x1b[" not in gw.log()
+
+
+def test_an_unknown_log_level_names_the_ones_there_are(tmp_path: Path) -> None:
+    result = serve("--log-level", "bogus", cwd=tmp_path)
+    assert_clear_failure(result, "log_level", "'debug', 'info', 'warning' or 'error'")
+    assert "pattern" not in result.stderr
 
 
 def hash_passcode(secret: bytes) -> subprocess.CompletedProcess[str]:

@@ -94,6 +94,24 @@ def test_rest_envelope_publish_cannot_forge_delivery_headers(gateway: LiveApp) -
     assert headers["message-id"] != "forged-id"
 
 
+def test_rest_publish_refuses_a_destination_header(gateway: LiveApp) -> None:
+    """The URL names the destination; an X-Stomp-destination (or an envelope's destination) naming another was
+    dropped without a word, so the sender believed it had published there."""
+    destination = unique()
+    raw = httpx.post(
+        f"{gateway.http_url}/destinations{destination}", content=b"x", headers={"X-Stomp-destination": "/queue/other"}
+    )
+    envelope = httpx.post(
+        f"{gateway.http_url}/destinations{destination}",
+        json={"headers": {"destination": "/queue/other"}, "body": "x"},
+        headers={"Content-Type": "application/vnd.stompgate.envelope+json"},
+    )
+    for response in (raw, envelope):
+        assert response.status_code == 400, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "destination" in response.json()["detail"]
+
+
 # ---- destination names ----
 
 BAD_NAMES = ["/queue/orders/../reports", "/queue/orders/./reports", "/queue/orders//reports", "/topic/orders/.."]

@@ -450,6 +450,7 @@ class DurableTopicSubscription(Subscription):
             if event.message.destination == self.destination_text and self.matches(event.message):
                 if not self._deliver(event.message, event.position):
                     return  # the connection is failing: the position stays before this message
+                broker.metrics_delivered(self.destination_text, 1)
                 self.session.flush_soon()
             self.position = event.position
             if not self.needs_ack:

@@ -236,3 +236,18 @@ async def test_headers_count_against_the_waiting_bound(running: tuple[Broker, in
     error = await peer.next()
     assert isinstance(error, ErrorReceived) and error.message == "Slow consumer", error
     peer.close()
+
+
+async def test_deliveries_to_a_durable_subscription_are_counted(running: tuple[Broker, int]) -> None:
+    """stompgate_messages_delivered_total (and the console's deliver rate) left durable subscriptions out."""
+    broker, port = running
+    peer = await Peer.open(port, client_id="counted")
+    peer.conn.subscribe("/topic/counted", "d", headers={"durable": "true"}, receipt="d")
+    await peer.flush()
+    await peer.receipt("d")
+    for i in range(3):
+        await broker.publish("/topic/counted", {}, f"m{i}".encode())
+    assert [(await peer.message()).body for _ in range(3)] == [b"m0", b"m1", b"m2"]
+    sample = broker.metrics.registry.get_sample_value
+    assert sample("stompgate_messages_delivered_total", {"destination": "/topic/counted"}) == 3
+    peer.close()

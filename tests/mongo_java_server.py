@@ -22,15 +22,13 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 from typing import Self
 
-from tests.mongodb_server import _ping, _unavailable, free_port
+from tests.mongodb_server import _unavailable, end_server_process, free_port, start_server_process
 
 __all__ = ["JavaMongoServer", "java_server_jar", "require_java_server"]
 
-START_TIMEOUT_S = 20.0
 SOURCE_DIR = Path(__file__).resolve().parent / "mongo_java_server"
 JAR_NAME = "stompgate-mongo-test-server.jar"
 # small heap and the serial collector: a test server on a 2-core machine, started many times
@@ -101,46 +99,14 @@ class JavaMongoServer:
         java = shutil.which("java")
         if java is None:
             raise RuntimeError("java not found")
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child
-        try:
-            self.process = subprocess.Popen(
-                [java, *JVM_OPTIONS, "-jar", self.jar, "127.0.0.1", str(self.port)],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"mongo-java-server exited with {self.process.returncode} at start-up: {self._output()}"
-                )
-            if _ping(self.port):
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(
-            f"mongo-java-server did not answer ping on port {self.port} within {START_TIMEOUT_S}s: {self._output()}"
-        )
-
-    def _signal(self, sig: signal.Signals) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        argv = [java, *JVM_OPTIONS, "-jar", self.jar, "127.0.0.1", str(self.port)]
+        self.process = start_server_process(argv, self.log_path, self.port, "mongo-java-server", self._output)
 
     def stop(self) -> None:
-        self._signal(signal.SIGTERM)
+        end_server_process(self.process, signal.SIGTERM)
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
+        end_server_process(self.process, signal.SIGKILL)
 
     def cleanup(self) -> None:
         self.stop()

@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -116,6 +116,39 @@ def _ping(port: int) -> bool:
         return bool(reply.get("ok"))
     except OSError:
         return False
+
+
+def start_server_process(
+    argv: list[str], log_path: str, port: int, name: str, where_to_look: Callable[[], str]
+) -> subprocess.Popen[bytes]:
+    """Start a test server whose output goes to ``log_path``, and return once it answers a MongoDB ping on ``port``
+    (a RuntimeError naming ``where_to_look()`` if it exits or stays silent for START_TIMEOUT_S)."""
+    log = open(log_path, "ab")  # noqa: SIM115 - owned by the child
+    try:
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    finally:
+        log.close()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:  # a server process gives no event for "listening": ask it
+        if process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} at start-up: {where_to_look()}")
+        if _ping(port):
+            return process
+        time.sleep(0.02)
+    end_server_process(process, signal.SIGTERM)
+    raise RuntimeError(f"{name} did not answer ping on port {port} within {START_TIMEOUT_S}s: {where_to_look()}")
+
+
+def end_server_process(process: subprocess.Popen[bytes] | None, sig: signal.Signals) -> None:
+    """Send ``sig`` (SIGTERM to stop, SIGKILL to crash it) and wait; a process that ignores SIGTERM is killed."""
+    if process is None or process.poll() is not None:
+        return
+    process.send_signal(sig)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
 
 
 class PostgresCluster:
@@ -242,51 +275,23 @@ class FerretDBServer:
         return ["--handler=postgresql", f"--postgresql-url={self._postgresql_url}"]
 
     def start(self) -> None:
-        args = self._backend_args()
-        log = open(os.path.join(self.data_dir, "ferretdb.log"), "ab")  # noqa: SIM115 - owned by the child
-        try:
-            self.process = subprocess.Popen(
-                [
-                    self.binary,
-                    *args,
-                    f"--listen-addr=127.0.0.1:{self.port}",
-                    "--telemetry=disable",
-                    "--debug-addr=-",
-                    f"--state-dir={self.data_dir}",
-                    "--log-level=error",
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-            )
-        finally:
-            log.close()
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"FerretDB exited with {self.process.returncode}; see {self.data_dir}/ferretdb.log")
-            if _ping(self.port):
-                return
-            time.sleep(0.02)
-        self.stop()
-        raise RuntimeError(f"FerretDB did not answer ping on port {self.port} within {START_TIMEOUT_S}s")
-
-    def _signal(self, sig: signal.Signals) -> None:
-        process = self.process
-        if process is None or process.poll() is not None:
-            return
-        process.send_signal(sig)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+        argv = [
+            self.binary,
+            *self._backend_args(),
+            f"--listen-addr=127.0.0.1:{self.port}",
+            "--telemetry=disable",
+            "--debug-addr=-",
+            f"--state-dir={self.data_dir}",
+            "--log-level=error",
+        ]
+        log_path = os.path.join(self.data_dir, "ferretdb.log")
+        self.process = start_server_process(argv, log_path, self.port, "FerretDB", lambda: f"see {log_path}")
 
     def stop(self) -> None:
-        self._signal(signal.SIGTERM)
+        end_server_process(self.process, signal.SIGTERM)
 
     def kill(self) -> None:
-        self._signal(signal.SIGKILL)
+        end_server_process(self.process, signal.SIGKILL)
 
     def cleanup(self) -> None:
         self.stop()

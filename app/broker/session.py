@@ -12,7 +12,7 @@ import logging
 import time
 from functools import partial
 from collections.abc import Coroutine, Mapping
-from typing import Any, Literal, Protocol, TypedDict
+from typing import Any, Literal, Protocol
 
 from app.broker.auth import ANONYMOUS, Principal
 from app.broker.completions import Completions
@@ -21,9 +21,10 @@ from app.broker.ordering import WriteOrder
 from app.broker.destinations import Destination, InvalidDestination, parse_destination
 from app.broker.messages import HeaderError, delivery_headers
 from app.broker.ports import BrokerPort, SessionPort, SubscriptionPort
-from app.broker.selectors import Selector, SelectorError, compile_selector
+from app.broker.selectors import SelectorError, compile_selector
 from app.broker.transactions import Settlement, TransactionMemory, Transactions
 from app.broker.subscriptions import (
+    SubscriptionArgs,
     DurableTopicSubscription,
     QueueSubscription,
     Subscription,
@@ -31,7 +32,6 @@ from app.broker.subscriptions import (
 )
 from app.datasources.interface import Held, NewMessage, Release, StoredMessage
 from stomp_core import (
-    AckMode,
     Abort,
     Ack,
     Begin,
@@ -456,7 +456,7 @@ class Session:
                 selector = compile_selector(text)
             except SelectorError as exc:
                 raise SessionError("Invalid selector", str(exc)) from None
-        common = _SubscriptionArgs(id=event.id, destination=destination, ack=event.ack, prefetch=prefetch, selector=selector)
+        common = SubscriptionArgs(id=event.id, destination=destination, ack=event.ack, prefetch=prefetch, selector=selector)
         # A subscription knows its session as a SessionPort; the annotation makes mypy check that Session is one.
         owner: SessionPort = self
         sub: Subscription
@@ -648,16 +648,6 @@ class Session:
     @property
     def connected(self) -> bool:
         return self.conn.state is State.OPEN
-
-
-class _SubscriptionArgs(TypedDict):
-    """What every kind of subscription is made with, so mypy checks the ``**common`` calls."""
-
-    id: str
-    destination: Destination
-    ack: AckMode
-    prefetch: int
-    selector: Selector | None
 
 
 def _says_durable(headers: Mapping[str, str]) -> bool:

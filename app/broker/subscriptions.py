@@ -7,6 +7,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypedDict, Unpack
 
 from app.broker.destinations import Destination
 from app.broker.ports import SessionPort
@@ -14,7 +15,7 @@ from app.broker.selectors import Selector
 from app.datasources.interface import DatasourceUnavailable, Gap, Held, Published, Release, ScanMark, StoredMessage
 from stomp_core import AckMode
 
-__all__ = ["Subscription", "QueueSubscription", "TopicSubscription", "DurableTopicSubscription"]
+__all__ = ["SubscriptionArgs", "Subscription", "QueueSubscription", "TopicSubscription", "DurableTopicSubscription"]
 
 log = logging.getLogger("stompgate.subscriptions")
 
@@ -41,6 +42,16 @@ def _waiting_cost(message: StoredMessage) -> int:
 class Delivery:
     message: StoredMessage
     position: int  # topic position (0 for queues)
+
+
+class SubscriptionArgs(TypedDict):
+    """What every kind of subscription is made with, besides its session (``Subscription.__init__``'s keywords)."""
+
+    id: str
+    destination: Destination
+    ack: AckMode
+    prefetch: int
+    selector: Selector | None
 
 
 class Subscription:
@@ -312,17 +323,8 @@ class TopicSubscription(Subscription):
     and is closed, as when more than ``max_session_buffer`` bytes wait to be written to it.
     """
 
-    def __init__(
-        self,
-        session: SessionPort,
-        *,
-        id: str,
-        destination: Destination,
-        ack: AckMode,
-        prefetch: int,
-        selector: Selector | None,
-    ) -> None:
-        super().__init__(session, id=id, destination=destination, ack=ack, prefetch=prefetch, selector=selector)
+    def __init__(self, session: SessionPort, **args: Unpack[SubscriptionArgs]) -> None:
+        super().__init__(session, **args)
         # no room under prefetch yet: delivered in order once acks make it; each with its cost (``_waiting_cost``)
         self._waiting: deque[tuple[Published, int]] = deque()
 
@@ -382,8 +384,8 @@ class DurableTopicSubscription(Subscription):
 
     _task: asyncio.Task[None] | None = None
 
-    def __init__(self, *args: object, cursor_name: str, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+    def __init__(self, session: SessionPort, *, cursor_name: str, **args: Unpack[SubscriptionArgs]) -> None:
+        super().__init__(session, **args)
         self.cursor_name = cursor_name
         self.position = 0
         self.pending_gap: Gap | None = None

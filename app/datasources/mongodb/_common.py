@@ -192,6 +192,21 @@ class SpuriousDuplicate(AutoReconnect):
     the server, so a ``ConnectionFailure``: the failover buffer holds the write and retries it."""
 
 
+async def judge_duplicates(
+    coll: Collection, exc: BulkWriteError, number: str, spurious: list[BulkWriteError]
+) -> Literal["ours", "other"]:
+    """``whose_duplicates`` for a put or publish call: "absent" is raised as a ``SpuriousDuplicate`` (the failover
+    buffer retries the write), and after MAX_SPURIOUS_DUPLICATES of them (``spurious``, the call's list) as a
+    ``DatasourceError``, so a server that keeps answering that way fails the call instead of the buffer for ever."""
+    whose = await whose_duplicates(coll, exc, number)
+    if whose != "absent":
+        return whose
+    spurious.append(exc)
+    if len(spurious) < MAX_SPURIOUS_DUPLICATES:
+        raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
+    raise DatasourceError("the server keeps refusing messages as duplicates that it has not stored") from exc
+
+
 def is_busy(exc: OperationFailure) -> bool:
     return exc.code == 1 and "database is locked" in str(exc)
 

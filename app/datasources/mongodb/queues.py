@@ -49,9 +49,7 @@ from app.datasources.mongodb._common import (
     Doc,
     headers_from_list,
     is_duplicate_only,
-    MAX_SPURIOUS_DUPLICATES,
-    SpuriousDuplicate,
-    whose_duplicates,
+    judge_duplicates,
     message_doc,
     stored_from_doc,
     translate_selector,
@@ -172,16 +170,9 @@ class MongoPollQueue(PollQueue):
             except BulkWriteError as exc:
                 if not is_duplicate_only(exc):
                     raise
-                whose = await whose_duplicates(self._coll, exc, "seq")
+                whose = await judge_duplicates(self._coll, exc, "seq", spurious)
                 if whose == "ours":  # an earlier attempt of this call stored them: unordered, the rest went in too
                     return None if retry else await write(True)
-                if whose == "absent":
-                    spurious.append(exc)
-                    if len(spurious) < MAX_SPURIOUS_DUPLICATES:  # a transient state: the failover buffer retries
-                        raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
-                    raise DatasourceError(
-                        "the server keeps refusing messages as duplicates that it has not stored"
-                    ) from exc
                 # a put is all or nothing: undo the part of this batch stored before the duplicate
                 index = min(int(e.get("index", 0)) for e in exc.details.get("writeErrors", []))
                 if index:

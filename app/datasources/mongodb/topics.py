@@ -80,9 +80,7 @@ from app.datasources.mongodb._common import (
     Db,
     Doc,
     is_duplicate_only,
-    MAX_SPURIOUS_DUPLICATES,
-    SpuriousDuplicate,
-    whose_duplicates,
+    judge_duplicates,
     message_doc,
     stored_from_doc,
     unavailable_on_disconnect,
@@ -202,16 +200,9 @@ class MongoTailQueue(TailQueue):
             except BulkWriteError as exc:
                 if not is_duplicate_only(exc):
                     raise
-                whose = await whose_duplicates(self._coll, exc, "position")
+                whose = await judge_duplicates(self._coll, exc, "position", spurious)
                 if whose == "ours":  # an earlier attempt of this call stored them: unordered, the rest went in too
                     return first if retry else await write(True)
-                if whose == "absent":
-                    spurious.append(exc)
-                    if len(spurious) < MAX_SPURIOUS_DUPLICATES:  # a transient state: the failover buffer retries
-                        raise SpuriousDuplicate("a duplicate key error about messages that are not stored") from exc
-                    raise DatasourceError(
-                        "the server keeps refusing messages as duplicates that it has not stored"
-                    ) from exc
                 raise DatasourceError("publish: a message with the same message_id is already stored") from exc
             return first
 

@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 
 from app.api import install as install_api
 from app.api.auth import CurrentPrincipal
+from app.api.models import Liveness
 from app.broker.broker import Broker
 from app.broker.config import BrokerConfig
 from app.datasources.interface import Datasource, DatasourceOptions, WrappedCollection
@@ -117,9 +118,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(websocket_router)
     app.include_router(console_router)
 
-    @app.get("/health", tags=["operations"], summary="Liveness: the process is up")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get("/health", tags=["operations"], summary="Liveness: the process is up", operation_id="health")
+    async def health() -> Liveness:
+        return Liveness(status="ok")
 
     return app
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, FastAPI
 
 from app.api import connections, destinations, operations
 from app.api.errors import install_error_handlers, problem_openapi
-from app.api.models import PublishEnvelope
+from app.api.models import JSON_OBJECT_SCHEMA, PublishEnvelope
 from app.api.rates import RateTracker
 from app.broker.auth import AllowAll
 
@@ -77,6 +77,7 @@ def _problem_aware_openapi(app: FastAPI) -> None:
         schemas = spec.setdefault("components", {}).setdefault("schemas", {})
         if "PublishEnvelope" not in schemas:
             schemas["PublishEnvelope"] = PublishEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.setdefault("JsonObject", dict(JSON_OBJECT_SCHEMA))
         return problem_openapi(spec)
 
     app.openapi = openapi  # type: ignore[method-assign]

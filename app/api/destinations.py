@@ -1,8 +1,9 @@
-"""Publish to and inspect destinations: ``/destinations/{kind}/{name}`` where kind is ``queue`` or ``topic``.
+"""Publish to and inspect destinations: ``/destinations/{kind}/{name}`` where kind is ``queue`` or ``topic``, and a
+queue's backlog at ``/messages/queue/{name}``.
 
 ``POST /destinations/queue/orders`` publishes to ``/queue/orders``. Names may hold ``/`` (``/destinations/queue/eu/orders``
-is ``/queue/eu/orders``); a name ending in ``/messages`` cannot be inspected with ``GET /destinations/{kind}/{name}``
-because that path is its backlog's.
+is ``/queue/eu/orders``), so the name is always the last part of a URL: a route that put anything after it (as
+``/destinations/queue/orders/messages`` once did for the backlog) would make some names unreachable.
 """
 
 from __future__ import annotations
@@ -144,6 +145,7 @@ def _envelope(raw: bytes) -> tuple[dict[str, str], bytes]:
             "required": False,
             "content": {
                 ENVELOPE_MEDIA_TYPE: {"schema": {"$ref": "#/components/schemas/PublishEnvelope"}},
+                "application/json": {"schema": {"$ref": "#/components/schemas/JsonObject"}},
                 "text/plain": {"schema": {"type": "string"}},
                 "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
             },
@@ -199,7 +201,7 @@ def _consumers(broker: Broker) -> dict[str, int]:
 
 async def destination_infos(request: Request, only: Destination | None = None) -> list[DestinationInfo]:
     """What the gateway knows about each destination: queues holding messages, destinations with subscribers here,
-    and those with traffic through here."""
+    and those with traffic through here. With ``only``, that one destination, or nothing if none of those holds."""
     broker = broker_of(request)
     tracker: RateTracker | None = getattr(request.state, "rates", None)
     rates = tracker.rates(broker.metrics.registry) if tracker is not None else {}
@@ -220,6 +222,9 @@ async def destination_infos(request: Request, only: Destination | None = None) -
         if parsed.kind == "queue":
             stats = await broker.datasource.queues.stats(text, now_ms=now_ms)
             depth, unacked = stats.ready, stats.unacked
+        seen = (PUBLISHED_COUNTER, text) in rates or (DELIVERED_COUNTER, text) in rates
+        if only is not None and not (depth or unacked or consumers.get(text) or seen):
+            return []
         infos.append(
             DestinationInfo(
                 destination=text,
@@ -275,7 +280,7 @@ def _queue_only(destination: Destination) -> None:
 
 
 @router.get(
-    "/destinations/{kind}/{name:path}/messages",
+    "/messages/{kind}/{name:path}",
     summary="Peek at a queue's backlog",
     description="Messages waiting on a queue, in delivery order (priority, then age), without consuming them. "
     "`selector` filters on headers with the STOMP subscription selector syntax (SQL-like, e.g. "
@@ -316,7 +321,7 @@ async def peek_messages(
 
 
 @router.delete(
-    "/destinations/{kind}/{name:path}/messages",
+    "/messages/{kind}/{name:path}",
     summary="Purge a queue (admin)",
     description="Delete every message of a queue, delivered or not. Needs the admin role.",
     operation_id="purge_messages",
@@ -332,12 +337,25 @@ async def purge_messages(request: Request, kind: DestinationKind, name: str, pri
 @router.get(
     "/destinations/{kind}/{name:path}",
     summary="Inspect a destination",
-    description="Depth, unacked messages, consumers and rates of one destination (zeros for one never used).",
+    description="Depth, unacked messages, consumers and rates of one destination. 404 for a destination this gateway "
+    "knows nothing of: no stored messages, no subscribers here and no traffic through here (destinations come into "
+    "being when used, so there is no list of all of them to look in; a topic used only through other gateways is "
+    "unknown here).",
     operation_id="get_destination",
-    responses=problem_responses(400, 401, 403, 503),
+    responses=problem_responses(400, 401, 403, 404, 503),
 )
 async def get_destination(request: Request, kind: DestinationKind, name: str, principal: CurrentPrincipal) -> DestinationInfo:
     destination = _destination(kind, name)
-    check_read(request, principal, str(destination))
-    (info,) = await destination_infos(request, only=destination)
-    return info
+    check_read(request, principal, str(destination))  # before the 404: who may not read learns nothing
+    found = await destination_infos(request, only=destination)
+    if not found:
+        raise ProblemError(404, "unknown-destination", _unknown(kind, name), title="Unknown destination")
+    return found[0]
+
+
+def _unknown(kind: DestinationKind, name: str) -> str:
+    detail = f"/{kind.value}/{name} holds no messages, has no subscribers here and no traffic through here"
+    owner, slash, last = name.rpartition("/")
+    if slash and last == "messages":  # where the backlog was before it moved
+        detail += f"; the backlog of /{kind.value}/{owner} is at /messages/{kind.value}/{owner}"
+    return detail

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from app.datasources.interface import DatasourceUnavailable
 
@@ -135,9 +136,28 @@ async def _on_http_exception(request: Request, exc: Exception) -> JSONResponse:
     detail = exc.detail if isinstance(exc.detail, str) else _phrase(exc.status_code)
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no route matches {request.url.path}"
-    elif exc.status_code == 405:
-        detail = f"{request.method} is not allowed on {request.url.path}"
-    return problem_response(request, exc.status_code, detail, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        detail = f"{request.method} is not allowed on {request.url.path}; {', '.join(allowed)} {'is' if len(allowed) == 1 else 'are'}"
+        headers = {**(headers or {}), "Allow": ", ".join(allowed)}
+    return problem_response(request, exc.status_code, detail, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes on this path. Starlette's own ``Allow`` names only the first route whose path
+    matches, and each method of a path is a route of its own here (GET and POST on a destination, say). Routers
+    included in the app nest, so each method is asked of the whole tree through ``matches``."""
+    routes = request.app.router.routes
+    allowed = []
+    for method in _METHODS:
+        scope = {**request.scope, "method": method}
+        if any(route.matches(scope)[0] is Match.FULL for route in routes):
+            allowed.append(method)
+    return allowed
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:

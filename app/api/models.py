@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "ENVELOPE_MEDIA_TYPE",
+    "JSON_OBJECT_SCHEMA",
     "DestinationKind",
     "PublishEnvelope",
     "Published",
@@ -18,9 +19,19 @@ __all__ = [
     "ConnectionInfo",
     "SubscriptionInfo",
     "Readiness",
+    "Liveness",
 ]
 
 ENVELOPE_MEDIA_TYPE = "application/vnd.stompgate.envelope+json"
+
+# A raw application/json body as the OpenAPI document names it. Any JSON value is taken; an object is what SDK
+# generators can type (JSON of another kind can go as text/plain with its own content-type header, or in an envelope).
+JSON_OBJECT_SCHEMA: dict[str, object] = {
+    "title": "JsonObject",
+    "type": "object",
+    "additionalProperties": True,
+    "description": "A JSON message body, stored as sent, with content-type application/json.",
+}
 
 
 class DestinationKind(str, Enum):
@@ -99,3 +110,7 @@ class SubscriptionInfo(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready"]
+
+
+class Liveness(BaseModel):
+    status: Literal["ok"]

@@ -122,9 +122,9 @@ def test_rest_bearer_tokens(secured: Gateway) -> None:
         assert missing.headers["www-authenticate"].startswith("Bearer")
         ok = http.post("/destinations/queue/orders", content=b"x", headers={"Authorization": f"Bearer {ALICE_TOKEN}"})
         assert ok.status_code == 201, ok.text
-        forbidden = http.delete("/destinations/queue/orders/messages", headers={"Authorization": f"Bearer {BOB_TOKEN}"})
+        forbidden = http.delete("/messages/queue/orders", headers={"Authorization": f"Bearer {BOB_TOKEN}"})
         assert forbidden.status_code == 403
-        peek = http.get("/destinations/queue/orders/messages", headers={"Authorization": f"Bearer {BOB_TOKEN}"})
+        peek = http.get("/messages/queue/orders", headers={"Authorization": f"Bearer {BOB_TOKEN}"})
         assert [m["body"] for m in peek.json()] == ["x"]
 
 

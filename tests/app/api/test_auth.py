@@ -38,8 +38,8 @@ async def test_permissions_on_publish_and_peek(secured: Api) -> None:
     assert (await c.post("/destinations/queue/orders.eu", content=b"x", headers=bearer(ALICE_TOKEN))).status_code == 201
     assert_problem(await c.post("/destinations/queue/other", content=b"x", headers=bearer(ALICE_TOKEN)), 403, "forbidden")
     assert_problem(await c.post("/destinations/queue/orders", content=b"x", headers=bearer(BOB_TOKEN)), 403, "forbidden")
-    assert_problem(await c.get("/destinations/queue/orders.eu/messages", headers=bearer(ALICE_TOKEN)), 403)
-    assert len((await c.get("/destinations/queue/orders.eu/messages", headers=bearer(BOB_TOKEN))).json()) == 1
+    assert_problem(await c.get("/messages/queue/orders.eu", headers=bearer(ALICE_TOKEN)), 403)
+    assert len((await c.get("/messages/queue/orders.eu", headers=bearer(BOB_TOKEN))).json()) == 1
     assert (await c.get("/destinations/queue/orders.eu", headers=bearer(BOB_TOKEN))).status_code == 200
     assert (await c.get("/destinations", headers=bearer(ALICE_TOKEN))).json() == []  # lists only what one may read
     assert len((await c.get("/destinations", headers=bearer(BOB_TOKEN))).json()) == 1
@@ -47,7 +47,7 @@ async def test_permissions_on_publish_and_peek(secured: Api) -> None:
 
 async def test_admin_only_routes(secured: Api) -> None:
     c = secured.client
-    for method, path in [("DELETE", "/destinations/queue/orders/messages"), ("GET", "/connections"), ("GET", "/subscriptions")]:
+    for method, path in [("DELETE", "/messages/queue/orders"), ("GET", "/connections"), ("GET", "/subscriptions")]:
         assert_problem(await c.request(method, path, headers=bearer(BOB_TOKEN)), 403, "forbidden")
         assert (await c.request(method, path, headers=bearer(ROOT_TOKEN))).status_code == 200
 

@@ -82,7 +82,7 @@ APP_REJECTS = {
         400, "invalid-envelope",
     ),
     "query parameter that is not a number": (
-        b"GET /destinations/queue/a/messages?limit=%zz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
+        b"GET /messages/queue/a?limit=%zz HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n",
         422, "validation",
     ),
 }  # fmt: skip

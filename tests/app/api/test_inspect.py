@@ -57,37 +57,53 @@ async def test_list_and_get_destinations(api: Api) -> None:
     }  # fmt: skip
     one = (await api.client.get("/destinations/queue/a")).json()
     assert one["depth"] == 2
-    unused = (await api.client.get("/destinations/topic/never.used")).json()
-    assert (unused["kind"], unused["depth"], unused["consumers"]) == ("topic", 0, 0)
+
+
+async def test_an_unknown_destination_is_a_404_that_says_why(api: Api) -> None:
+    problem = assert_problem(await api.client.get("/destinations/topic/never.used"), 404, "unknown-destination")
+    assert "no subscribers" in problem["detail"]
+    # Where the backlog used to be: the answer points at where it is now.
+    await publish(api, "queue/jobs")
+    problem = assert_problem(await api.client.get("/destinations/queue/jobs/messages"), 404, "unknown-destination")
+    assert "/messages/queue/jobs" in problem["detail"]
+
+
+async def test_a_name_ending_in_messages_is_a_destination_like_any_other(api: Api) -> None:
+    # The name is always the last part of a URL, so no name can be mistaken for a route of another.
+    await publish(api, "queue/orders/messages", b"m")
+    info = (await api.client.get("/destinations/queue/orders/messages")).json()
+    assert (info["destination"], info["depth"]) == ("/queue/orders/messages", 1)
+    assert [m["body"] for m in (await api.client.get("/messages/queue/orders/messages")).json()] == ["m"]
+    assert (await api.client.get("/messages/queue/orders")).json() == []
 
 
 async def test_peek_pages_and_filters(api: Api) -> None:
     for i in range(5):
         await publish(api, "queue/jobs", str(i).encode(), priority=str(4 + (i == 3)), n=str(i))
-    bodies = [m["body"] for m in (await api.client.get("/destinations/queue/jobs/messages")).json()]
+    bodies = [m["body"] for m in (await api.client.get("/messages/queue/jobs")).json()]
     assert bodies == ["3", "0", "1", "2", "4"]  # priority first, then FIFO
-    page = (await api.client.get("/destinations/queue/jobs/messages", params={"limit": 2, "offset": 1})).json()
+    page = (await api.client.get("/messages/queue/jobs", params={"limit": 2, "offset": 1})).json()
     assert [m["body"] for m in page] == ["0", "1"]
-    selected = (await api.client.get("/destinations/queue/jobs/messages", params={"selector": "n >= 2"})).json()
+    selected = (await api.client.get("/messages/queue/jobs", params={"selector": "n >= 2"})).json()
     assert [m["body"] for m in selected] == ["3", "2", "4"]
-    selected = (await api.client.get("/destinations/queue/jobs/messages", params={"selector": '{"n": "1"}'})).json()
+    selected = (await api.client.get("/messages/queue/jobs", params={"selector": '{"n": "1"}'})).json()
     assert [m["body"] for m in selected] == ["1"]
 
 
 async def test_bad_selector_and_topics_have_no_backlog(api: Api) -> None:
-    response = await api.client.get("/destinations/queue/jobs/messages", params={"selector": "n >"})
+    response = await api.client.get("/messages/queue/jobs", params={"selector": "n >"})
     problem = assert_problem(response, 400, "invalid-selector")
     assert "position" in problem["detail"]
-    assert_problem(await api.client.get("/destinations/topic/t/messages"), 400, "not-a-queue")
-    assert_problem(await api.client.delete("/destinations/topic/t/messages"), 400, "not-a-queue")
+    assert_problem(await api.client.get("/messages/topic/t"), 400, "not-a-queue")
+    assert_problem(await api.client.delete("/messages/topic/t"), 400, "not-a-queue")
 
 
 async def test_purge(api: Api) -> None:
     await publish(api, "queue/trash")
     await publish(api, "queue/trash")
-    response = await api.client.delete("/destinations/queue/trash/messages")
+    response = await api.client.delete("/messages/queue/trash")
     assert response.json() == {"destination": "/queue/trash", "purged": 2}
-    assert (await api.client.get("/destinations/queue/trash/messages")).json() == []
+    assert (await api.client.get("/messages/queue/trash")).json() == []
 
 
 async def test_connections_subscriptions_and_deliver_rate(api: Api, stomp: StompClient) -> None:

@@ -13,8 +13,20 @@ async def test_404_405_422(api: Api) -> None:
     problem = assert_problem(await api.client.get("/no/such/route"), 404)
     assert problem["instance"] == "/no/such/route"
     assert_problem(await api.client.put("/destinations"), 405)
-    problem = assert_problem(await api.client.get("/destinations/queue/q/messages", params={"limit": "many"}), 422, "validation")
+    problem = assert_problem(await api.client.get("/messages/queue/q", params={"limit": "many"}), 422, "validation")
     assert problem["errors"][0]["loc"] == ["query", "limit"]
+
+
+async def test_405_allows_every_method_of_the_path(api: Api) -> None:
+    # Each method of a path is its own route: the answer names them all, not the first route's.
+    for method, path, allowed in [
+        ("PUT", "/destinations/queue/a", {"GET", "POST"}),
+        ("POST", "/messages/queue/a", {"GET", "DELETE"}),
+        ("DELETE", "/destinations", {"GET"}),
+    ]:
+        response = await api.client.request(method, path)
+        assert_problem(response, 405)
+        assert set(response.headers["allow"].split(", ")) == allowed, (method, path)
 
 
 async def test_unhandled_error_is_a_500_problem(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:

@@ -15,7 +15,7 @@ ENVELOPE = "application/vnd.stompgate.envelope+json"
 
 
 async def backlog(api: Api, path: str = "queue/orders") -> list[dict[str, Any]]:
-    response = await api.client.get(f"/destinations/{path}/messages")
+    response = await api.client.get(f"/messages/{path}")
     assert response.status_code == 200, response.text
     result: list[dict[str, Any]] = response.json()
     return result

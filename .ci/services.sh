@@ -75,6 +75,12 @@ if [ ! -d tests/browser/node_modules/@stomp/stompjs ] || [ ! -d tests/browser/no
     (cd tests/browser && npm install --no-audit --no-fund)
   fi
 fi
+# The generated TypeScript client's test (tests/typescript_client/): openapi-typescript, openapi-fetch and typescript,
+# pinned by its package-lock.json.
+if [ ! -d tests/typescript_client/node_modules/openapi-fetch ] || [ ! -d tests/typescript_client/node_modules/typescript ]; then
+  echo "installing the TypeScript client test's npm packages"
+  (cd tests/typescript_client && npm ci --no-audit --no-fund)
+fi
 
 # --- mongo-java-server test server (tests/mongo_java_server/, started by tests/mongo_java_server.py) ------------------
 # A second MongoDB-wire-protocol server for the tests: mongo-java-server 1.47.0 (in memory) plus tests/mongo_java_server/

@@ -28,7 +28,13 @@ __all__ = ["main", "cli"]
 # bcrypt hashes at most 72 bytes of secret (bcrypt 5 refuses longer ones with a ValueError instead of truncating).
 BCRYPT_MAX_SECRET_BYTES = 72
 
-cli = typer.Typer(help="stompgate: a STOMP gateway that keeps its messages in a database you already run.", no_args_is_help=True)
+# Plain click help, not rich's tables: at 80 columns rich cuts long flag and variable names with an ellipsis
+# (--max-connections-p…), while click wraps the help text and keeps every name whole.
+cli = typer.Typer(
+    help="stompgate: a STOMP gateway that keeps its messages in a database you already run.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
 
 @cli.callback()

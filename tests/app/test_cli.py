@@ -174,3 +174,19 @@ def test_hash_passcode_refuses_bytes_that_are_not_utf8() -> None:
     result = hash_passcode(b"\xff\xfeabc\n")
     assert_clear_failure(result, "UTF-8")
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_at_80_columns_shows_every_flag_and_variable_whole(tmp_path: Path) -> None:
+    from app.settings import Settings
+
+    result = subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--help"],
+        capture_output=True, text=True, timeout=30, cwd=tmp_path, env={**os.environ, "COLUMNS": "80", "TERM": "dumb"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    text = result.stdout
+    assert "…" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for name in Settings.model_fields:
+        assert f"--{name.replace('_', '-')}" in text, name
+        assert f"STOMPGATE_{name.upper()}" in text, name

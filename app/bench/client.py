@@ -158,9 +158,12 @@ async def open_client(
     """Connect over TCP and exchange CONNECT/CONNECTED."""
     loop = asyncio.get_running_loop()
     _, client = await asyncio.wait_for(loop.create_connection(BenchClient, host, port), timeout)
-    client.conn.connect(host=vhost, login=login, passcode=passcode, accept_version=[version], heartbeat=(0, 0))
-    client.flush()
     try:
+        # A server over its connection limit may send ERROR and close before our CONNECT; then the failure is
+        # already on the CONNECTED future, and awaiting it reports the server's reason.
+        if client.error is None:
+            client.conn.connect(host=vhost, login=login, passcode=passcode, accept_version=[version], heartbeat=(0, 0))
+            client.flush()
         await client.connected(timeout)
     except BaseException:
         client.close()

@@ -73,3 +73,18 @@ def test_nothing_listening_is_an_error(tmp_path: Path) -> None:
     code, report = run_bench(tmp_path, "--port", str(free_port()), "--messages", "10", "--connect-timeout", "1")
     assert report["errors"]
     assert code == 1
+
+
+@pytest.mark.parametrize("mode", [["--messages", "100"], ["--idle-connections", "8", "--hold", "0.2"]], ids=["workload", "idle"])
+def test_a_gateway_that_refuses_connections_is_reported_without_tracebacks(tmp_path: Path, mode: list[str]) -> None:
+    # The gateway answers the connections past its limit with an ERROR frame before any CONNECT is sent.
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--json", "--drain-timeout", "5", "--spawn", "memory://",
+         "--spawn-arg=--max-connections", "--spawn-arg=2", "--producers", "2", "--consumers", "2", *mode],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "max_connections" in json.dumps(report)
+    assert "never retrieved" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "Cannot send CONNECT" not in json.dumps(report)
+    assert proc.returncode == 1

@@ -108,8 +108,8 @@ def serve_with(settings: Settings) -> None:
     _check_store(settings.store)
     if settings.users_file is None and not settings.allow_anonymous and not _is_loopback(settings.host):
         raise StartupError(
-            f"refusing to listen on {settings.host} with no users configured: set --users-file, "
-            "or pass --allow-anonymous to let anyone in"
+            f"refusing to listen on {settings.host} with no users configured: set --users-file "
+            "(STOMPGATE_USERS_FILE), or pass --allow-anonymous (STOMPGATE_ALLOW_ANONYMOUS=true) to let anyone in"
         )
     try:
         load_authorizer(settings)

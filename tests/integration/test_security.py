@@ -190,6 +190,8 @@ def test_refuses_a_public_address_without_users(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert "refusing to listen on 0.0.0.0 with no users configured" in result.stderr
     assert "--allow-anonymous" in result.stderr
+    # A container is configured through its environment: the sentence names the variables too.
+    assert "STOMPGATE_USERS_FILE" in result.stderr and "STOMPGATE_ALLOW_ANONYMOUS=true" in result.stderr
 
 
 def test_a_bad_users_file_or_tls_file_is_one_sentence(tmp_path: Path) -> None:

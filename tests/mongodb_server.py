@@ -207,12 +207,17 @@ class PostgresCluster:
             start_new_session=True, check=True, timeout=10,
         )
 
-    def create_database(self) -> str:
-        """A new empty database; returns the URL FerretDB's ``--postgresql-url`` takes."""
-        name = f"ferretdb_{uuid.uuid4().hex[:12]}"
+    def new_database(self, prefix: str) -> str:
+        """A new empty database; returns its name."""
+        name = f"{prefix}_{uuid.uuid4().hex[:12]}"
         with self._lock:
             self._run("psql", "-X", "-q", "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-d", "postgres",
                       "-c", f"CREATE DATABASE {name}")
+        return name
+
+    def create_database(self) -> str:
+        """A new empty database; returns the URL FerretDB's ``--postgresql-url`` takes."""
+        name = self.new_database("ferretdb")
         # FerretDB's default pool (50) deadlocks under ~50 concurrent updates (see the backend's _common); the backend
         # stays under it by itself, and several test processes share one server, so give it room
         return f"postgres://postgres@127.0.0.1:{self.port}/{name}?pool_max_conns=150"

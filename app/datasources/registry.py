@@ -17,7 +17,13 @@ BACKENDS: dict[str, str] = {
     "sqlite": "app.datasources.sqlite",
     "mongodb": "app.datasources.mongodb",
     "mongodb+srv": "app.datasources.mongodb",
+    "postgresql": "app.datasources.postgresql",
+    "postgres": "app.datasources.postgresql",
 }
+
+
+# the pyproject extra that brings a scheme's driver, where it is not named like the scheme
+_EXTRAS = {"mongodb+srv": "mongodb", "postgres": "postgresql"}
 
 
 async def open_datasource(url: str, options: DatasourceOptions | None = None) -> Datasource:
@@ -31,7 +37,7 @@ async def open_datasource(url: str, options: DatasourceOptions | None = None) ->
     except ImportError as exc:
         raise DatasourceError(
             f"the {scheme}:// datasource needs an optional dependency that is not installed ({exc.name}); "
-            f"install it with: pip install 'stompgate[{scheme.split('+')[0]}]'"
+            f"install it with: pip install 'stompgate[{_EXTRAS.get(scheme, scheme)}]'"
         ) from exc
     datasource: Datasource = await module.open_datasource(url, options or DatasourceOptions())
     return datasource

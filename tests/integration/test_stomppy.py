@@ -1,4 +1,4 @@
-"""stomp.py as 1.0, 1.1 and 1.2 against a real gateway process: the delivery rules of DESIGN §3."""
+"""stomp.py as 1.0, 1.1 and 1.2 against a real gateway process: the delivery rules in the README's "Delivery semantics"."""
 
 from __future__ import annotations
 

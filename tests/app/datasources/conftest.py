@@ -20,7 +20,8 @@ TOPIC_RETENTION = 50
 # MongoDB once per test server (tests/mongodb_server.py): "mongodb:ferretdb" takes the backend's FerretDB paths,
 # "mongodb:mongo-java-server" MongoDB's own; with MONGODB_URL set, "mongodb:env" is that server.
 MONGODB = [pytest.param(f"mongodb:{server}", marks=pytest.mark.mongodb) for server in mongodb_servers()]
-BACKENDS = [pytest.param("memory"), pytest.param("sqlite"), *MONGODB]
+POSTGRESQL = [pytest.param("postgresql", marks=pytest.mark.postgresql)]
+BACKENDS = [pytest.param("memory"), pytest.param("sqlite"), *POSTGRESQL, *MONGODB]
 
 
 async def _open(backend: str, request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Datasource:
@@ -30,6 +31,8 @@ async def _open(backend: str, request: pytest.FixtureRequest, tmp_path: os.PathL
         url = "memory://"
     elif backend == "sqlite":
         url = f"sqlite:///{tmp_path}/contract.db"
+    elif backend == "postgresql":
+        url = request.getfixturevalue("postgresql_url")  # one database; each test its own namespace
     else:
         name, _, mode = backend.partition("/")
         url = request.getfixturevalue(SERVER_FIXTURES[name.partition(":")[2]])

@@ -76,6 +76,9 @@ class Backend:
 BACKENDS = [
     pytest.param(Backend("memory://", examples=100, steps=80), id="memory"),
     pytest.param(Backend("sqlite:///{dir}/model.db", examples=80, steps=80), id="sqlite"),
+    pytest.param(
+        Backend("{server}", examples=50, steps=80, server="postgresql_url"), id="postgresql", marks=pytest.mark.postgresql
+    ),
     *(
         pytest.param(Backend("{server}", 30, 80, server=SERVER_FIXTURES[name]), id=f"mongodb-{name}", marks=pytest.mark.mongodb)
         for name in mongodb_servers()

@@ -1,0 +1,97 @@
+"""Datasource on PostgreSQL: ``postgresql://user:password@host:port/database`` (or ``postgres://``), through asyncpg.
+Install with ``pip install 'stompgate[postgresql]'``. Several gateways may share one database: it is the distributed
+engine, and each gateway keeps no state another needs.
+
+Supports: every PollQueue and TailQueue operation; leases with expiry, fenced by lease tokens; dead-lettering to
+``<destination>.DLQ``; selectors evaluated in Python while scanning the backlog (``ScanMark`` budget); a topic log with
+``Gap`` reporting; durable cursors; COMMIT as one transaction (``atomic_changes``). No native (MongoDB-style)
+selectors, no wrapped tables yet.
+
+Durability: a call returns after its transaction committed. With the server's defaults (``fsync`` and
+``synchronous_commit`` on) that commit is on disk, so a RECEIPT means stored; with ``synchronous_commit`` off it
+survives a gateway crash but not a database crash.
+
+Wake-ups across gateways: LISTEN/NOTIFY (``store``); while notifications flow the datasource is not ``shared`` (an
+idle consumer waits for a notification, looking again only at the lease period), and while the listener is down it
+is (consumers poll every ``poll_interval``).
+
+Options used: ``topic_retention``, ``poll_interval``, ``namespace`` (table name prefix). Others are ignored.
+
+Modules: ``store`` (pool, schema migrations, listener, errors), ``rows``, ``queues``, ``topics``; this one joins them
+into a ``Datasource`` and makes a COMMIT one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+from app.datasources.interface import Changes, Datasource, DatasourceOptions, Release
+from app.datasources.postgresql.queues import PgPollQueue
+from app.datasources.postgresql.store import Store
+from app.datasources.postgresql.topics import PgTailQueue
+
+__all__ = ["PgDatasource", "open_datasource"]
+
+
+class PgDatasource(Datasource):
+    atomic_changes = True
+
+    def __init__(self, url: str, store: Store) -> None:
+        self.url = url
+        self.store = store
+        self._queues = PgPollQueue(store)
+        self._topics = PgTailQueue(store)
+        self.queues = self._queues
+        self.topics = self._topics
+        self.shared = not store.listening  # polling while notifications do not flow
+        store.on_listening(self._listening)
+
+    def _listening(self, value: bool) -> None:
+        self.shared = not value
+
+    async def apply(self, changes: Changes) -> None:
+        """A COMMIT's puts, publishes, ACKs and releases in one PostgreSQL transaction: all stored, or none."""
+        queues, topics = self._queues, self._topics
+
+        async def work(conn: asyncpg.Connection) -> tuple[int, set[str]]:
+            newest = 0
+            woken: set[str] = set()
+            if changes.queue:
+                await queues.put_in(conn, changes.queue)
+            if changes.topic:
+                newest = await topics.publish_in(conn, changes.topic)
+            if changes.acks:
+                await queues.ack_in(conn, [i for i, _ in changes.acks], [lease for _, lease in changes.acks])
+            for held, how in ((changes.requeue, Release.REQUEUE), (changes.dead_letter, Release.DEAD_LETTER)):
+                if held:
+                    woken |= await queues.release_in(conn, [i for i, _ in held], how, [lease for _, lease in held])
+            return newest, woken
+
+        if not (changes.queue or changes.topic or changes.acks or changes.requeue or changes.dead_letter):
+            return
+        newest, woken = await self.store.run(work)
+        if changes.queue:
+            queues.after_put(changes.queue)
+        if changes.topic:
+            topics.after_publish(newest, len(changes.topic))
+        queues.after_release(woken)
+
+    async def ping(self) -> None:
+        await self.store.run(lambda conn: conn.fetchval("SELECT 1"), transaction=False)
+
+    async def close(self) -> None:
+        self._queues.close()
+        await self._topics.close()
+        await self.store.close()
+
+
+async def open_datasource(url: str, options: DatasourceOptions) -> Datasource:
+    store = Store(url, options)
+    await store.open()
+    datasource = PgDatasource(url, store)
+    try:
+        await datasource._topics.start()
+    except BaseException:
+        await store.close()
+        raise
+    return datasource

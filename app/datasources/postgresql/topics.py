@@ -1,0 +1,199 @@
+"""Topics on PostgreSQL: an append-only log table (``<ns>_topic_log``) with a retained window, and durable cursors.
+
+How positions are made safe. Positions from a sequence become visible in commit order, not number order: a publisher
+that took 11 may commit before one that took 10, and a follower that read 11 and moved on would never see 10. Here a
+publisher takes its positions by updating the one row of ``<ns>_topic_head`` (``position = position + n``). The row
+lock that UPDATE takes is held until the publisher's transaction ends, so the next publisher waits for it and then
+reads the committed value: positions are handed out, and committed, strictly in number order, and a rolled-back
+publish hands its positions back with its row update. A follower reading ``position > after`` therefore never passes
+a position that is still to come; only trimming removes positions, and a follower it passed gets a ``Gap``. The cost
+is that topic publishes of all gateways on one database are serialized at the commit, which group commit amortizes.
+
+Trimming: each gateway deletes positions older than the newest ``topic_retention`` in the background, at most every
+``max(1, min(1000, topic_retention // 10))`` publishes of its own, or when ``trim()`` is awaited.
+
+Followers read the log in batches after their position; when they reach the end they wait for a notification
+(``pg_notify`` in the publishing transaction, so delivered at its commit) or, while the listener is down, poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Sequence
+
+import asyncpg
+
+from app.datasources import rules
+from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage, Published, TailEvent, TailQueue
+from app.datasources.postgresql.rows import headers_text, message_from_record
+from app.datasources.postgresql.store import Store
+from app.datasources.wakeups import Signals
+
+__all__ = ["PgTailQueue", "TOPIC_PAYLOAD"]
+
+log = logging.getLogger("stompgate.datasource.postgresql")
+
+READ_BATCH = 256
+TOPIC_PAYLOAD = "t"  # the notification payload of a publish (queue payloads carry a destination after a colon)
+IDLE_RECHECK_S = 5.0  # while notifications flow, a follower at the end looks again this often all the same
+
+
+class PgTailQueue(TailQueue):
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._retention = store.options.topic_retention
+        if self._retention < 1:
+            raise DatasourceError("topic_retention must be at least 1")
+        self._trim_every = max(1, min(1000, self._retention // 10))
+        self._published_since_trim = 0
+        self._trimming: asyncio.Task[None] | None = None
+        self._signals = Signals()
+        self._last = 0  # the newest position this gateway knows of
+        self._closed = False
+        t = store.topic_log
+        self._sql_take = f"UPDATE {store.topic_head} SET position = position + $1 RETURNING position"
+        self._sql_insert = (
+            f"INSERT INTO {t} (position, message_id, destination, priority, expires_at, published_at, headers, body) "
+            "SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::smallint[], $5::bigint[], $6::bigint[], "
+            "$7::text[], $8::bytea[])"
+        )
+        self._sql_after = (
+            f"SELECT message_id, destination, headers, body, priority, expires_at, published_at, position, 0, NULL, 0 "
+            f"FROM {t} WHERE position > $1 ORDER BY position LIMIT $2"
+        )
+        self._sql_oldest = f"SELECT min(position) FROM {t}"
+        self._sql_newest = f"SELECT position FROM {store.topic_head}"
+        self._sql_trim = f"DELETE FROM {t} WHERE position <= (SELECT position FROM {store.topic_head}) - $1"
+        store.on_notification(self._notified)
+        store.on_listener_lost(lambda: self._signals.notify("log"))
+
+    async def start(self) -> None:
+        self._last = await self.last_position()
+
+    def _notified(self, payload: str) -> None:
+        if payload == TOPIC_PAYLOAD or payload == "*":
+            self._signals.notify("log")
+
+    # -- writes --------------------------------------------------------------------------------------------------
+
+    async def publish_in(self, conn: asyncpg.Connection, messages: Sequence[NewMessage]) -> int:
+        """Append ``messages`` in the caller's transaction; return the newest position (taken under the head's row
+        lock, which the transaction holds until it ends)."""
+        newest = int(await conn.fetchval(self._sql_take, len(messages)))
+        first = newest - len(messages) + 1
+        await conn.execute(
+            self._sql_insert,
+            list(range(first, newest + 1)),
+            [m.message_id for m in messages],
+            [m.destination for m in messages],
+            [m.priority for m in messages],
+            [m.expires_at for m in messages],
+            [m.published_at for m in messages],
+            [headers_text(m.headers) for m in messages],
+            [m.body for m in messages],
+        )
+        await conn.execute("SELECT pg_notify($1, $2)", self._store.channel, TOPIC_PAYLOAD)
+        return newest
+
+    def after_publish(self, newest: int, count: int) -> None:
+        self._last = max(self._last, newest)
+        self._signals.notify("log")
+        self._published_since_trim += count
+        if self._published_since_trim >= self._trim_every and (self._trimming is None or self._trimming.done()):
+            self._published_since_trim = 0
+            self._trimming = asyncio.get_running_loop().create_task(self._trim_in_background(), name="topic trim")
+
+    async def publish(self, messages: Sequence[NewMessage]) -> list[int]:
+        if not messages:
+            return []
+        newest = await self._store.run(lambda conn: self.publish_in(conn, messages))
+        self.after_publish(newest, len(messages))
+        return list(range(newest - len(messages) + 1, newest + 1))
+
+    async def trim(self) -> None:
+        """Trim the log to ``topic_retention`` messages now."""
+        await self._store.run(lambda conn: conn.execute(self._sql_trim, self._retention), transaction=False)
+
+    async def _trim_in_background(self) -> None:
+        try:
+            await self.trim()
+        except DatasourceUnavailable as exc:  # the next publishes try again
+            log.warning("topic log trim failed: %s", exc)
+
+    # -- reads ---------------------------------------------------------------------------------------------------
+
+    async def _read_after(self, position: int) -> tuple[int | None, list[Published]]:
+        async def work(conn: asyncpg.Connection) -> tuple[int | None, list[Published]]:
+            rows = await conn.fetch(self._sql_after, position, READ_BATCH)
+            oldest = await conn.fetchval(self._sql_oldest)
+            return oldest, [Published(position=r[7], message=message_from_record(r)) for r in rows]
+
+        return await self._store.run(work, transaction=False)
+
+    def follow(self, *, after: int | None) -> AsyncIterator[TailEvent]:
+        # "the current end" is the end when follow() is called, not when the iterator first runs
+        return self._follow(self._last if after is None else after)
+
+    async def _follow(self, position: int) -> AsyncIterator[TailEvent]:
+        backoff = 0.05
+        while not self._closed:
+            wake = self._signals.event("log")  # before the read: a publish committed meanwhile still wakes us
+            try:
+                oldest, batch = await self._read_after(position)
+            except DatasourceUnavailable as exc:  # resume from the last position yielded once it is back
+                log.warning("topic follower: %s", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            backoff = 0.05
+            if not batch:
+                if oldest is not None:
+                    gap = rules.gap_before(oldest, position)
+                    if gap is not None:
+                        yield gap
+                        position = gap.oldest - 1
+                        continue
+                timeout = IDLE_RECHECK_S if self._store.listening else self._store.options.poll_interval
+                await self._signals.wait("log", timeout, wake)
+                continue
+            gap = rules.gap_before(batch[0].position, position)
+            if gap is not None:
+                yield gap
+                position = gap.oldest - 1
+            for entry in batch:
+                if entry.position <= position:
+                    continue
+                position = entry.position
+                self._last = max(self._last, position)
+                yield entry
+
+    async def last_position(self) -> int:
+        newest = await self._store.run(lambda conn: conn.fetchval(self._sql_newest), transaction=False)
+        self._last = max(self._last, int(newest))
+        return int(newest)
+
+    async def save_cursor(self, name: str, position: int) -> None:
+        sql = (
+            f"INSERT INTO {self._store.cursors} (name, position) VALUES ($1, $2) "
+            "ON CONFLICT (name) DO UPDATE SET position = excluded.position"
+        )
+        await self._store.run(lambda conn: conn.execute(sql, name, position), transaction=False)
+
+    async def load_cursor(self, name: str) -> int | None:
+        sql = f"SELECT position FROM {self._store.cursors} WHERE name = $1"
+        value = await self._store.run(lambda conn: conn.fetchval(sql, name), transaction=False)
+        return None if value is None else int(value)
+
+    async def delete_cursor(self, name: str) -> None:
+        sql = f"DELETE FROM {self._store.cursors} WHERE name = $1"
+        await self._store.run(lambda conn: conn.execute(sql, name), transaction=False)
+
+    async def close(self) -> None:
+        self._closed = True
+        self._signals.notify_all()
+        if self._trimming is not None:
+            self._trimming.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DatasourceUnavailable):
+                await self._trimming

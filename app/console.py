@@ -5,7 +5,9 @@ connections and subscriptions, and talks STOMP over the gateway's own WebSocket 
 Assets live in ``app/static``: plain JavaScript, no build step and no CDN.
 
 The page and its assets hold no data, so they load for anyone; the overview names users, peers and destinations, so
-with a users file it needs an ``admin`` bearer token, which the page asks for and keeps in ``sessionStorage``.
+with a users file it needs an ``admin`` bearer token, which the page asks for and keeps in ``sessionStorage``. The
+page's STOMP connection (the tail, and publishing where REST is not served) is checked like any other CONNECT, by
+login and passcode (a bearer token is not accepted there), so the page asks for those too and keeps them alongside.
 """
 
 from __future__ import annotations

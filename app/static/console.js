@@ -14,51 +14,95 @@
   let selected = null;
   const tail = { id: null, destination: null, count: 0 };
 
-  // ---- STOMP connection of the page (publish fallback and tail) ----
-  const stomp = new StompLite(wsUrl, { heartbeat: 10000 });
-  stomp.onstate = (state, detail) => {
-    const el = $('#stomp-state');
-    el.textContent = 'STOMP: ' + state + (state === 'connected' ? ' (' + detail + ')' : '');
-    el.className = 'pill ' + (state === 'connected' ? 'ok' : state === 'closed' ? 'bad' : '');
-    if (tail.id) $('#tail-state').textContent = state === 'connected' ? 'following ' + tail.destination : 'waiting for STOMP…';
-  };
-  stomp.onerror = (error) => console.warn('STOMP', error.message);
-  stomp.start();
-
-  // ---- bearer token: with a users file the overview needs an admin's token; sessionStorage keeps it for this tab ----
-  const TOKEN_KEY = 'stompgate.console.token';
-  const storedToken = () => sessionStorage.getItem(TOKEN_KEY);
+  // ---- sign-in: with a users file, REST (the overview, GET /destinations, publishing) needs an admin's bearer token,
+  // and this page's STOMP connection (the tail, publishing without REST) a login and passcode, since the gateway
+  // checks only those in CONNECT. sessionStorage keeps them for this tab; none of them is ever logged. ----
+  const KEYS = { token: 'stompgate.console.token', login: 'stompgate.console.login', passcode: 'stompgate.console.passcode' };
+  const stored = (name) => sessionStorage.getItem(KEYS[name]);
+  const stompCredentials = () => (stored('login') ? { login: stored('login'), passcode: stored('passcode') || '' } : {});
+  const signIn = { rest: null, stomp: null }; // why REST or STOMP needs a sign-in; null while it works
 
   function withToken(headers) {
-    const token = storedToken();
+    const token = stored('token');
     return Object.assign(token ? { Authorization: 'Bearer ' + token } : {}, headers);
   }
+
+  // ---- STOMP connection of the page (publish fallback and tail) ----
+  const stomp = new StompLite(wsUrl, { heartbeat: 10000, connectHeaders: stompCredentials() });
+  stomp.onstate = (state, detail) => {
+    const el = $('#stomp-state');
+    const login = stored('login');
+    el.textContent = 'STOMP: ' + (state === 'refused' ? 'sign-in needed'
+      : state === 'connected' ? 'connected (' + detail + ')' + (login ? ' as ' + login : '') : state);
+    el.className = 'pill ' + (state === 'connected' ? 'ok' : state === 'closed' || state === 'refused' ? 'bad' : '');
+    if (tail.id) {
+      $('#tail-state').textContent = state === 'connected' ? 'following ' + tail.destination
+        : state === 'refused' ? 'STOMP sign-in needed' : 'waiting for STOMP…';
+    }
+    // StompLite does not retry a refused login (each failure counts towards the gateway's lockout): ask instead.
+    if (state === 'refused') {
+      signIn.stomp = login
+        ? 'The gateway did not accept the passcode of ' + JSON.stringify(login) + ' for this page\'s STOMP connection ('
+          + detail + '): give the user name and passcode again.'
+        : 'The live tail (and publishing where REST is not served) uses STOMP, which needs a user name and passcode ('
+          + detail + ').';
+      renderSignIn();
+    } else if (state === 'connected' && signIn.stomp) {
+      signIn.stomp = null;
+      renderSignIn();
+    }
+  };
+  stomp.onerror = (error) => console.warn('STOMP', error.message); // the gateway's ERROR text: it repeats no secret
+  stomp.start();
 
   async function problemDetail(response) {
     try { const problem = await response.json(); return problem.detail || problem.title || 'HTTP ' + response.status; }
     catch (e) { return 'HTTP ' + response.status; } // not JSON
   }
 
-  // Show the sign-in form with why: no token yet, a token not accepted (401), or a user without the admin role (403).
-  function askForToken(status, detail) {
-    let why;
-    if (status === 403) why = 'This token\'s user may not use the console (' + detail + '): give the token of a user with the admin role.';
-    else if (storedToken()) why = 'The gateway did not accept this token (' + detail + '): give another one.';
-    else why = 'This gateway has users: give the bearer token of a user with the admin role.';
-    $('#auth-message').textContent = why;
-    $('#auth').hidden = false;
-    $('#auth-forget').hidden = !storedToken();
+  // The sign-in form, shown while REST or STOMP is refused, with why for each.
+  function renderSignIn() {
+    for (const [sel, why] of [['#auth-message', signIn.rest], ['#auth-stomp-message', signIn.stomp]]) {
+      $(sel).textContent = why || '';
+      $(sel).hidden = !why;
+    }
+    $('#auth').hidden = !signIn.rest && !signIn.stomp;
+    if (!$('#auth').hidden && !$('#auth-login').value) $('#auth-login').value = stored('login') || '';
+    $('#auth-forget').hidden = !stored('token') && !stored('login');
   }
 
+  // Why REST refused: no token yet, a token not accepted (401), or a user without the admin role (403).
+  function askForToken(status, detail) {
+    if (status === 403) signIn.rest = 'This token\'s user may not use the console (' + detail + '): give the token of a user with the admin role.';
+    else if (stored('token')) signIn.rest = 'The gateway did not accept this token (' + detail + '): give another one.';
+    else signIn.rest = 'This gateway has users: give the bearer token of a user with the admin role.';
+    renderSignIn();
+  }
+
+  // Each part given replaces what the tab keeps: a token alone leaves the STOMP login as it was, and the reverse.
   $('#auth-form').addEventListener('submit', (event) => {
     event.preventDefault();
-    sessionStorage.setItem(TOKEN_KEY, $('#auth-token').value.trim());
+    const token = $('#auth-token').value.trim();
+    const login = $('#auth-login').value.trim();
+    const passcode = $('#auth-passcode').value; // as typed: spaces may be part of it
     $('#auth-token').value = '';
-    rest.checkedAt = 0; // ask GET /destinations again with the token
-    poll();
+    $('#auth-passcode').value = '';
+    if (token) {
+      sessionStorage.setItem(KEYS.token, token);
+      rest.checkedAt = 0; // ask GET /destinations again with the token
+      poll();
+    }
+    if (login) {
+      sessionStorage.setItem(KEYS.login, login);
+      sessionStorage.setItem(KEYS.passcode, passcode);
+      stomp.restart(stompCredentials()); // the tail, if any, is subscribed again on the new connection
+    }
   });
   $('#auth-forget').addEventListener('click', () => {
-    sessionStorage.removeItem(TOKEN_KEY);
+    const hadLogin = stored('login');
+    Object.values(KEYS).forEach((key) => sessionStorage.removeItem(key));
+    $('#auth-login').value = '';
+    if (hadLogin) stomp.restart({}); // drop the signed-in STOMP session; with users, the gateway refuses the new one
     poll(); // with users, this asks for a token again; without, nothing changes
   });
 
@@ -90,8 +134,10 @@
     try {
       const [overview, restList] = await Promise.all([fetchJson('/console/api/overview'), restDestinations(now)]);
       update(overview, restList, now);
-      $('#auth').hidden = true;
-      $('#auth-forget').hidden = !storedToken();
+      if (signIn.rest) {
+        signIn.rest = null;
+        renderSignIn();
+      }
       $('#poll-state').textContent = 'live';
       $('#poll-state').className = 'pill ok';
     } catch (error) {
@@ -106,12 +152,14 @@
     return before == null || seconds <= 0 ? 0 : Math.max(0, (current - before) / seconds);
   }
 
+  // One row per destination, keyed by the full destination ("/queue/orders"): the overview's name is that, and REST
+  // items carry it as destination (their name is the part after the kind, "orders", the same for a queue and topic).
   function update(overview, restList, now) {
     const seconds = previous ? (overview.now_ms - previous.now_ms) / 1000 : 0;
     const before = new Map((previous ? previous.destinations : []).map((d) => [d.name, d]));
-    const restByName = new Map((restList || []).map((d) => [d.name, d]));
+    const restByDestination = new Map((restList || []).map((d) => [d.destination, d]));
     const rows = overview.destinations.map((d) => {
-      const r = restByName.get(d.name);
+      const r = restByDestination.get(d.name);
       const old = before.get(d.name);
       return {
         name: d.name, kind: d.kind,
@@ -120,8 +168,9 @@
         deliver: r ? r.deliver_rate : rate(d.delivered_total, old && old.delivered_total, seconds),
       };
     });
-    for (const r of restList || []) if (!rows.some((row) => row.name === r.name)) {
-      rows.push({ name: r.name, kind: r.kind, depth: r.depth, unacked: r.unacked, consumers: r.consumers,
+    const listed = new Set(rows.map((row) => row.name));
+    for (const r of restList || []) if (!listed.has(r.destination)) {
+      rows.push({ name: r.destination, kind: r.kind, depth: r.depth, unacked: r.unacked, consumers: r.consumers,
         publish: r.publish_rate, deliver: r.deliver_rate });
     }
     rows.sort((a, b) => a.name.localeCompare(b.name));
@@ -259,6 +308,7 @@
     g.textBaseline = 'top';
     for (let m = 0; m <= 5; m++) {
       const x = left + plotW - (plotW * m) / 5;
+      g.textAlign = m === 0 ? 'right' : 'center'; // 'now' sits at the right edge: centred, the canvas cut it
       g.fillText(m === 0 ? 'now' : '-' + m + 'm', x, top + plotH + 5);
     }
     const x = (t) => left + plotW * (1 - (now - t) / WINDOW_MS);
@@ -314,12 +364,13 @@
     return Math.floor(seconds / 3600) + 'h ' + Math.floor((seconds % 3600) / 60) + 'm';
   }
 
+  // A click on a destination: select it for the charts, fill both forms, and follow it (as the page's hint says).
   function choose(name) {
     selected = name;
     $('#pub-destination').value = name;
     $('#tail-destination').value = name;
     document.querySelectorAll('#destinations tbody tr').forEach((tr) => tr.classList.toggle('selected', tr.dataset.name === name));
-    $('#tail-queue-note').hidden = !name.startsWith('/queue/');
+    if (tail.id === null || tail.destination !== name) follow(name); // clicking the followed row keeps its list
     drawCharts(Date.now());
   }
 
@@ -364,6 +415,7 @@
       const headers = parseHeaders($('#pub-headers').value);
       const body = $('#pub-body').value;
       const viaRest = rest.available && (await publishRest(destination, headers, body));
+      if (!viaRest && stomp.state === 'refused') throw new Error('STOMP needs a sign-in with a user name and passcode');
       if (!viaRest) await stomp.send(destination, body, headers);
       result.className = 'ok-text';
       result.textContent = 'stored (' + (viaRest ? 'REST' : 'STOMP receipt') + ') at ' + new Date().toLocaleTimeString();
@@ -386,10 +438,9 @@
     $('#tail-state').textContent = 'not following';
   }
 
-  $('#tail-form').addEventListener('submit', (event) => {
-    event.preventDefault();
+  // Follow one destination: the page keeps one tail, so the previous one is unsubscribed first.
+  function follow(destination) {
     stopTail();
-    const destination = $('#tail-destination').value.trim();
     tail.destination = destination;
     $('#tail-list').replaceChildren();
     $('#tail-queue-note').hidden = !destination.startsWith('/queue/');
@@ -399,7 +450,8 @@
       const meta = document.createElement('span');
       meta.className = 'meta';
       const extra = Object.entries(message.headers)
-        .filter(([k]) => !['destination', 'subscription', 'message-id', 'content-length', 'ack'].includes(k))
+        .filter(([k, v]) => !['destination', 'subscription', 'message-id', 'content-length', 'ack'].includes(k)
+          && !(k === 'redelivered' && v === 'false')) // worth a look only when true
         .map(([k, v]) => k + ':' + v).join(' ');
       meta.textContent = new Date().toLocaleTimeString() + ' ' + message.headers.destination + (extra ? ' ' + extra : '') + '\n';
       li.appendChild(meta);
@@ -411,11 +463,18 @@
       while (list.children.length > TAIL_KEEP) list.removeChild(list.lastChild);
     });
     $('#tail-stop').disabled = false;
-    $('#tail-state').textContent = stomp.state === 'connected' ? 'following ' + destination : 'waiting for STOMP…';
+    $('#tail-state').textContent = stomp.state === 'connected' ? 'following ' + destination
+      : stomp.state === 'refused' ? 'STOMP sign-in needed' : 'waiting for STOMP…';
+  }
+
+  $('#tail-form').addEventListener('submit', (event) => {
+    event.preventDefault();
+    follow($('#tail-destination').value.trim());
   });
   $('#tail-stop').addEventListener('click', stopTail);
 
   window.addEventListener('resize', () => drawCharts(Date.now()));
+  renderSignIn(); // the Sign out button of a tab that kept its sign-in, even when nothing is refused
   poll();
   setInterval(poll, 1000);
 })();

@@ -1,5 +1,7 @@
 // StompLite: the console's own small STOMP 1.2 client over WebSocket. Plain JavaScript, no dependencies.
 // Offers v12/v11/v10.stomp, sends heart-beats, reconnects with back-off, re-subscribes, and resolves RECEIPTs.
+// An ERROR before CONNECTED (a refused login) ends in state 'refused' without reconnecting: retrying the same
+// credentials cannot succeed, and each failure counts towards the gateway's lockout of that login.
 (function (global) {
   'use strict';
   const encoder = new TextEncoder();
@@ -32,6 +34,22 @@
     }
 
     start() { this._want = true; if (!this.ws) this._open(); }
+
+    // Connect again at once with these CONNECT headers (e.g. login and passcode), keeping the subscriptions. The old
+    // socket is detached first, so nothing it still receives (a late ERROR, its close) touches the new connection.
+    restart(connectHeaders) {
+      this.options.connectHeaders = Object.assign({}, connectHeaders || {});
+      this._want = true;
+      const old = this.ws;
+      if (old) {
+        old.onopen = null;
+        old.onmessage = null;
+        old.onclose = null;
+        old.close(1000);
+        this._closed();
+      }
+      this._open();
+    }
 
     stop() {
       this._want = false;
@@ -81,6 +99,7 @@
     }
 
     _open() {
+      this._refused = null;
       this._setState('connecting');
       this.buffer = new Uint8Array(0);
       const ws = new WebSocket(this.url, ['v12.stomp', 'v11.stomp', 'v10.stomp']);
@@ -99,17 +118,25 @@
         this._parse();
       };
       ws.onclose = (event) => {
-        this._timers.forEach(clearInterval);
-        this._timers = [];
-        this.ws = null;
-        for (const pending of this.receipts.values()) pending.reject(new Error('connection closed'));
-        this.receipts.clear();
+        this._closed();
+        if (this._refused) {
+          this._setState('refused', this._refused.message);
+          return;
+        }
         this._setState('closed', 'code ' + event.code);
         if (this._want) {
           setTimeout(() => { if (this._want && !this.ws) this._open(); }, this._backoff);
           this._backoff = Math.min(this._backoff * 2, 10000);
         }
       };
+    }
+
+    _closed() {
+      this._timers.forEach(clearInterval);
+      this._timers = [];
+      this.ws = null;
+      for (const pending of this.receipts.values()) pending.reject(new Error('connection closed'));
+      this.receipts.clear();
     }
 
     _frame(command, headers, body, raw) {
@@ -185,6 +212,7 @@
         const error = new Error((headers.message || 'ERROR') + (body.length ? ': ' + decoder.decode(body) : ''));
         const pending = this.receipts.get(headers['receipt-id']);
         if (pending) pending.reject(error);
+        if (this.state !== 'connected') this._refused = error; // the gateway closes the socket next
         this.onerror(error);
       }
     }

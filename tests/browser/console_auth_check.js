@@ -29,8 +29,9 @@ main(async () => {
 
     await page.fill('#auth-token', adminToken);
     await page.click('#auth-submit');
+    // REST is satisfied; the form stays for the STOMP login, which a token cannot give (console_auth_tail_check.js).
     await page.waitForFunction(() => document.querySelector('#poll-state').textContent === 'live'
-      && document.querySelector('#auth').hidden, null, { timeout: 5000 });
+      && document.querySelector('#auth-message').hidden, null, { timeout: 5000 });
     report.stored = await page.evaluate(() => sessionStorage.getItem('stompgate.console.token'));
     report.uptime = await page.textContent('#uptime');
 

@@ -20,4 +20,13 @@ function main(fn) {
   );
 }
 
-module.exports = { launch, main };
+// Where the page was when a wait failed: the text of a few elements (nothing when the page never opened).
+async function pageState(page, selectors) {
+  if (!page) return null;
+  return page.evaluate((sels) => sels.map((sel) => {
+    const el = document.querySelector(sel);
+    return sel + '=' + (el ? el.textContent : '(none)');
+  }), selectors).catch((e) => String(e));
+}
+
+module.exports = { launch, main, pageState };

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,12 +10,31 @@ from tests.gateway_process import Gateway, run_gateway
 from tests.raw_stomp import RawClient
 
 
+GATEWAY_ARGS = ["--heartbeat-ms", "1000", "--lease-ms", "5000"]
+
+# The STOMP behaviour suites (test_tcp_raw, test_stomppy) run on every SQL store: they take ``gateway`` over these.
+SQL_STORES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     """One real gateway process on the embedded SQLite store, shared by a module's tests."""
     tmp: Path = tmp_path_factory.mktemp("gateway")
-    with run_gateway(tmp, extra=["--heartbeat-ms", "1000", "--lease-ms", "5000"]) as gw:
+    with run_gateway(tmp, extra=GATEWAY_ARGS) as gw:
         yield gw
+
+
+def gateway_on(store: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """A module's gateway on ``store`` ("sqlite", or "postgresql": the session's database, a namespace of its own)."""
+    tmp: Path = tmp_path_factory.mktemp("gateway")
+    if store == "postgresql":
+        url = request.getfixturevalue("postgresql_url")
+        extra = [*GATEWAY_ARGS, "--namespace", f"g{uuid.uuid4().hex[:12]}"]
+        with run_gateway(tmp, url, extra=extra) as gw:
+            yield gw
+    else:
+        with run_gateway(tmp, extra=GATEWAY_ARGS) as gw:
+            yield gw
 
 
 @pytest.fixture

@@ -7,10 +7,18 @@ import uuid
 
 import pytest
 
+from collections.abc import Iterator
+
 from tests.gateway_process import Gateway
+from tests.integration.conftest import SQL_STORES, gateway_on
 from tests.integration.stomppy_helpers import connect
 
 VERSIONS = ["1.0", "1.1", "1.2"]
+
+@pytest.fixture(scope="module", params=SQL_STORES)
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """This module's behaviour runs on each SQL store."""
+    yield from gateway_on(request.param, request, tmp_path_factory)
 
 
 def unique(kind: str) -> str:

@@ -7,11 +7,18 @@ import uuid
 
 import pytest
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from tests.gateway_process import Gateway
+from tests.integration.conftest import SQL_STORES, gateway_on
 from tests.raw_stomp import RawClient
 
 Raw = Callable[[], RawClient]
+
+@pytest.fixture(scope="module", params=SQL_STORES)
+def gateway(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
+    """This module's behaviour runs on each SQL store."""
+    yield from gateway_on(request.param, request, tmp_path_factory)
 
 
 def q() -> str:

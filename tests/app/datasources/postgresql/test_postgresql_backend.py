@@ -1,0 +1,178 @@
+"""PostgreSQL-only behaviour: topic positions commit in number order, other gateways' work wakes a waiter through
+LISTEN/NOTIFY, the schema is versioned, a COMMIT is one transaction, and start-up failures are one sentence."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from app.datasources.interface import Changes, DatasourceError, DatasourceOptions, NewMessage, Published
+from app.datasources.postgresql import PgDatasource
+from app.datasources.registry import open_datasource
+from tests.gateway_process import free_port
+
+pytestmark = pytest.mark.postgresql
+
+NOW = 1_700_000_000_000
+
+
+def msg(n: int | str, destination: str = "/queue/pg", priority: int = 4) -> NewMessage:
+    return NewMessage(
+        message_id=f"m-{n}-{uuid.uuid4().hex[:8]}", destination=destination, headers={"n": str(n)}, body=b"x",
+        priority=priority, published_at=NOW,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def namespace() -> str:
+    return f"p{uuid.uuid4().hex[:12]}"
+
+
+async def open_pg(url: str, namespace: str, **options: object) -> PgDatasource:
+    ds = await open_datasource(url, DatasourceOptions(namespace=namespace, **options))  # type: ignore[arg-type]
+    assert isinstance(ds, PgDatasource)
+    return ds
+
+
+@pytest.fixture
+async def two_gateways(postgresql_url: str, namespace: str) -> AsyncIterator[tuple[PgDatasource, PgDatasource]]:
+    a, b = await open_pg(postgresql_url, namespace), await open_pg(postgresql_url, namespace)
+    try:
+        yield a, b
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def waiting_on_locks(conn: asyncpg.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"))
+
+
+async def test_a_follower_never_passes_a_position_whose_transaction_is_open(
+    two_gateways: tuple[PgDatasource, PgDatasource], postgresql_url: str
+) -> None:
+    a, b = two_gateways
+    follower = b.topics.follow(after=0)
+    # Gateway A's publish of m1 is held open in the middle of its transaction (after taking its position).
+    async with a.store.connection() as held:
+        tx = held.transaction()
+        await tx.start()
+        first = await a._topics.publish_in(held, [msg(1, "/topic/t")])
+        # Meanwhile gateway B publishes m2: it must not commit a position past m1's while m1 is uncommitted.
+        second = asyncio.ensure_future(b.topics.publish([msg(2, "/topic/t")]))
+        probe = await asyncpg.connect(postgresql_url)
+        try:
+            # B's publish must come to wait for A's head row lock (were positions a sequence's, it would complete)
+            while not second.done() and await waiting_on_locks(probe) == 0:
+                await asyncio.sleep(0.01)
+        finally:
+            await probe.close()
+        assert not second.done()
+        await tx.commit()
+    assert first == 1
+    assert await asyncio.wait_for(second, 10) == [2]
+    seen = []
+    async for event in follower:
+        assert isinstance(event, Published)
+        seen.append((event.position, event.message.headers["n"]))
+        if len(seen) == 2:
+            break
+    assert seen == [(1, "1"), (2, "2")]
+
+
+async def test_a_rolled_back_publish_leaves_no_hole(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:
+    a, b = two_gateways
+    async with a.store.connection() as conn:
+        tx = conn.transaction()
+        await tx.start()
+        await a._topics.publish_in(conn, [msg(1, "/topic/t"), msg(2, "/topic/t")])
+        await tx.rollback()
+    assert await b.topics.publish([msg(3, "/topic/t")]) == [1]
+
+
+async def test_another_gateways_put_wakes_a_waiter(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:
+    a, b = two_gateways
+    assert a.store.listening and b.store.listening and not a.shared
+    token = b.queues.wake_token("/queue/pg")
+    waiter = asyncio.ensure_future(b.queues.wait("/queue/pg", 600, token))
+    await a.queues.put([msg(1)])
+    await asyncio.wait_for(waiter, 30)  # long before the 600 s timeout: the notification woke it
+    [claimed] = await b.queues.claim("/queue/pg", owner="b", limit=5, lease_ms=30_000, now_ms=NOW)
+    assert claimed.headers == {"n": "1"}
+
+
+async def test_another_gateways_publish_wakes_a_follower(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:
+    a, b = two_gateways
+    follower = b.topics.follow(after=None)
+    nxt = asyncio.ensure_future(anext(follower))
+    await a.topics.publish([msg(1, "/topic/t")])
+    event = await asyncio.wait_for(nxt, 30)  # the follower waits IDLE_RECHECK_S between looks: woken before that
+    assert isinstance(event, Published) and event.position == 1
+
+
+async def test_a_commit_is_one_transaction(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:
+    a, _ = two_gateways
+    await a.queues.put([msg("held")])
+    [held] = await a.queues.claim("/queue/pg", owner="a", limit=1, lease_ms=30_000, now_ms=NOW)
+    existing = msg("dup")
+    await a.queues.put([existing])
+    changes = Changes(queue=[msg("new")], topic=[msg("t", "/topic/t")], acks=[(held.message_id, held.lease)])
+    with pytest.raises(DatasourceError):  # the topic and ACK parts are fine; the duplicate id spoils the lot
+        await a.apply(Changes(queue=[*changes.queue, existing], topic=changes.topic, acks=changes.acks))
+    assert await a.topics.last_position() == 0
+    stats = await a.queues.stats("/queue/pg", now_ms=NOW)
+    assert (stats.ready, stats.unacked) == (1, 1)  # "dup" ready, "held" still leased: nothing of the COMMIT
+    await a.apply(changes)
+    stats = await a.queues.stats("/queue/pg", now_ms=NOW)
+    assert (stats.ready, stats.unacked, await a.topics.last_position()) == (2, 0, 1)
+
+
+async def test_the_schema_is_versioned_and_a_newer_one_is_refused(postgresql_url: str, namespace: str) -> None:
+    ds = await open_pg(postgresql_url, namespace)
+    await ds.close()
+    conn = await asyncpg.connect(postgresql_url)
+    try:
+        assert await conn.fetchval(f'SELECT version FROM "{namespace}_schema"') == 1
+        await conn.execute(f'UPDATE "{namespace}_schema" SET version = 99')
+    finally:
+        await conn.close()
+    with pytest.raises(DatasourceError, match="version 99, newer than this stompgate knows"):
+        await open_pg(postgresql_url, namespace)
+
+
+async def test_gateways_starting_together_create_the_schema_once(postgresql_url: str, namespace: str) -> None:
+    opened = await asyncio.gather(*(open_pg(postgresql_url, namespace) for _ in range(4)))
+    for ds in opened:
+        await ds.close()
+
+
+def serve(store: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", "from app.cli import main; main()", "serve", "--store", store,
+         "--stomp-port", str(free_port()), "--http-port", str(free_port())],
+        capture_output=True, text=True, timeout=60, cwd=cwd, env=dict(os.environ),
+    )  # fmt: skip
+
+
+def test_start_up_failures_are_one_sentence(postgresql_url: str, tmp_path: Path) -> None:
+    base = postgresql_url.rsplit("/", 1)[0]
+    port = base.rsplit(":", 1)[1]
+    cases = {
+        f"{base}/no_such_database": "has no database no_such_database",
+        f"postgresql://nobody@127.0.0.1:{port}/postgres": "refused the login",
+        f"postgresql://postgres@127.0.0.1:{free_port()}/postgres": "cannot reach PostgreSQL at 127.0.0.1:",
+    }
+    for url, phrase in cases.items():
+        result = serve(url, tmp_path)
+        assert result.returncode != 0, url
+        assert "Traceback" not in result.stderr, result.stderr
+        lines = [line for line in result.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and phrase in lines[0], (url, result.stderr)

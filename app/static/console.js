@@ -370,7 +370,10 @@
     $('#pub-destination').value = name;
     $('#tail-destination').value = name;
     document.querySelectorAll('#destinations tbody tr').forEach((tr) => tr.classList.toggle('selected', tr.dataset.name === name));
-    if (tail.id === null || tail.destination !== name) follow(name); // clicking the followed row keeps its list
+    // A topic is followed at once. Following a queue makes this page one of its consumers and takes its messages, so
+    // a click on a queue only fills in the forms: the Follow button says that is meant.
+    if (name.startsWith('/topic/') && (tail.id === null || tail.destination !== name)) follow(name);
+    $('#tail-queue-note').hidden = !name.startsWith('/queue/');
     drawCharts(Date.now());
   }
 

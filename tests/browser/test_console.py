@@ -82,19 +82,21 @@ def test_each_destination_is_one_row_with_rest_and_overview_merged(browser_kit: 
     assert report["merged"] is True
 
 
-def test_clicking_a_destination_follows_it(browser_kit: BrowserKit, gateway: LiveApp) -> None:
-    queue_a, queue_b = "/queue/console-click-a", "/queue/console-click-b"
+def test_clicking_a_topic_follows_it_and_a_queue_only_fills_the_forms(browser_kit: BrowserKit, gateway: LiveApp) -> None:
+    topic_a, topic_b, queue = "/topic/console-click-a", "/topic/console-click-b", "/queue/console-click"
     with httpx.Client(base_url=gateway.http_url, timeout=5) as http:
-        for queue in (queue_a, queue_b):
-            _publish(http, queue, f"backlog of {queue}")
-    report = browser_kit.run("console_click_tail_check.js", gateway.http_url + "/", queue_a, queue_b)
+        for destination in (topic_a, topic_b, queue):  # traffic puts a topic in the list; the queue keeps its message
+            _publish(http, destination, f"before the page, to {destination}")
+    report = browser_kit.run("console_click_tail_check.js", gateway.http_url + "/", topic_a, topic_b, queue)
     assert report["ok"], report
     assert report["publishStatus"] == 201
     assert "published after the click" in report["tailText"]
-    assert f"backlog of {queue_a}" not in report["tailText"]  # a new tail starts with an empty list
-    assert report["publishForm"] == queue_b
+    assert report["tailStateAfterQueueClick"] == f"following {topic_b}"  # the queue's click took over no tail
+    assert report["queueNoteShown"] is True
+    assert (report["publishForm"], report["tailForm"]) == (queue, queue)
     assert report["stopEnabled"] is True
-    assert report["pageSubscriptions"] == [queue_b]
+    assert report["pageSubscriptions"] == [topic_b]
+    assert report["queueDepth"] == 1  # a click took none of the queue's messages
 
 
 def test_console_under_traffic_and_its_picture(

@@ -1,4 +1,4 @@
-// Shared by the browser scripts: headless Chromium from the system (no downloaded browser), as DESIGN.md section 6 says.
+// Shared by the browser scripts: headless Chromium from the system (no downloaded browser), so that the tests need nothing downloaded at run time.
 'use strict';
 const { chromium } = require('playwright-core');
 

@@ -152,9 +152,13 @@ def end_server_process(process: subprocess.Popen[bytes] | None, sig: signal.Sign
 
 
 class PostgresCluster:
-    """A private PostgreSQL cluster for FerretDB: temp data dir, 127.0.0.1 only, trust auth, no fsync."""
+    """A private PostgreSQL cluster: temp data dir, 127.0.0.1 only, trust auth. For FerretDB and most tests without
+    fsync; ``durable`` ones with PostgreSQL's own defaults (fsync, synchronous_commit, full_page_writes), for the
+    tests that kill the server and count what survived. ``kill()`` crashes it (SIGKILL to every process of the
+    cluster), ``start()`` brings it back on the same port and data."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = False) -> None:
+        self.durable = durable
         bin_dir = postgres_bin_dir()
         if bin_dir is None:
             raise RuntimeError("PostgreSQL binaries not found")
@@ -181,15 +185,19 @@ class PostgresCluster:
             raise RuntimeError(f"{' '.join(args[:2])} failed ({result.returncode}): {result.stderr or result.stdout}")
 
     def start(self) -> None:
-        self._run("initdb", "-D", self.data_dir, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync",
-                  "--no-instructions")
+        first = not os.path.isdir(self.data_dir)
+        if first:
+            self._run("initdb", "-D", self.data_dir, "-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync",
+                      "--no-instructions")
+        unsafe = "" if self.durable else "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
         options = (
-            f"-k {self.base_dir} -h 127.0.0.1 -p {self.port} -c fsync=off -c synchronous_commit=off "
-            "-c full_page_writes=off -c max_connections=200 -c shared_buffers=64MB"
+            f"-k {self.base_dir} -h 127.0.0.1 -p {self.port} {unsafe}-c max_connections=200 -c shared_buffers=64MB"
         )
         self._run("pg_ctl", "-D", self.data_dir, "-l", os.path.join(self.base_dir, "postgres.log"), "-w",
                   "-t", str(int(START_TIMEOUT_S)), "-o", options, "start")
         self.started = True
+        if not first:
+            return
         # pg_ctl daemonizes the server: if this process dies without running atexit (SIGKILL, a timeout), a small
         # watchdog stops the cluster and removes its directory.
         stop = " ".join(
@@ -221,6 +229,46 @@ class PostgresCluster:
         # FerretDB's default pool (50) deadlocks under ~50 concurrent updates (see the backend's _common); the backend
         # stays under it by itself, and several test processes share one server, so give it room
         return f"postgres://postgres@127.0.0.1:{self.port}/{name}?pool_max_conns=150"
+
+    def kill(self) -> None:
+        """Crash the server: SIGKILL to the postmaster and every process it started, as a power cut would leave it
+        (with fsync on, what was committed is on disk)."""
+        with open(os.path.join(self.data_dir, "postmaster.pid")) as pid_file:
+            postmaster = int(pid_file.readline())
+        children = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as stat:
+                        ppid = int(stat.read().rsplit(")", 1)[1].split()[1])
+                except (OSError, ValueError, IndexError):
+                    continue
+                if ppid == postmaster:
+                    children.append(int(entry))
+        for pid in [postmaster, *children]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in [postmaster, *children]:  # gone (zombies of an exited parent are reaped by init)
+            deadline = time.monotonic() + 10
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                try:
+                    with open(f"/proc/{pid}/stat") as stat:
+                        if stat.read().rsplit(")", 1)[1].split()[0] == "Z":
+                            break
+                except OSError:
+                    break
+                time.sleep(0.02)
+        # The postmaster may linger as a zombie where nothing reaps it (a container's PID 1): its PID still answers,
+        # so the restarted server would take it for a live one. After a real crash that PID is gone; so are the lock
+        # files naming it.
+        for lock in ("data/postmaster.pid", f".s.PGSQL.{self.port}.lock", f".s.PGSQL.{self.port}"):
+            try:
+                os.unlink(os.path.join(self.base_dir, lock))
+            except FileNotFoundError:
+                pass
+        self.started = False
 
     def stop(self) -> None:
         if self.started:

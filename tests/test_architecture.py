@@ -78,7 +78,10 @@ def test_routes_and_transports_never_import_a_backend(path: Path) -> None:
 
 # The shared layer every backend builds on: the contract, the delivery rules with their store forms, wake-ups, and
 # selector scans. It imports nothing but the contract, so a new backend is its storage primitives on top of it.
-SHARED = ("app.datasources.interface", "app.datasources.rules", "app.datasources.wakeups", "app.datasources.scanning")
+SHARED = (
+    "app.datasources.interface", "app.datasources.rules", "app.datasources.wakeups", "app.datasources.scanning",
+    "app.datasources.failover",
+)
 BACKEND_PACKAGES = ("app.datasources.sqlite", "app.datasources.mongodb", "app.datasources.postgresql")
 
 

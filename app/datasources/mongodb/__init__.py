@@ -38,7 +38,7 @@ from pymongo.errors import ConfigurationError, ConnectionFailure, PyMongoError
 
 from app.datasources.interface import Datasource, DatasourceError, DatasourceOptions, DatasourceUnavailable
 from app.datasources.mongodb._common import Collection, Doc, ServerInfo, detect_server, limit_writes
-from app.datasources.mongodb._failover import FailoverWriter
+from app.datasources.failover import FailoverWriter
 from app.datasources.mongodb._sequence import SequenceAllocator
 from app.datasources.mongodb.queues import MongoPollQueue
 from app.datasources.mongodb.topics import MongoTailQueue
@@ -111,7 +111,7 @@ async def open_datasource(url: str, options: DatasourceOptions) -> Datasource:
         server = await detect_server(db)
         if server.is_ferretdb:
             limit_writes(client)
-        writer = FailoverWriter(options.failover_buffer)
+        writer = FailoverWriter(options.failover_buffer, unavailable=(ConnectionFailure,), database="MongoDB")
         sequences = SequenceAllocator(Collection(db[f"{options.namespace}.counters"]), ferretdb=server.is_ferretdb)
         queues = MongoPollQueue(
             db,

@@ -55,7 +55,7 @@ from app.datasources.mongodb._common import (
     translate_selector,
     unavailable_on_disconnect,
 )
-from app.datasources.mongodb._failover import FailoverWriter
+from app.datasources.failover import FailoverWriter
 from app.datasources.mongodb._sequence import SequenceAllocator
 from app.datasources.mongodb.ferretdb_claims import (
     RELEASE_HOLD_MS,

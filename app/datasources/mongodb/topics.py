@@ -85,7 +85,7 @@ from app.datasources.mongodb._common import (
     stored_from_doc,
     unavailable_on_disconnect,
 )
-from app.datasources.mongodb._failover import FailoverWriter
+from app.datasources.failover import FailoverWriter
 from app.datasources.mongodb._sequence import SequenceAllocator
 from app.datasources.wakeups import Signals
 

@@ -15,7 +15,12 @@ Wake-ups across gateways: LISTEN/NOTIFY (``store``); while notifications flow th
 idle consumer waits for a notification, looking again only at the lease period), and while the listener is down it
 is (consumers poll every ``poll_interval``).
 
-Options used: ``topic_retention``, ``poll_interval``, ``namespace`` (table name prefix). Others are ignored.
+Failover: puts, publishes and COMMITs that meet an unreachable server wait in a bounded buffer
+(``failover_buffer`` messages; their RECEIPTs wait with them) and are replayed in order once it answers again; a
+replay after an answer lost in the outage finds what that attempt committed and does not store it twice.
+
+Options used: ``topic_retention``, ``poll_interval``, ``failover_buffer``, ``namespace`` (table name prefix). Others
+are ignored.
 
 Modules: ``store`` (pool, schema migrations, listener, errors), ``rows``, ``queues``, ``topics``; this one joins them
 into a ``Datasource`` and makes a COMMIT one transaction.
@@ -53,13 +58,13 @@ class PgDatasource(Datasource):
         """A COMMIT's puts, publishes, ACKs and releases in one PostgreSQL transaction: all stored, or none."""
         queues, topics = self._queues, self._topics
 
-        async def work(conn: asyncpg.Connection) -> tuple[int, set[str]]:
+        async def work(conn: asyncpg.Connection, retry: bool) -> tuple[int, set[str]]:
             newest = 0
             woken: set[str] = set()
             if changes.queue:
-                await queues.put_in(conn, changes.queue)
+                await queues.put_in(conn, changes.queue, retry)
             if changes.topic:
-                newest = await topics.publish_in(conn, changes.topic)
+                newest = await topics.publish_in(conn, changes.topic, retry)
             if changes.acks:
                 await queues.ack_in(conn, [i for i, _ in changes.acks], [lease for _, lease in changes.acks])
             for held, how in ((changes.requeue, Release.REQUEUE), (changes.dead_letter, Release.DEAD_LETTER)):
@@ -69,7 +74,12 @@ class PgDatasource(Datasource):
 
         if not (changes.queue or changes.topic or changes.acks or changes.requeue or changes.dead_letter):
             return
-        newest, woken = await self.store.run(work)
+        async def write(retry: bool) -> tuple[int, set[str]]:
+            # A retry finds what a lost-but-committed attempt stored and does not store it again; ACKs and releases
+            # are fenced by lease tokens, so applying them twice changes nothing the second time.
+            return await self.store.run(lambda conn: work(conn, retry))
+
+        newest, woken = await self.store.writer.run(len(changes.queue) + len(changes.topic), write)
         if changes.queue:
             queues.after_put(changes.queue)
         if changes.topic:

@@ -71,6 +71,7 @@ class PgPollQueue(PollQueue):
             "SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::bigint[], $5::bigint[], $6::text[], "
             "$7::bytea[])"
         )
+        self._sql_put_again = self._sql_put + " ON CONFLICT (message_id) DO NOTHING"
         self._sql_notify = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
         self._sql_claim = (
             f"WITH ready AS (SELECT seq, priority FROM {m} WHERE {ready} ORDER BY {_ORDER} LIMIT $5 "
@@ -130,9 +131,11 @@ class PgPollQueue(PollQueue):
 
     # -- writes that other modules join into one transaction (PgDatasource.apply) ---------------------------------
 
-    async def put_in(self, conn: asyncpg.Connection, messages: Sequence[NewMessage]) -> None:
+    async def put_in(self, conn: asyncpg.Connection, messages: Sequence[NewMessage], retry: bool = False) -> None:
+        """Insert ``messages`` in the caller's transaction. With ``retry`` (an earlier attempt may have committed
+        before its answer was lost) the ids already stored are this very put's, and are skipped."""
         await conn.execute(
-            self._sql_put,
+            self._sql_put_again if retry else self._sql_put,
             [m.message_id for m in messages],
             [m.destination for m in messages],
             [m.priority for m in messages],
@@ -179,7 +182,11 @@ class PgPollQueue(PollQueue):
     async def put(self, messages: Sequence[NewMessage]) -> None:
         if not messages:
             return
-        await self._store.run(lambda conn: self.put_in(conn, messages))
+
+        async def write(retry: bool) -> None:
+            await self._store.run(lambda conn: self.put_in(conn, messages, retry))
+
+        await self._store.writer.run(len(messages), write)
         self.after_put(messages)
 
     async def claim(

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from app.datasources.failover import FailoverWriter
 from app.datasources.interface import DatasourceError, DatasourceOptions, DatasourceUnavailable
 
 __all__ = ["Store", "UNAVAILABLE", "quote", "SCHEMA_VERSION"]
@@ -113,6 +114,8 @@ class Store:
         self.topic_head = self.table("topic_head")
         self.cursors = self.table("cursors")
         self.pool: asyncpg.Pool | None = None
+        # Writes that meet an unreachable server wait here (their RECEIPTs with them) and are replayed when it returns.
+        self.writer = FailoverWriter(options.failover_buffer, unavailable=(DatasourceUnavailable,), database="PostgreSQL")
         self.listening = False
         self._listener_task: asyncio.Task[None] | None = None
         self._handlers: list[Callable[[str], None]] = []
@@ -168,6 +171,7 @@ class Store:
 
     async def close(self) -> None:
         self._closed = True
+        await self.writer.close()
         if self._listener_task is not None:
             self._listener_task.cancel()
             await asyncio.gather(self._listener_task, return_exceptions=True)

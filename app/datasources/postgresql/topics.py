@@ -64,6 +64,7 @@ class PgTailQueue(TailQueue):
             f"FROM {t} WHERE position > $1 ORDER BY position LIMIT $2"
         )
         self._sql_oldest = f"SELECT min(position) FROM {t}"
+        self._sql_published = f"SELECT max(position) FROM {t} WHERE message_id = ANY($1::text[])"
         self._sql_newest = f"SELECT position FROM {store.topic_head}"
         self._sql_trim = f"DELETE FROM {t} WHERE position <= (SELECT position FROM {store.topic_head}) - $1"
         store.on_notification(self._notified)
@@ -78,9 +79,14 @@ class PgTailQueue(TailQueue):
 
     # -- writes --------------------------------------------------------------------------------------------------
 
-    async def publish_in(self, conn: asyncpg.Connection, messages: Sequence[NewMessage]) -> int:
+    async def publish_in(self, conn: asyncpg.Connection, messages: Sequence[NewMessage], retry: bool = False) -> int:
         """Append ``messages`` in the caller's transaction; return the newest position (taken under the head's row
-        lock, which the transaction holds until it ends)."""
+        lock, which the transaction holds until it ends). With ``retry`` (an earlier attempt may have committed before
+        its answer was lost) messages already in the log are that attempt's: their newest position is returned."""
+        if retry:
+            found = await conn.fetchval(self._sql_published, [m.message_id for m in messages])
+            if found is not None:
+                return int(found)
         newest = int(await conn.fetchval(self._sql_take, len(messages)))
         first = newest - len(messages) + 1
         await conn.execute(
@@ -108,7 +114,11 @@ class PgTailQueue(TailQueue):
     async def publish(self, messages: Sequence[NewMessage]) -> list[int]:
         if not messages:
             return []
-        newest = await self._store.run(lambda conn: self.publish_in(conn, messages))
+
+        async def write(retry: bool) -> int:
+            return await self._store.run(lambda conn: self.publish_in(conn, messages, retry))
+
+        newest = await self._store.writer.run(len(messages), write)
         self.after_publish(newest, len(messages))
         return list(range(newest - len(messages) + 1, newest + 1))
 

@@ -1,5 +1,6 @@
-"""The failover buffer: writes (``put``/``publish``) that meet an unreachable server wait here and are replayed in
-order when it returns. The caller's ``await`` simply completes later; a full buffer is refused at once."""
+"""The failover buffer, shared by the backends of a database server: writes (``put``/``publish``/a COMMIT) that meet
+an unreachable server wait here and are replayed in order when it returns. The caller's ``await`` simply completes
+later (a RECEIPT waits with it); a full buffer is refused at once."""
 
 from __future__ import annotations
 
@@ -9,8 +10,6 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
-
-from pymongo.errors import ConnectionFailure
 
 from app.datasources.interface import DatasourceUnavailable
 
@@ -37,13 +36,15 @@ class _Pending:
 
 
 class FailoverWriter:
-    """Runs writes directly while the server answers. Once a write fails with ``ConnectionFailure`` (which covers
-    ``AutoReconnect`` and ``ServerSelectionTimeoutError``) the writer is in outage: that write and every later one
-    queue up (bounded by ``capacity`` messages) and a single flusher task replays them in arrival order, retrying with
-    backoff, until the queue is empty again. Other errors reach the caller unchanged."""
+    """Runs writes directly while the server answers. Once a write fails with one of ``unavailable`` (the driver's
+    "cannot reach the server" errors) the writer is in outage: that write and every later one queue up (bounded by
+    ``capacity`` messages) and a single flusher task replays them in arrival order, retrying with backoff, until the
+    queue is empty again. Other errors reach the caller unchanged. ``database`` names the server in messages."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, unavailable: tuple[type[BaseException], ...], database: str) -> None:
         self._capacity = capacity
+        self._unavailable = unavailable
+        self._database = database
         self._queue: deque[_Pending] = deque()
         self._waiting = 0
         self._flusher: asyncio.Task[None] | None = None
@@ -59,18 +60,18 @@ class FailoverWriter:
         if not self._queue:
             try:
                 return await op(False)
-            except ConnectionFailure as exc:
-                log.warning("MongoDB unreachable (%s); buffering writes until it returns", exc)
+            except self._unavailable as exc:
+                log.warning("%s unreachable (%s); buffering writes until it returns", self._database, exc)
                 retry = True
         if self._closed:
-            raise DatasourceUnavailable("the MongoDB datasource is closed")
+            raise DatasourceUnavailable(f"the {self._database} datasource is closed")
         if self._waiting + count > self._capacity:
             raise DatasourceUnavailable(f"failover buffer full: {self._waiting} messages waiting for the database")
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(count, op, future, retry))
         self._waiting += count
         if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="stompgate-mongodb-failover-flush")
+            self._flusher = asyncio.create_task(self._flush(), name=f"stompgate {self._database} failover flush")
         return cast(T, await future)
 
     async def _flush(self) -> None:
@@ -82,11 +83,11 @@ class FailoverWriter:
                 continue
             if self._closed:
                 self._pop()
-                pending.future.set_exception(DatasourceUnavailable("the MongoDB datasource was closed"))
+                pending.future.set_exception(DatasourceUnavailable(f"the {self._database} datasource was closed"))
                 continue
             try:
                 result = await pending.op(pending.retry)
-            except ConnectionFailure:
+            except self._unavailable:
                 pending.retry = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_S)
@@ -118,5 +119,5 @@ class FailoverWriter:
         while self._queue:
             pending = self._queue.popleft()
             if not pending.future.done():
-                pending.future.set_exception(DatasourceUnavailable("the MongoDB datasource was closed"))
+                pending.future.set_exception(DatasourceUnavailable(f"the {self._database} datasource was closed"))
         self._waiting = 0

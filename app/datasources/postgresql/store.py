@@ -132,7 +132,9 @@ class Store:
     async def open(self) -> None:
         try:
             self.pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT_S, command_timeout=60
+                self.url, min_size=1, max_size=POOL_SIZE, timeout=CONNECT_TIMEOUT_S, command_timeout=60,
+                # A RECEIPT means stored: a commit returns once it is on disk, whatever the server's default.
+                server_settings={"synchronous_commit": "on"},
             )
         except Exception as exc:  # noqa: BLE001 - every way of failing to connect becomes one sentence
             raise DatasourceError(_connect_failure(self.url, exc)) from None

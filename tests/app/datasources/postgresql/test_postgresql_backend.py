@@ -148,6 +148,21 @@ async def test_the_schema_is_versioned_and_a_newer_one_is_refused(postgresql_url
         await open_pg(postgresql_url, namespace)
 
 
+async def test_commits_wait_for_the_disk_whatever_the_servers_default(postgresql_url: str, namespace: str) -> None:
+    # The test cluster runs with synchronous_commit=off; the gateway's own connections turn it on.
+    probe = await asyncpg.connect(postgresql_url)
+    try:
+        assert await probe.fetchval("SHOW synchronous_commit") == "off"
+    finally:
+        await probe.close()
+    ds = await open_pg(postgresql_url, namespace)
+    try:
+        async with ds.store.connection() as conn:
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await ds.close()
+
+
 async def test_gateways_starting_together_create_the_schema_once(postgresql_url: str, namespace: str) -> None:
     opened = await asyncio.gather(*(open_pg(postgresql_url, namespace) for _ in range(4)))
     for ds in opened:

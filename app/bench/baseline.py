@@ -1,5 +1,11 @@
-"""``stompgate bench --baseline mongodb://...``: the MongoDB backend driven directly, with no STOMP and no gateway
-in between: the same datastore operations the gateway makes for this workload, as the database can take them.
+"""``stompgate bench --baseline mongodb://...`` (or ``postgresql://...``): the backend driven directly, with no
+STOMP and no gateway in between: the same datastore operations the gateway makes for this workload, as the database
+can take them.
+
+On PostgreSQL it runs ``app.datasources.postgresql`` on a fresh namespace (tables dropped afterwards): its claim
+statement, fenced deletes, and topic appends under the head row's lock, which is the bare asyncpg loop of those
+statements plus the backend's thin bookkeeping. Variants there: ``queue-claim`` and ``topic-log`` (each simulated
+gateway follows the log once and fans out).
 
 It runs the backend itself (``app.datasources.mongodb``: ``MongoPollQueue`` and ``MongoTailQueue`` on a fresh
 namespace ``bench-<random>`` in the URL's database, dropped afterwards) with the bench's concurrency, in this one
@@ -47,24 +53,33 @@ from pymongo import AsyncMongoClient
 from app.bench.workload import SEND_BATCH, TS_HEADER, BenchConfig, summarize
 from app.broker.batching import Batcher
 from app.datasources.interface import (
+    Datasource,
     DatasourceOptions,
     NewMessage,
     Published,
     StoredMessage,
 )
-from app.datasources.mongodb import DEFAULT_DATABASE, MongoDatasource, open_datasource
+from app.datasources.mongodb import DEFAULT_DATABASE, MongoDatasource
 from app.datasources.mongodb._common import detect_server
+from app.datasources.postgresql import PgDatasource
+from app.datasources.registry import open_datasource as open_any_datasource
 
 __all__ = ["VARIANTS", "default_variants", "run_baseline"]
 
-VARIANTS = ("queue-claim", "queue-fam-unsafe", "topic-blocks", "topic-shared-cursor", "topic-cursor-per-subscriber")
+VARIANTS = (
+    "queue-claim", "queue-fam-unsafe", "topic-blocks", "topic-shared-cursor", "topic-cursor-per-subscriber", "topic-log",
+)
+POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
 CLAIM_BATCH = 256  # BrokerConfig.claim_batch
 DEFAULT_PREFETCH = 100  # BrokerConfig.default_prefetch
 LEASE_MS = 60_000  # BrokerConfig.lease_ms
 COLLECTIONS = ("queue", "claims", "counters", "topics", "cursors")  # the backend's, under its namespace
+PG_TABLES = ("messages", "topic_log", "topic_head", "cursors", "schema")  # PostgreSQL's, under its namespace
 
 
-def default_variants(kind: str, ferretdb: bool) -> list[str]:
+def default_variants(kind: str, ferretdb: bool, postgresql: bool = False) -> list[str]:
+    if postgresql:
+        return ["queue-claim"] if kind == "queue" else ["topic-log"]
     if kind == "queue":
         return ["queue-claim", "queue-fam-unsafe"] if ferretdb else ["queue-claim"]
     return ["topic-blocks"] if ferretdb else ["topic-shared-cursor", "topic-cursor-per-subscriber"]
@@ -77,10 +92,10 @@ class _Run:
         self.cfg = cfg
         self.url = url
         self.variant = variant
-        self.gateways = max(1, gateways) if variant in ("topic-blocks", "topic-shared-cursor") else 1
+        self.gateways = max(1, gateways) if variant in ("topic-blocks", "topic-shared-cursor", "topic-log") else 1
         self.batch = batch
-        self.options = DatasourceOptions(namespace=f"bench-{uuid.uuid4().hex[:10]}")
-        self.sources: list[MongoDatasource] = []
+        self.options = DatasourceOptions(namespace=f"bench_{uuid.uuid4().hex[:10]}")
+        self.sources: list[Datasource] = []
         self.publish_locks = [asyncio.Lock() for _ in range(self.gateways)]
         self.stop = asyncio.Event()
         self.message_counter = 0
@@ -91,21 +106,26 @@ class _Run:
     # -- set-up / tear-down ------------------------------------------------------------------------------------
     async def open(self) -> None:
         for _ in range(self.gateways):
-            ds = await open_datasource(self.url, self.options)
-            assert isinstance(ds, MongoDatasource)
+            ds = await open_any_datasource(self.url, self.options)
             self.sources.append(ds)
+            if not isinstance(ds, MongoDatasource):
+                continue
             if self.variant == "queue-fam-unsafe":
                 ds.queues.claim_mode = "atomic"
             elif self.variant.startswith("topic"):
                 ds.topics.follow_mode = "poll" if self.variant == "topic-blocks" else "cursor"
 
     async def close(self) -> None:
-        if self.sources:
-            first = self.sources[0]
+        first = self.sources[0] if self.sources else None
+        if isinstance(first, MongoDatasource):
             db = first.client.get_default_database(DEFAULT_DATABASE)
             for name in COLLECTIONS:
                 with contextlib.suppress(Exception):
                     await db.drop_collection(f"{self.options.namespace}.{name}")
+        elif isinstance(first, PgDatasource):
+            tables = ", ".join(first.store.table(name) for name in PG_TABLES)
+            with contextlib.suppress(Exception):
+                await first.store.run(lambda conn: conn.execute(f"DROP TABLE IF EXISTS {tables}"))
         for ds in self.sources:
             with contextlib.suppress(Exception):
                 await ds.close()
@@ -279,15 +299,21 @@ async def run_baseline(
     url: str, cfg: BenchConfig, *, variants: list[str] | None, gateways: int = 1, batch: int = SEND_BATCH
 ) -> dict[str, Any]:
     """Run each variant against ``url``; returns ``{"mode": "baseline", "server", "runs": [summary, ...], "ok"}``."""
-    probe: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url, appname="stompgate-bench-baseline")
-    try:
-        info = await detect_server(probe.get_default_database(DEFAULT_DATABASE))
-    finally:
-        await probe.close()
-    ferretdb = info.is_ferretdb
-    server = {"version": info.version, "ferretdb_version": info.ferretdb_version}
+    postgresql = url.startswith(POSTGRESQL_SCHEMES)
+    server: dict[str, str | None]
+    if postgresql:
+        ferretdb = False
+        server = {"postgresql": await _postgresql_version(url)}
+    else:
+        probe: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url, appname="stompgate-bench-baseline")
+        try:
+            info = await detect_server(probe.get_default_database(DEFAULT_DATABASE))
+        finally:
+            await probe.close()
+        ferretdb = info.is_ferretdb
+        server = {"version": info.version, "ferretdb_version": info.ferretdb_version}
     runs = []
-    for variant in variants or default_variants(cfg.kind, ferretdb):
+    for variant in variants or default_variants(cfg.kind, ferretdb, postgresql):
         kind = "queue" if variant.startswith("queue") else "topic"
         vcfg = replace(cfg, kind=kind, destination=f"/{kind}/bench-{uuid.uuid4().hex[:12]}")
         started = time.process_time()
@@ -304,3 +330,15 @@ async def run_baseline(
             summary["ok"] = summary["lost"] == 0 and not summary["errors"]
         runs.append(summary)
     return {"mode": "baseline", "url": url, "server": server, "runs": runs, "ok": all(r["ok"] for r in runs)}
+
+
+async def _postgresql_version(url: str) -> str:
+    ds = await open_any_datasource(url, DatasourceOptions(namespace=f"bench_{uuid.uuid4().hex[:10]}"))
+    assert isinstance(ds, PgDatasource)
+    try:
+        version = await ds.store.run(lambda conn: conn.fetchval("SHOW server_version"), transaction=False)
+        tables = ", ".join(ds.store.table(name) for name in PG_TABLES)
+        await ds.store.run(lambda conn: conn.execute(f"DROP TABLE IF EXISTS {tables}"))
+    finally:
+        await ds.close()
+    return str(version)

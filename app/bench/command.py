@@ -78,8 +78,8 @@ def _run_baseline(url: str, *, kind: str, producers: int, consumers: int, messag
     if unknown:
         typer.echo(f"stompgate bench: unknown --baseline-variant {unknown[0]!r} (one of {', '.join(VARIANTS)})", err=True)
         raise typer.Exit(2)
-    if not url.startswith(("mongodb://", "mongodb+srv://")):
-        typer.echo("stompgate bench: --baseline takes a mongodb:// URL", err=True)
+    if not url.startswith(("mongodb://", "mongodb+srv://", "postgresql://", "postgres://")):
+        typer.echo("stompgate bench: --baseline takes a mongodb:// or postgresql:// URL", err=True)
         raise typer.Exit(2)
     cfg = BenchConfig(
         host=url, port=0, kind=kind, destination=_destination(kind, None), producers=producers, consumers=consumers,
@@ -95,7 +95,12 @@ def _run_baseline(url: str, *, kind: str, producers: int, consumers: int, messag
         typer.echo(json.dumps(report))
     else:
         server = report.get("server") or {}
-        name = f"FerretDB {server['ferretdb_version']}" if server.get("ferretdb_version") else f"MongoDB {server.get('version', '?')}"
+        if server.get("postgresql"):
+            name = f"PostgreSQL {server['postgresql']}"
+        elif server.get("ferretdb_version"):
+            name = f"FerretDB {server['ferretdb_version']}"
+        else:
+            name = f"MongoDB {server.get('version', '?')}"
         for run in report["runs"]:
             typer.echo(f"baseline {run['variant']} (the backend, no gateway) on {name}: {run['insert_batch']} messages per store"
                        + (f", {run['cursors']} follower(s)" if run.get("cursors") else "")
@@ -216,8 +221,8 @@ def bench(
         "number of shared topic cursors (one per gateway).",
     ),  # fmt: skip
     baseline: Optional[str] = typer.Option(
-        None, "--baseline", metavar="MONGODB_URL",
-        help="No gateway: drive the MongoDB backend directly with this workload (same producers, consumers and "
+        None, "--baseline", metavar="DATABASE_URL",
+        help="No gateway: drive the MongoDB or PostgreSQL backend directly with this workload (same producers, consumers and "
         "batch size, no STOMP) against this database, and report it in the same format: the database's own ceiling "
         "for the gateway's datastore operations. See app/bench/baseline.py.",
     ),  # fmt: skip
@@ -226,7 +231,8 @@ def bench(
         help="With --baseline (repeatable): queue-claim (the backend's claim), queue-fam-unsafe (plain "
         "find_one_and_update; not exactly-once on FerretDB), topic-blocks (FerretDB's topic path: batch and block "
         "reads), topic-shared-cursor (one tailable cursor per gateway, fanned out: what the gateway does on "
-        "MongoDB), topic-cursor-per-subscriber. Default: the ones that apply to the kind and the server.",
+        "MongoDB), topic-cursor-per-subscriber, topic-log (PostgreSQL: the log followed once per gateway). Default: the "
+        "ones that apply to the kind and the server.",
     ),  # fmt: skip
     baseline_batch: int = typer.Option(
         64, "--baseline-batch", min=1, help="With --baseline: messages per insert_many (default: the bench's SEND chunk)."

@@ -81,3 +81,17 @@ def test_gateways_needs_spawn(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "--gateways needs --spawn" in proc.stderr
+
+
+@pytest.mark.postgresql
+@pytest.mark.parametrize(("kind", "variant", "deliveries"), [("queue", "queue-claim", 600), ("topic", "topic-log", 1200)])
+def test_postgresql_baseline(tmp_path: Path, postgresql_url: str, kind: str, variant: str, deliveries: int) -> None:
+    code, report = run_baseline(
+        tmp_path, postgresql_url, "--destination-kind", kind, "--messages", "600", "--producers", "2",
+        "--consumers", "2", "--gateways", "2", "--baseline-batch", "32",
+    )  # fmt: skip
+    assert report["server"]["postgresql"]
+    (run,) = report["runs"]
+    assert run["variant"] == variant
+    assert (run["sent"], run["deliveries"], run["lost"], run["duplicated"]) == (600, deliveries, 0, 0)
+    assert code == 0

@@ -66,12 +66,16 @@ class PgPollQueue(PollQueue):
         ready = f"destination = $1 AND state = 0 AND {_NOT_EXPIRED}"
         lapsed = f"destination = $1 AND state = 1 AND lease_until <= $2 AND {_NOT_EXPIRED}"
         claim_set = rules.SQL_CLAIM_SET.format(owner="$3", lease_until="$4")
-        self._sql_put = (
+        # One statement, so one round trip and its own transaction: the insert in a data-modifying CTE (run to
+        # completion whatever the outer query reads), and the wake-ups it owes, delivered when it commits.
+        insert = (
             f"INSERT INTO {m} (message_id, destination, priority, expires_at, published_at, headers, body) "
             "SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::bigint[], $5::bigint[], $6::text[], "
             "$7::bytea[])"
         )
-        self._sql_put_again = self._sql_put + " ON CONFLICT (message_id) DO NOTHING"
+        notify = "SELECT pg_notify($8, payload) FROM unnest($9::text[]) AS payload"
+        self._sql_put = f"WITH stored AS ({insert}) {notify}"
+        self._sql_put_again = f"WITH stored AS ({insert} ON CONFLICT (message_id) DO NOTHING) {notify}"
         self._sql_notify = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
         self._sql_claim = (
             f"WITH ready AS (SELECT seq, priority FROM {m} WHERE {ready} ORDER BY {_ORDER} LIMIT $5 "
@@ -134,6 +138,9 @@ class PgPollQueue(PollQueue):
     async def put_in(self, conn: asyncpg.Connection, messages: Sequence[NewMessage], retry: bool = False) -> None:
         """Insert ``messages`` in the caller's transaction. With ``retry`` (an earlier attempt may have committed
         before its answer was lost) the ids already stored are this very put's, and are skipped."""
+        top: dict[str, int] = {}
+        for m in messages:
+            top[m.destination] = max(top.get(m.destination, 0), m.priority)
         await conn.execute(
             self._sql_put_again if retry else self._sql_put,
             [m.message_id for m in messages],
@@ -143,11 +150,9 @@ class PgPollQueue(PollQueue):
             [m.published_at for m in messages],
             [headers_text(m.headers) for m in messages],
             [m.body for m in messages],
+            self._store.channel,
+            [put_payload(d, p) for d, p in top.items()],
         )
-        top: dict[str, int] = {}
-        for m in messages:
-            top[m.destination] = max(top.get(m.destination, 0), m.priority)
-        await conn.execute(self._sql_notify, self._store.channel, [put_payload(d, p) for d, p in top.items()])
 
     def after_put(self, messages: Sequence[NewMessage]) -> None:
         """After the commit: local waiters and scans learn at once (the notification also comes back later)."""
@@ -184,7 +189,7 @@ class PgPollQueue(PollQueue):
             return
 
         async def write(retry: bool) -> None:
-            await self._store.run(lambda conn: self.put_in(conn, messages, retry))
+            await self._store.run(lambda conn: self.put_in(conn, messages, retry), transaction=False)
 
         await self._store.writer.run(len(messages), write)
         self.after_put(messages)

@@ -53,11 +53,17 @@ class PgTailQueue(TailQueue):
         self._last = 0  # the newest position this gateway knows of
         self._closed = False
         t = store.topic_log
-        self._sql_take = f"UPDATE {store.topic_head} SET position = position + $1 RETURNING position"
-        self._sql_insert = (
-            f"INSERT INTO {t} (position, message_id, destination, priority, expires_at, published_at, headers, body) "
-            "SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::smallint[], $5::bigint[], $6::bigint[], "
-            "$7::text[], $8::bytea[])"
+        # One statement, so one round trip: take the positions (the head row's lock is held to the commit), append
+        # the messages at them, and notify the followers of every gateway (delivered at the commit).
+        self._sql_publish = (
+            f"WITH head AS (UPDATE {store.topic_head} SET position = position + $1 RETURNING position), "
+            f"stored AS (INSERT INTO {t} "
+            "(position, message_id, destination, priority, expires_at, published_at, headers, body) "
+            "SELECT head.position - $1 + m.n, m.message_id, m.destination, m.priority, m.expires_at, m.published_at, "
+            "m.headers, m.body FROM head, unnest($2::text[], $3::text[], $4::smallint[], $5::bigint[], $6::bigint[], "
+            "$7::text[], $8::bytea[]) WITH ORDINALITY "
+            "AS m(message_id, destination, priority, expires_at, published_at, headers, body, n)) "
+            "SELECT head.position FROM head, pg_notify($9, $10) AS woken"
         )
         self._sql_after = (
             f"SELECT message_id, destination, headers, body, priority, expires_at, published_at, position, 0, NULL, 0 "
@@ -87,11 +93,9 @@ class PgTailQueue(TailQueue):
             found = await conn.fetchval(self._sql_published, [m.message_id for m in messages])
             if found is not None:
                 return int(found)
-        newest = int(await conn.fetchval(self._sql_take, len(messages)))
-        first = newest - len(messages) + 1
-        await conn.execute(
-            self._sql_insert,
-            list(range(first, newest + 1)),
+        newest = await conn.fetchval(
+            self._sql_publish,
+            len(messages),
             [m.message_id for m in messages],
             [m.destination for m in messages],
             [m.priority for m in messages],
@@ -99,9 +103,10 @@ class PgTailQueue(TailQueue):
             [m.published_at for m in messages],
             [headers_text(m.headers) for m in messages],
             [m.body for m in messages],
+            self._store.channel,
+            TOPIC_PAYLOAD,
         )
-        await conn.execute("SELECT pg_notify($1, $2)", self._store.channel, TOPIC_PAYLOAD)
-        return newest
+        return int(newest)
 
     def after_publish(self, newest: int, count: int) -> None:
         self._last = max(self._last, newest)
@@ -116,7 +121,8 @@ class PgTailQueue(TailQueue):
             return []
 
         async def write(retry: bool) -> int:
-            return await self._store.run(lambda conn: self.publish_in(conn, messages, retry))
+            # one statement (a retry's look-up first is two: then in one transaction)
+            return await self._store.run(lambda conn: self.publish_in(conn, messages, retry), transaction=retry)
 
         newest = await self._store.writer.run(len(messages), write)
         self.after_publish(newest, len(messages))

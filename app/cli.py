@@ -47,10 +47,15 @@ class StartupError(Exception):
 
 
 def _check_store(url: str) -> None:
-    scheme = urlsplit(url).scheme.lower()
+    from app.main import redact_url
+
+    try:
+        scheme = urlsplit(url).scheme.lower()
+    except ValueError as exc:  # e.g. an unclosed [IPv6] host
+        raise StartupError(f"the store URL {redact_url(url)!r} is not a valid URL: {exc}") from None
     if scheme not in BACKENDS:
         known = ", ".join(f"{s}://" for s in sorted(BACKENDS))
-        raise StartupError(f"the store URL {url!r} is not one stompgate knows; use one of {known}")
+        raise StartupError(f"the store URL {redact_url(url)!r} is not one stompgate knows; use one of {known}")
     if scheme == "sqlite":
         if not url.startswith("sqlite:///"):
             raise StartupError(f"a SQLite store URL looks like sqlite:///relative/path.db or sqlite:////abs/path.db, not {url!r}")

@@ -26,7 +26,7 @@ from app.transports.tcp import start_tcp_listener
 from app.transports.websocket import router as websocket_router
 from stomp_core import Limits
 
-__all__ = ["create_app", "AppState", "broker_config", "datasource_options"]
+__all__ = ["create_app", "AppState", "broker_config", "datasource_options", "redact_url"]
 
 log = logging.getLogger("stompgate")
 
@@ -100,7 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             broker, settings.host, settings.stomp_port, ssl_context=tls_context(settings)
         )
         port = server.sockets[0].getsockname()[1]
-        log.info("STOMP over TCP on %s:%d, store %s", settings.host, port, _redact(settings.store))
+        log.info("STOMP over TCP on %s:%d, store %s", settings.host, port, redact_url(settings.store))
         state: AppState = {"settings": settings, "broker": broker, "datasource": datasource, "stomp_port": port}
         try:
             yield dict(state)
@@ -146,7 +146,7 @@ def _install_documents(app: FastAPI) -> None:
         return get_redoc_html(openapi_url=document_url(request), title=f"{app.title} - ReDoc")
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """Hide a password in a datasource URL before it reaches a log line."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

@@ -33,6 +33,13 @@ def test_bad_store_url(tmp_path: Path) -> None:
     assert_clear_failure(result, "oracle://db", "sqlite://")
 
 
+def test_a_store_url_that_is_not_a_url_is_one_sentence_without_its_password(tmp_path: Path) -> None:
+    for url in ("mongodb://user:secret@[::1/db", "nosuch://user:secret@host/db"):
+        result = serve("--store", url, cwd=tmp_path)
+        assert_clear_failure(result, "the store URL")
+        assert "secret" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 def test_port_in_use(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

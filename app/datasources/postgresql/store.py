@@ -102,6 +102,11 @@ class Store:
     """The pool, the table names, the listener and the error translation that queues and topics share."""
 
     def __init__(self, url: str, options: DatasourceOptions) -> None:
+        try:  # a malformed URL is the operator's to fix: one sentence, without the URL (it may hold a password)
+            parts = urlsplit(url)
+            parts.port, parts.hostname  # noqa: B018 - these parse the authority and raise on a bad one
+        except ValueError as exc:
+            raise DatasourceError(f"the PostgreSQL URL is not valid: {exc}") from None
         self.url = url
         self.options = options
         ns = options.namespace

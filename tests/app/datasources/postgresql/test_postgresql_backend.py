@@ -184,6 +184,9 @@ def test_start_up_failures_are_one_sentence(postgresql_url: str, tmp_path: Path)
         f"{base}/no_such_database": "has no database no_such_database",
         f"postgresql://nobody@127.0.0.1:{port}/postgres": "refused the login",
         f"postgresql://postgres@127.0.0.1:{free_port()}/postgres": "cannot reach PostgreSQL at 127.0.0.1:",
+        "postgresql://postgres:secret@127.0.0.1:notaport/db": "the PostgreSQL URL is not valid: Port could not be cast",
+        "postgresql://postgres:secret@[::1/db": "is not a valid URL: Invalid IPv6 URL",
+        f"{base}/postgres?sslmode=bogus": "`sslmode` parameter must be one of",
     }
     for url, phrase in cases.items():
         result = serve(url, tmp_path)
@@ -191,3 +194,4 @@ def test_start_up_failures_are_one_sentence(postgresql_url: str, tmp_path: Path)
         assert "Traceback" not in result.stderr, result.stderr
         lines = [line for line in result.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and phrase in lines[0], (url, result.stderr)
+        assert "secret" not in result.stderr

@@ -14,6 +14,7 @@ puts and requeues reach the ``ScanBook`` through notifications, which carry the 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +40,7 @@ from app.datasources.wakeups import Signals
 __all__ = ["PgPollQueue"]
 
 SCAN_BATCH = 256  # rows fetched at a time while scanning with a selector
+EXPIRED_SWEEP_S = 1.0  # how often a gateway deletes a destination's expired messages (wall clock, at claim time)
 MAX_PAYLOAD = 7_900  # bytes of a NOTIFY payload (PostgreSQL takes 8,000); longer destinations wake everyone
 
 _NOT_EXPIRED = rules.SQL_NOT_EXPIRED.format(now="$2")
@@ -60,6 +62,7 @@ class PgPollQueue(PollQueue):
         self._store = store
         self._signals = Signals()
         self._scans = ScanBook()
+        self._swept_at: dict[str, float] = {}  # destination -> monotonic time of this gateway's last sweep
         m = store.messages
         cols = columns(m)
         # The same placeholders in every statement: $1 destination, $2 now; the rest per statement.
@@ -89,6 +92,8 @@ class PgPollQueue(PollQueue):
             f"UPDATE {m} SET {claim_set} WHERE seq = ANY($5::bigint[]) AND destination = $1 AND {_CLAIMABLE} "
             f"RETURNING {cols}"
         )
+        # expired and not held under a live lease: never to be delivered (rules.claimable), so deleted
+        self._sql_sweep = f"DELETE FROM {m} WHERE destination = $1 AND expires_at <= $2 AND (state = 0 OR lease_until <= $2)"
         self._sql_requeue_lapsed = f"UPDATE {m} SET {rules.SQL_REQUEUE_SET} WHERE {lapsed}"
         self._sql_scan = f"SELECT priority, seq, headers FROM {m} WHERE {ready} ORDER BY {_ORDER} LIMIT $3"
         # resuming after (priority p, seq s): the rest of p's band, then the lower priorities
@@ -209,6 +214,7 @@ class PgPollQueue(PollQueue):
         if limit <= 0:
             return []
         lease_until = rules.lease_until(now_ms, lease_ms)
+        await self._sweep_expired(destination, now_ms)
         if selector is None:
             records = await self._store.run(
                 lambda conn: conn.fetch(self._sql_claim, destination, now_ms, owner, lease_until, limit),
@@ -219,6 +225,13 @@ class PgPollQueue(PollQueue):
         out = [message_from_record(r) for r in records]
         out.sort(key=lambda s: (-s.priority, s.seq))  # RETURNING gives no order
         return out
+
+    async def _sweep_expired(self, destination: str, now_ms: int) -> None:
+        now = time.monotonic()
+        if now - self._swept_at.get(destination, 0.0) < EXPIRED_SWEEP_S:
+            return
+        self._swept_at[destination] = now
+        await self._store.run(lambda conn: conn.execute(self._sql_sweep, destination, now_ms), transaction=False)
 
     async def _claim_matching(
         self,

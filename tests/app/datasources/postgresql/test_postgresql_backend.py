@@ -118,6 +118,20 @@ async def test_another_gateways_publish_wakes_a_follower(two_gateways: tuple[PgD
     assert isinstance(event, Published) and event.position == 1
 
 
+async def test_expired_messages_are_deleted_not_kept(postgresql_url: str, namespace: str) -> None:
+    ds = await open_pg(postgresql_url, namespace)
+    try:
+        expired = [NewMessage(message_id=f"x{i}", destination="/queue/pg", headers={}, body=b"", expires_at=NOW - 1)
+                   for i in range(3)]  # fmt: skip
+        await ds.queues.put([*expired, msg("live")])
+        [live] = await ds.queues.claim("/queue/pg", owner="a", limit=10, lease_ms=30_000, now_ms=NOW)
+        assert live.headers == {"n": "live"}
+        count = await ds.store.run(lambda c: c.fetchval(f'SELECT count(*) FROM "{namespace}_messages"'))
+        assert count == 1  # only the live one, claimed: the expired ones were deleted at claim time
+    finally:
+        await ds.close()
+
+
 async def test_a_commit_is_one_transaction(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:
     a, _ = two_gateways
     await a.queues.put([msg("held")])

@@ -80,7 +80,7 @@ def test_routes_and_transports_never_import_a_backend(path: Path) -> None:
 # selector scans. It imports nothing but the contract, so a new backend is its storage primitives on top of it.
 SHARED = (
     "app.datasources.interface", "app.datasources.rules", "app.datasources.wakeups", "app.datasources.scanning",
-    "app.datasources.failover",
+    "app.datasources.failover", "app.datasources.sql_rows",
 )
 BACKEND_PACKAGES = ("app.datasources.sqlite", "app.datasources.mongodb", "app.datasources.postgresql")
 

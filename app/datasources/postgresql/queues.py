@@ -32,7 +32,7 @@ from app.datasources.interface import (
     ScanMark,
     StoredMessage,
 )
-from app.datasources.postgresql.rows import columns, decode_headers, headers_text, message_from_record
+from app.datasources.postgresql.rows import columns, decode_headers, headers_text, message_from_row
 from app.datasources.postgresql.store import Store
 from app.datasources.scanning import ScanBook, scan_in_order
 from app.datasources.wakeups import Signals
@@ -222,7 +222,7 @@ class PgPollQueue(PollQueue):
             )
         else:
             records = await self._claim_matching(destination, owner, lease_until, now_ms, limit, selector, scan)
-        out = [message_from_record(r) for r in records]
+        out = [message_from_row(r) for r in records]
         out.sort(key=lambda s: (-s.priority, s.seq))  # RETURNING gives no order
         return out
 
@@ -323,14 +323,14 @@ class PgPollQueue(PollQueue):
             records = await self._store.run(
                 lambda conn: conn.fetch(sql, destination, now_ms, limit, offset), transaction=False
             )
-            return [message_from_record(r) for r in records]
+            return [message_from_row(r) for r in records]
 
         async def work(conn: asyncpg.Connection) -> list[StoredMessage]:
             out: list[StoredMessage] = []
             skip = offset
             cursor = conn.cursor(self._sql_peek + " LIMIT $3", destination, now_ms, PEEK_SCAN_LIMIT, prefetch=SCAN_BATCH)
             async for record in cursor:
-                message = message_from_record(record)
+                message = message_from_row(record)
                 if not selector(message.headers):
                     continue
                 if skip:

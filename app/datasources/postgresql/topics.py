@@ -27,7 +27,7 @@ import asyncpg
 
 from app.datasources import rules
 from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage, Published, TailEvent, TailQueue
-from app.datasources.postgresql.rows import headers_text, message_from_record
+from app.datasources.postgresql.rows import headers_text, message_from_row
 from app.datasources.postgresql.store import Store
 from app.datasources.wakeups import Signals
 
@@ -144,7 +144,7 @@ class PgTailQueue(TailQueue):
         async def work(conn: asyncpg.Connection) -> tuple[int | None, list[Published]]:
             rows = await conn.fetch(self._sql_after, position, READ_BATCH)
             oldest = await conn.fetchval(self._sql_oldest)
-            return oldest, [Published(position=r[7], message=message_from_record(r)) for r in rows]
+            return oldest, [Published(position=r[7], message=message_from_row(r)) for r in rows]
 
         return await self._store.run(work, transaction=False)
 

@@ -167,6 +167,10 @@ class PollQueue(abc.ABC):
     """Queues: each message goes to exactly one consumer. Leases make a claimed message come back if its holder
     disappears without releasing it."""
 
+    # True where a destination's messages become visible in ``seq`` order (one writer). False where a message may
+    # commit after one put later (PostgreSQL), so that a put of a scan mark's own priority makes it look again.
+    puts_visible_in_seq_order: bool = True
+
     @abc.abstractmethod
     async def put(self, messages: Sequence[NewMessage]) -> None:
         """Store all of ``messages`` durably, in order. Returns only once they would survive a crash. A single

@@ -32,8 +32,11 @@ class ScanBook:
     the order) and a put of a higher priority than the mark's (it sorts before the mark). A backend whose claims
     evaluate a Python selector keeps one, and calls it in the same serialized step as its writes and claims."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, same_priority_puts_stale: bool = False) -> None:
         self._books: dict[str, _Book] = {}
+        # Where messages can become visible out of seq order (PostgreSQL: seq is taken at insert, visible at
+        # commit), a put of the mark's own priority may sort before the mark too.
+        self._from = 0 if same_priority_puts_stale else 1
 
     def _book(self, destination: str) -> _Book:
         book = self._books.get(destination)
@@ -60,7 +63,7 @@ class ScanBook:
             return None
         book = self._book(destination)
         epoch, puts = mark.version
-        if epoch != book.epoch or any(last > puts for last in book.last_put[mark.after[0] + 1 :]):
+        if epoch != book.epoch or any(last > puts for last in book.last_put[mark.after[0] + self._from :]):
             return None
         return mark.after
 

@@ -63,13 +63,13 @@ class PgDatasource(Datasource):
             woken: set[str] = set()
             if changes.queue:
                 await queues.put_in(conn, changes.queue, retry)
-            if changes.topic:
-                newest = await topics.publish_in(conn, changes.topic, retry)
             if changes.acks:
                 await queues.ack_in(conn, [i for i, _ in changes.acks], [lease for _, lease in changes.acks])
             for held, how in ((changes.requeue, Release.REQUEUE), (changes.dead_letter, Release.DEAD_LETTER)):
                 if held:
                     woken |= await queues.release_in(conn, [i for i, _ in held], how, [lease for _, lease in held])
+            if changes.topic:  # last: the topic head's row lock, which every publisher waits for, is held to the commit
+                newest = await topics.publish_in(conn, changes.topic, retry)
             return newest, woken
 
         if not (changes.queue or changes.topic or changes.acks or changes.requeue or changes.dead_letter):

@@ -58,10 +58,13 @@ def requeue_payload(destination: str) -> str:
 
 
 class PgPollQueue(PollQueue):
+    # seq is taken at insert and seen at commit: a put that took seq 1 may commit after one that took seq 2
+    puts_visible_in_seq_order = False
+
     def __init__(self, store: Store) -> None:
         self._store = store
         self._signals = Signals()
-        self._scans = ScanBook()
+        self._scans = ScanBook(same_priority_puts_stale=True)
         self._swept_at: dict[str, float] = {}  # destination -> monotonic time of this gateway's last sweep
         m = store.messages
         cols = columns(m)
@@ -114,7 +117,13 @@ class PgPollQueue(PollQueue):
             self._sql_release[(how, False)] = (
                 f"UPDATE {m} SET {sets} WHERE message_id = ANY($1::text[]) AND state = 1 RETURNING destination"
             )
-        self._sql_renew = f"UPDATE {m} SET lease_until = $1 WHERE owner = $2 AND state = 1"
+        # Rows another statement holds are skipped (an ACK deleting them, a release, a claim of a lapsed lease):
+        # waiting for them in another order than that statement's would deadlock, and the next renewal catches any
+        # that are still held.
+        self._sql_renew = (
+            f"UPDATE {m} SET lease_until = $1 WHERE seq IN "
+            f"(SELECT seq FROM {m} WHERE owner = $2 AND state = 1 FOR UPDATE SKIP LOCKED)"
+        )
         store.on_notification(self._notified)
         store.on_listener_lost(self._listener_lost)
 
@@ -246,9 +255,14 @@ class PgPollQueue(PollQueue):
         """Scan the ready backlog in claim order for messages the selector takes, then claim those (each only if
         still claimable: another gateway may have taken it since it was read)."""
 
+        requeued: list[str] = []
+
         async def work(conn: asyncpg.Connection) -> list[asyncpg.Record]:
             if await conn.fetch(self._sql_requeue_lapsed + " RETURNING 1", destination, now_ms):
-                self._scans.requeue(destination)  # lapsed leases are ready again, at their old places
+                # lapsed leases are ready again, at their old places: scans here and on other gateways look again
+                self._scans.requeue(destination)
+                await conn.execute("SELECT pg_notify($1, $2)", self._store.channel, requeue_payload(destination))
+                requeued.append(destination)
             start = self._scans.resume_after(destination, scan) if scan is not None else None
             budget = SCAN_BUDGET if scan is not None else None
             rows = await self._scan_rows(conn, destination, now_ms, start, budget)
@@ -266,7 +280,10 @@ class PgPollQueue(PollQueue):
             seqs = [seq for seq, _ in found.chosen]
             return await conn.fetch(self._sql_claim_seqs, destination, now_ms, owner, lease_until, seqs)
 
-        return await self._store.run(work)
+        records = await self._store.run(work)
+        if requeued:
+            self._signals.notify(destination)  # other subscriptions of this gateway look again too
+        return records
 
     async def _scan_rows(
         self, conn: asyncpg.Connection, destination: str, now_ms: int, after: tuple[int, int] | None, budget: int | None

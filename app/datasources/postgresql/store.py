@@ -41,10 +41,17 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.TooManyConnectionsError,
 )
 
-MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1: longer names are cut without a word, so refuse them instead
+MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes: longer names are cut without a word, so refuse them
+# every name made from the namespace (tables, indexes, the notification channel); the longest decides
+IDENTIFIER_SUFFIXES = (
+    "messages", "messages_ready", "messages_leased", "messages_owner", "topic_log", "topic_head", "cursors", "schema",
+    "wake",
+)  # fmt: skip
+RETRIES_AFTER_ROLLBACK = 3  # a deadlock or serialization failure rolled the transaction back: run it again
 POOL_SIZE = 8
 CONNECT_TIMEOUT_S = 10.0
 LISTEN_RETRY_S = (0.1, 2.0)  # the listener's reconnect back-off: first, and most
+LISTEN_PROBE_TIMEOUT_S = 5.0
 
 
 def quote(identifier: str) -> str:
@@ -110,8 +117,8 @@ class Store:
         self.url = url
         self.options = options
         ns = options.namespace
-        for suffix in ("messages_owner", "topic_head", "schema"):
-            if len(f"{ns}_{suffix}") > MAX_IDENTIFIER:
+        for suffix in IDENTIFIER_SUFFIXES:
+            if len(f"{ns}_{suffix}".encode()) > MAX_IDENTIFIER:
                 raise DatasourceError(f"the namespace {ns!r} is too long for PostgreSQL table names (at most 63 bytes)")
         self.channel = f"{ns}_wake"  # LISTEN/NOTIFY channel: quoted where it is an identifier, plain in pg_notify()
         self.messages = self.table("messages")
@@ -198,6 +205,16 @@ class Store:
     async def run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, transaction: bool = True) -> T:
         """Run ``work`` on a pooled connection, in a transaction unless told otherwise; the database being out of
         reach is ``DatasourceUnavailable``."""
+        for attempt in range(RETRIES_AFTER_ROLLBACK + 1):
+            try:
+                return await self._run_once(work, transaction)
+            except asyncpg.exceptions.TransactionRollbackError as exc:  # deadlock, serialization: nothing took effect
+                if attempt == RETRIES_AFTER_ROLLBACK:
+                    raise DatasourceError(f"PostgreSQL rolled the transaction back {attempt + 1} times: {exc}") from None
+                log.info("PostgreSQL rolled a transaction back (%s); running it again", exc)
+        raise AssertionError("unreachable")
+
+    async def _run_once(self, work: Callable[[asyncpg.Connection], Awaitable[T]], transaction: bool) -> T:
         try:
             async with self.connection() as conn:
                 if not transaction:
@@ -222,6 +239,7 @@ class Store:
 
     async def _listen(self) -> None:
         delay = LISTEN_RETRY_S[0]
+        warned = False
         while not self._closed:
             conn: asyncpg.Connection | None = None
             lost = asyncio.Event()
@@ -230,7 +248,7 @@ class Store:
                 conn.add_termination_listener(lambda _: lost.set())
                 await conn.add_listener(self.channel, self._notified)
                 self._set_listening(True)
-                delay = LISTEN_RETRY_S[0]
+                delay, warned = LISTEN_RETRY_S[0], False
                 if self._first_listen.is_set():
                     self._listener_lost()  # notifications sent while no LISTEN was in effect were missed: look again
                 self._first_listen.set()
@@ -238,11 +256,14 @@ class Store:
                     try:
                         await asyncio.wait_for(lost.wait(), 5)
                     except asyncio.TimeoutError:
-                        await conn.execute("SELECT 1")  # find a dead connection that did not say so
+                        # find a dead connection that did not say so (a peer that went silent answers nothing)
+                        await asyncio.wait_for(conn.execute("SELECT 1"), LISTEN_PROBE_TIMEOUT_S)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the listener keeps trying; polling covers the meantime
-                log.debug("PostgreSQL listener: %r", exc)
+                if self.listening or self._first_listen.is_set() and not warned:  # once per outage, not per retry
+                    log.warning("PostgreSQL notifications stopped (%r); consumers poll until they flow again", exc)
+                    warned = True
             finally:
                 if self.listening:
                     self._set_listening(False)

@@ -36,7 +36,7 @@ __all__ = ["PgTailQueue", "TOPIC_PAYLOAD"]
 log = logging.getLogger("stompgate.datasource.postgresql")
 
 READ_BATCH = 256
-TOPIC_PAYLOAD = "t"  # the notification payload of a publish (queue payloads carry a destination after a colon)
+TOPIC_PAYLOAD = "t"  # a publish's notification: "t<newest position>" (queue payloads carry a destination after a colon)
 IDLE_RECHECK_S = 5.0  # while notifications flow, a follower at the end looks again this often all the same
 
 
@@ -63,7 +63,7 @@ class PgTailQueue(TailQueue):
             "m.headers, m.body FROM head, unnest($2::text[], $3::text[], $4::smallint[], $5::bigint[], $6::bigint[], "
             "$7::text[], $8::bytea[]) WITH ORDINALITY "
             "AS m(message_id, destination, priority, expires_at, published_at, headers, body, n)) "
-            "SELECT head.position FROM head, pg_notify($9, $10) AS woken"
+            "SELECT head.position FROM head, LATERAL pg_notify($9, $10 || head.position::text) AS woken"
         )
         self._sql_after = (
             f"SELECT message_id, destination, headers, body, priority, expires_at, published_at, position, 0, NULL, 0 "
@@ -80,7 +80,11 @@ class PgTailQueue(TailQueue):
         self._last = await self.last_position()
 
     def _notified(self, payload: str) -> None:
-        if payload == TOPIC_PAYLOAD or payload == "*":
+        if payload.startswith(TOPIC_PAYLOAD) and payload[len(TOPIC_PAYLOAD) :].isdigit():
+            # another gateway's publish: the end of the log moved (follow(after=None) starts there)
+            self._last = max(self._last, int(payload[len(TOPIC_PAYLOAD) :]))
+            self._signals.notify("log")
+        elif payload == "*":
             self._signals.notify("log")
 
     # -- writes --------------------------------------------------------------------------------------------------
@@ -149,7 +153,9 @@ class PgTailQueue(TailQueue):
         return await self._store.run(work, transaction=False)
 
     def follow(self, *, after: int | None) -> AsyncIterator[TailEvent]:
-        # "the current end" is the end when follow() is called, not when the iterator first runs
+        # "The current end" is the end when follow() is called, not when the iterator first runs: the newest
+        # position this gateway knows, from its own publishes and reads and from other gateways' notifications
+        # (which carry their newest position; one still on its way makes the follower start a little earlier).
         return self._follow(self._last if after is None else after)
 
     async def _follow(self, position: int) -> AsyncIterator[TailEvent]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from app.datasources.interface import Changes, DatasourceError, DatasourceOptions, NewMessage, Published
+from app.datasources.interface import Changes, DatasourceError, DatasourceOptions, NewMessage, Published, ScanMark
 from app.datasources.postgresql import PgDatasource
 from app.datasources.registry import open_datasource
 from tests.gateway_process import free_port
@@ -130,6 +130,71 @@ async def test_expired_messages_are_deleted_not_kept(postgresql_url: str, namesp
         assert count == 1  # only the live one, claimed: the expired ones were deleted at claim time
     finally:
         await ds.close()
+
+
+def red(headers: object) -> bool:
+    return getattr(headers, "get")("n") in ("late", "early", "M", "N")
+
+
+async def test_a_selector_scan_finds_a_message_that_committed_behind_its_mark(
+    two_gateways: tuple[PgDatasource, PgDatasource],
+) -> None:
+    # seq is taken at insert and seen at commit: "late" took the lower seq but commits after "early" was scanned.
+    a, _ = two_gateways
+    mark = ScanMark()
+    async with a.store.connection() as held:
+        tx = held.transaction()
+        await tx.start()
+        await a._queues.put_in(held, [msg("late")])
+        await a.queues.put([msg("early")])
+        got = await a.queues.claim("/queue/pg", owner="a", limit=1, lease_ms=60_000, now_ms=NOW, selector=red, scan=mark)
+        assert [m.headers["n"] for m in got] == ["early"]
+        token = a.queues.wake_token("/queue/pg")
+        await tx.commit()
+    await a.queues.wait("/queue/pg", 60, token)  # its notification came
+    got = await a.queues.claim("/queue/pg", owner="a", limit=1, lease_ms=60_000, now_ms=NOW, selector=red, scan=mark)
+    assert [m.headers["n"] for m in got] == ["late"]
+
+
+async def test_a_lapsed_lease_requeued_by_a_selector_claim_reaches_other_gateways(
+    two_gateways: tuple[PgDatasource, PgDatasource],
+) -> None:
+    a, c = two_gateways
+    await a.queues.put([msg("M"), msg("N")])
+    [m] = await a.queues.claim("/queue/pg", owner="gone", limit=1, lease_ms=1_000, now_ms=NOW)  # then gone
+    assert m.headers["n"] == "M"
+    mark_c = ScanMark()
+    got = await c.queues.claim("/queue/pg", owner="c", limit=1, lease_ms=60_000, now_ms=NOW, selector=red, scan=mark_c)
+    assert [x.headers["n"] for x in got] == ["N"]  # C's mark is past M now
+    token = c.queues.wake_token("/queue/pg")
+    # A selector subscription on A that matches nothing looks after M's lease lapsed, and so puts M back.
+    nothing = await a.queues.claim(
+        "/queue/pg", owner="a", limit=1, lease_ms=60_000, now_ms=NOW + 5_000, selector=lambda h: False, scan=ScanMark()
+    )
+    assert nothing == []
+    await c.queues.wait("/queue/pg", 60, token)  # told by A's notification
+    got = await c.queues.claim(
+        "/queue/pg", owner="c", limit=1, lease_ms=60_000, now_ms=NOW + 5_000, selector=red, scan=mark_c
+    )
+    assert [x.headers["n"] for x in got] == ["M"]
+
+
+async def test_a_live_follower_starts_after_what_other_gateways_published(
+    two_gateways: tuple[PgDatasource, PgDatasource],
+) -> None:
+    a, b = two_gateways
+    told = b._topics._signals.event("log")
+    await a.topics.publish([msg(f"old{i}", "/topic/t") for i in range(3)])
+    await b._topics._signals.wait("log", 60, told)  # A's notification reached B (B itself published and read nothing)
+    follower = b.topics.follow(after=None)
+    await a.topics.publish([msg("new", "/topic/t")])
+    event = await asyncio.wait_for(anext(follower), 30)
+    assert isinstance(event, Published) and (event.position, event.message.headers["n"]) == (4, "new")
+
+
+async def test_a_namespace_too_long_in_bytes_is_refused(postgresql_url: str) -> None:
+    with pytest.raises(DatasourceError, match="too long"):
+        await open_pg(postgresql_url, "é" * 26 + "a")  # 27 characters, 53 bytes: index names would be cut
 
 
 async def test_a_commit_is_one_transaction(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:

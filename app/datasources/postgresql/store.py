@@ -39,6 +39,7 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,  # 57P01 admin shutdown, 57P03 cannot connect now, 57014 cancelled
     asyncpg.exceptions.InterfaceError,  # the pool is closing, or the connection went away under a call
     asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.ReadOnlySQLTransactionError,  # connected to a standby (a failover under way): wait for a primary
 )
 
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes: longer names are cut without a word, so refuse them
@@ -225,6 +226,8 @@ class Store:
             raise
         except asyncpg.UniqueViolationError as exc:  # a message id stored before: the whole call took no effect
             raise DatasourceError(f"PostgreSQL refused a duplicate: {exc.detail or exc}") from None
+        except asyncpg.exceptions.DataError as exc:  # a value the driver cannot send: the caller's error, not an outage
+            raise DatasourceError(f"PostgreSQL: {exc}") from None
         except UNAVAILABLE as exc:
             raise DatasourceUnavailable(f"PostgreSQL: {exc}" if str(exc) else f"PostgreSQL: {type(exc).__name__}") from exc
 

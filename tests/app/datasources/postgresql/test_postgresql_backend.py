@@ -197,6 +197,21 @@ async def test_a_namespace_too_long_in_bytes_is_refused(postgresql_url: str) -> 
         await open_pg(postgresql_url, "é" * 26 + "a")  # 27 characters, 53 bytes: index names would be cut
 
 
+async def test_a_value_the_driver_cannot_send_fails_the_call_not_the_buffer(postgresql_url: str, namespace: str) -> None:
+    # The caller's error: a DatasourceError (not the driver's own exception), and not an outage, which the failover
+    # buffer would replay forever, holding back every later write.
+    ds = await open_pg(postgresql_url, namespace)
+    try:
+        bad = msg("bad")
+        bad.expires_at = "soon"  # type: ignore[assignment]
+        with pytest.raises(DatasourceError) as raised:
+            await asyncio.wait_for(ds.queues.put([bad]), 30)
+        assert raised.type is DatasourceError
+        await asyncio.wait_for(ds.queues.put([msg("fine")]), 30)
+    finally:
+        await ds.close()
+
+
 async def test_a_commit_is_one_transaction(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:
     a, _ = two_gateways
     await a.queues.put([msg("held")])

@@ -74,7 +74,7 @@ CLAIM_BATCH = 256  # BrokerConfig.claim_batch
 DEFAULT_PREFETCH = 100  # BrokerConfig.default_prefetch
 LEASE_MS = 60_000  # BrokerConfig.lease_ms
 COLLECTIONS = ("queue", "claims", "counters", "topics", "cursors")  # the backend's, under its namespace
-PG_TABLES = ("messages", "topic_log", "topic_head", "cursors", "schema")  # PostgreSQL's, under its namespace
+PG_TABLES = ("messages", "topic_log", "topic_head", "cursors", "writes", "schema")  # PostgreSQL's, under its namespace
 
 
 def default_variants(kind: str, ferretdb: bool, postgresql: bool = False) -> list[str]:

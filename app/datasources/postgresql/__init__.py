@@ -16,8 +16,9 @@ idle consumer waits for a notification, looking again only at the lease period),
 is (consumers poll every ``poll_interval``).
 
 Failover: puts, publishes and COMMITs that meet an unreachable server wait in a bounded buffer
-(``failover_buffer`` messages; their RECEIPTs wait with them) and are replayed in order once it answers again; a
-replay after an answer lost in the outage finds what that attempt committed and does not store it twice.
+(``failover_buffer`` messages; their RECEIPTs wait with them) and are replayed in order once it answers again. Each
+write commits a mark with its rows (``Store.write_once``): a replay after an answer lost in the outage finds the mark
+and does nothing, so a write takes effect once even if what it stored was consumed in between.
 
 Options used: ``topic_retention``, ``poll_interval``, ``failover_buffer``, ``namespace`` (table name prefix). Others
 are ignored.
@@ -32,7 +33,7 @@ import asyncpg
 
 from app.datasources.interface import Changes, Datasource, DatasourceOptions, Release
 from app.datasources.postgresql.queues import PgPollQueue
-from app.datasources.postgresql.store import Store
+from app.datasources.postgresql.store import Store, WriteAttempt
 from app.datasources.postgresql.topics import PgTailQueue
 
 __all__ = ["PgDatasource", "open_datasource"]
@@ -58,9 +59,12 @@ class PgDatasource(Datasource):
         """A COMMIT's puts, publishes, ACKs and releases in one PostgreSQL transaction: all stored, or none."""
         queues, topics = self._queues, self._topics
 
+        attempt = WriteAttempt(transaction=True)
+
         async def work(conn: asyncpg.Connection, retry: bool) -> tuple[int, set[str]]:
             newest = 0
             woken: set[str] = set()
+            await conn.execute(self.store.sql_mark, *attempt.mark_args())
             if changes.queue:
                 await queues.put_in(conn, changes.queue, retry)
             if changes.acks:
@@ -74,12 +78,14 @@ class PgDatasource(Datasource):
 
         if not (changes.queue or changes.topic or changes.acks or changes.requeue or changes.dead_letter):
             return
-        async def write(retry: bool) -> tuple[int, set[str]]:
-            # A retry finds what a lost-but-committed attempt stored and does not store it again; ACKs and releases
-            # are fenced by lease tokens, so applying them twice changes nothing the second time.
-            return await self.store.run(lambda conn: work(conn, retry))
-
-        newest, woken = await self.store.writer.run(len(changes.queue) + len(changes.topic), write)
+        # A replay whose earlier try committed does nothing (Store.write_once); should the server have forgotten that
+        # try, the puts skip what it stored, and ACKs and releases, fenced by lease tokens, change nothing again.
+        written = await self.store.write_once(attempt, work, len(changes.queue) + len(changes.topic))
+        if written is None:  # committed by a try whose answer was lost: its notifications went out with it
+            newest = await topics.committed_position(changes.topic) if changes.topic else 0
+            woken: set[str] = set()
+        else:
+            newest, woken = written
         if changes.queue:
             queues.after_put(changes.queue)
         if changes.topic:

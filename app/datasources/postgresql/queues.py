@@ -33,7 +33,7 @@ from app.datasources.interface import (
     StoredMessage,
 )
 from app.datasources.postgresql.rows import columns, decode_headers, headers_text, message_from_row
-from app.datasources.postgresql.store import Store
+from app.datasources.postgresql.store import Store, WriteAttempt
 from app.datasources.scanning import ScanBook, scan_in_order
 from app.datasources.wakeups import Signals
 
@@ -80,8 +80,14 @@ class PgPollQueue(PollQueue):
             "$7::bytea[])"
         )
         notify = "SELECT pg_notify($8, payload) FROM unnest($9::text[]) AS payload"
-        self._sql_put = f"WITH stored AS ({insert}) {notify}"
-        self._sql_put_again = f"WITH stored AS ({insert} ON CONFLICT (message_id) DO NOTHING) {notify}"
+        mark = f", marked AS (INSERT INTO {store.writes} (id, at) VALUES ($10, $11))"  # see Store.write_once
+        # by (a replay whose mark is gone: skip what is stored, this put's mark with it)
+        self._sql_put = {
+            (again, marked): f"WITH stored AS ({insert}{' ON CONFLICT (message_id) DO NOTHING' if again else ''})"
+            f"{mark if marked else ''} {notify}"
+            for again in (False, True)
+            for marked in (False, True)
+        }
         self._sql_notify = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
         self._sql_claim = (
             f"WITH ready AS (SELECT seq, priority FROM {m} WHERE {ready} ORDER BY {_ORDER} LIMIT $5 "
@@ -149,14 +155,22 @@ class PgPollQueue(PollQueue):
 
     # -- writes that other modules join into one transaction (PgDatasource.apply) ---------------------------------
 
-    async def put_in(self, conn: asyncpg.Connection, messages: Sequence[NewMessage], retry: bool = False) -> None:
-        """Insert ``messages`` in the caller's transaction. With ``retry`` (an earlier attempt may have committed
-        before its answer was lost) the ids already stored are this very put's, and are skipped."""
+    async def put_in(
+        self,
+        conn: asyncpg.Connection,
+        messages: Sequence[NewMessage],
+        retry: bool = False,
+        mark: WriteAttempt | None = None,
+    ) -> None:
+        """Insert ``messages`` in the caller's transaction, with ``mark``'s token when given (``Store.write_once``).
+        With ``retry`` (an earlier try may have committed, its mark since collected) the ids already stored are this
+        very put's, and are skipped."""
         top: dict[str, int] = {}
         for m in messages:
             top[m.destination] = max(top.get(m.destination, 0), m.priority)
+        marks = mark.mark_args() if mark is not None else ()
         await conn.execute(
-            self._sql_put_again if retry else self._sql_put,
+            self._sql_put[(retry, mark is not None)],
             [m.message_id for m in messages],
             [m.destination for m in messages],
             [m.priority for m in messages],
@@ -166,6 +180,7 @@ class PgPollQueue(PollQueue):
             [m.body for m in messages],
             self._store.channel,
             [put_payload(d, p) for d, p in top.items()],
+            *marks,
         )
 
     def after_put(self, messages: Sequence[NewMessage]) -> None:
@@ -202,10 +217,8 @@ class PgPollQueue(PollQueue):
         if not messages:
             return
 
-        async def write(retry: bool) -> None:
-            await self._store.run(lambda conn: self.put_in(conn, messages, retry), transaction=False)
-
-        await self._store.writer.run(len(messages), write)
+        attempt = WriteAttempt()
+        await self._store.write_once(attempt, lambda conn, again: self.put_in(conn, messages, again, attempt), len(messages))
         self.after_put(messages)
 
     async def claim(

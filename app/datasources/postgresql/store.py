@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -25,7 +27,7 @@ import asyncpg
 from app.datasources.failover import FailoverWriter
 from app.datasources.interface import DatasourceError, DatasourceOptions, DatasourceUnavailable
 
-__all__ = ["Store", "UNAVAILABLE", "quote", "SCHEMA_VERSION"]
+__all__ = ["Store", "UNAVAILABLE", "quote", "SCHEMA_VERSION", "WriteAttempt"]
 
 log = logging.getLogger("stompgate.datasource.postgresql")
 
@@ -46,8 +48,10 @@ MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes: longer names are 
 # every name made from the namespace (tables, indexes, the notification channel); the longest decides
 IDENTIFIER_SUFFIXES = (
     "messages", "messages_ready", "messages_leased", "messages_owner", "topic_log", "topic_head", "cursors", "schema",
-    "wake",
+    "wake", "writes", "writes_at",
 )  # fmt: skip
+MARK_KEEP_MS = 3_600_000  # write marks are kept an hour (a replay comes when the database answers again)
+MARK_GC_S = 60.0
 RETRIES_AFTER_ROLLBACK = 3  # a deadlock or serialization failure rolled the transaction back: run it again
 POOL_SIZE = 8
 CONNECT_TIMEOUT_S = 10.0
@@ -100,6 +104,11 @@ def _migrations(t: Callable[[str], str]) -> list[list[str]]:
             f"INSERT INTO {t('topic_head')} (position) VALUES (0)",
             f"CREATE TABLE {t('cursors')} (name text PRIMARY KEY, position bigint NOT NULL)",
         ],
+        [
+            # Marks of committed writes, so that a write replayed after its answer was lost is not applied twice.
+            f"CREATE TABLE {t('writes')} (id text PRIMARY KEY, at bigint NOT NULL)",
+            f"CREATE INDEX {t('writes_at')} ON {t('writes')} (at)",
+        ],
     ]
 
 
@@ -126,6 +135,10 @@ class Store:
         self.topic_log = self.table("topic_log")
         self.topic_head = self.table("topic_head")
         self.cursors = self.table("cursors")
+        self.writes = self.table("writes")
+        self.sql_marked = f"SELECT true FROM {self.writes} WHERE id = $1"
+        self.sql_mark = f"INSERT INTO {self.writes} (id, at) VALUES ($1, $2)"
+        self._collector: asyncio.Task[None] | None = None
         self.pool: asyncpg.Pool | None = None
         # Writes that meet an unreachable server wait here (their RECEIPTs with them) and are replayed when it returns.
         self.writer = FailoverWriter(options.failover_buffer, unavailable=(DatasourceUnavailable,), database="PostgreSQL")
@@ -157,6 +170,7 @@ class Store:
             await self.pool.close()
             raise
         self._listener_task = asyncio.get_running_loop().create_task(self._listen(), name="postgresql listener")
+        self._collector = asyncio.get_running_loop().create_task(self._collect_marks_now_and_then(), name="write marks")
         # Start with notifications flowing (no waiter can have missed one yet); if LISTEN fails, polling covers it.
         try:
             await asyncio.wait_for(self._first_listen.wait(), CONNECT_TIMEOUT_S)
@@ -187,9 +201,10 @@ class Store:
     async def close(self) -> None:
         self._closed = True
         await self.writer.close()
-        if self._listener_task is not None:
-            self._listener_task.cancel()
-            await asyncio.gather(self._listener_task, return_exceptions=True)
+        for task in (self._listener_task, self._collector):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if self.pool is not None:
             try:
                 await asyncio.wait_for(self.pool.close(), 5)
@@ -202,6 +217,38 @@ class Store:
         """A pooled connection (``async with``); failing to get one is ``DatasourceUnavailable``."""
         assert self.pool is not None
         return _Checkout(self.pool)
+
+    async def write_once(
+        self, attempt: WriteAttempt, work: Callable[[asyncpg.Connection, bool], Awaitable[T]], count: int
+    ) -> T | None:
+        """Run a write (``work``) through the failover buffer so that it takes effect once, however often it is
+        replayed. ``work`` stores ``attempt.token`` in ``<ns>_writes`` with its rows, in the same statement or
+        transaction; a replay first looks for it: there means an earlier try committed (its answer was lost with the
+        connection), so the write is done and None is returned. Not there, the write runs again, told (its second
+        argument) to skip what an earlier try stored by itself, for a mark collected after ``MARK_KEEP_MS``."""
+
+        async def attempt_write(replay: bool) -> T | None:
+            if replay and attempt.tried:
+                if await self.run(lambda conn: conn.fetchval(self.sql_marked, attempt.token), transaction=False):
+                    return None
+            attempt.tried = True
+            return await self.run(lambda conn: work(conn, replay), transaction=attempt.transaction)
+
+        return await self.writer.run(count, attempt_write)
+
+    async def collect_marks(self) -> None:
+        """Forget write marks older than ``MARK_KEEP_MS``: a replay comes long before (the buffer replays as soon as
+        the database answers)."""
+        cutoff = int(time.time() * 1000) - MARK_KEEP_MS
+        await self.run(lambda conn: conn.execute(f"DELETE FROM {self.writes} WHERE at < $1", cutoff), transaction=False)
+
+    async def _collect_marks_now_and_then(self) -> None:
+        while True:
+            await asyncio.sleep(MARK_GC_S)
+            try:
+                await self.collect_marks()
+            except DatasourceError as exc:  # the next round tries again
+                log.info("collecting write marks failed: %s", exc)
 
     async def run(self, work: Callable[[asyncpg.Connection], Awaitable[T]], *, transaction: bool = True) -> T:
         """Run ``work`` on a pooled connection, in a transaction unless told otherwise; the database being out of
@@ -293,6 +340,22 @@ class Store:
     def _listener_lost(self) -> None:
         for handler in self._lost:
             handler()
+
+
+class WriteAttempt:
+    """One write's identity across its replays: a token its rows are committed with (``Store.write_once``).
+    ``transaction`` is False for a write that is a single statement (its own transaction)."""
+
+    __slots__ = ("token", "tried", "transaction")
+
+    def __init__(self, *, transaction: bool = False) -> None:
+        self.token = uuid.uuid4().hex
+        self.tried = False
+        self.transaction = transaction
+
+    def mark_args(self) -> tuple[str, int]:
+        """The mark's values: the token and the time it was written (epoch ms)."""
+        return self.token, int(time.time() * 1000)
 
 
 class _Checkout:

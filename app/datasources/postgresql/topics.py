@@ -28,7 +28,7 @@ import asyncpg
 from app.datasources import rules
 from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage, Published, TailEvent, TailQueue
 from app.datasources.postgresql.rows import headers_text, message_from_row
-from app.datasources.postgresql.store import Store
+from app.datasources.postgresql.store import Store, WriteAttempt
 from app.datasources.wakeups import Signals
 
 __all__ = ["PgTailQueue", "TOPIC_PAYLOAD"]
@@ -65,6 +65,11 @@ class PgTailQueue(TailQueue):
             "AS m(message_id, destination, priority, expires_at, published_at, headers, body, n)) "
             "SELECT head.position FROM head, LATERAL pg_notify($9, $10 || head.position::text) AS woken"
         )
+        # with a write mark (Store.write_once) in the same statement
+        self._sql_publish_marked = self._sql_publish.replace(
+            "SELECT head.position FROM head,",
+            f", marked AS (INSERT INTO {store.writes} (id, at) VALUES ($11, $12)) SELECT head.position FROM head,",
+        )
         self._sql_after = (
             f"SELECT message_id, destination, headers, body, priority, expires_at, published_at, position, 0, NULL, 0 "
             f"FROM {t} WHERE position > $1 ORDER BY position LIMIT $2"
@@ -89,7 +94,13 @@ class PgTailQueue(TailQueue):
 
     # -- writes --------------------------------------------------------------------------------------------------
 
-    async def publish_in(self, conn: asyncpg.Connection, messages: Sequence[NewMessage], retry: bool = False) -> int:
+    async def publish_in(
+        self,
+        conn: asyncpg.Connection,
+        messages: Sequence[NewMessage],
+        retry: bool = False,
+        mark: WriteAttempt | None = None,
+    ) -> int:
         """Append ``messages`` in the caller's transaction; return the newest position (taken under the head's row
         lock, which the transaction holds until it ends). With ``retry`` (an earlier attempt may have committed before
         its answer was lost) messages already in the log are that attempt's: their newest position is returned."""
@@ -97,8 +108,9 @@ class PgTailQueue(TailQueue):
             found = await conn.fetchval(self._sql_published, [m.message_id for m in messages])
             if found is not None:
                 return int(found)
+        marks = mark.mark_args() if mark is not None else ()
         newest = await conn.fetchval(
-            self._sql_publish,
+            self._sql_publish if mark is None else self._sql_publish_marked,
             len(messages),
             [m.message_id for m in messages],
             [m.destination for m in messages],
@@ -109,6 +121,7 @@ class PgTailQueue(TailQueue):
             [m.body for m in messages],
             self._store.channel,
             TOPIC_PAYLOAD,
+            *marks,
         )
         return int(newest)
 
@@ -123,14 +136,20 @@ class PgTailQueue(TailQueue):
     async def publish(self, messages: Sequence[NewMessage]) -> list[int]:
         if not messages:
             return []
-
-        async def write(retry: bool) -> int:
-            # one statement (a retry's look-up first is two: then in one transaction)
-            return await self._store.run(lambda conn: self.publish_in(conn, messages, retry), transaction=retry)
-
-        newest = await self._store.writer.run(len(messages), write)
+        attempt = WriteAttempt()
+        written = await self._store.write_once(
+            attempt, lambda conn, again: self.publish_in(conn, messages, again, attempt), len(messages)
+        )
+        newest = written if written is not None else await self.committed_position(messages)
         self.after_publish(newest, len(messages))
         return list(range(newest - len(messages) + 1, newest + 1))
+
+    async def committed_position(self, messages: Sequence[NewMessage]) -> int:
+        """The newest position of ``messages``, published by a write whose answer was lost (the end of the log if
+        trimming took them since)."""
+        ids = [m.message_id for m in messages]
+        found = await self._store.run(lambda conn: conn.fetchval(self._sql_published, ids), transaction=False)
+        return int(found) if found is not None else await self.last_position()
 
     async def trim(self) -> None:
         """Trim the log to ``topic_retention`` messages now."""

@@ -10,12 +10,22 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
-from app.datasources.interface import Changes, DatasourceError, DatasourceOptions, NewMessage, Published, ScanMark
+from app.datasources.interface import (
+    Changes,
+    DatasourceError,
+    DatasourceOptions,
+    DatasourceUnavailable,
+    NewMessage,
+    Published,
+    ScanMark,
+)
 from app.datasources.postgresql import PgDatasource
+from app.datasources.postgresql.store import SCHEMA_VERSION
 from app.datasources.registry import open_datasource
 from tests.gateway_process import free_port
 
@@ -212,6 +222,38 @@ async def test_a_value_the_driver_cannot_send_fails_the_call_not_the_buffer(post
         await ds.close()
 
 
+async def test_a_write_replayed_after_its_answer_was_lost_takes_effect_once(
+    two_gateways: tuple[PgDatasource, PgDatasource], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The injected fault: the put commits, then its connection goes before the answer comes (as DatasourceUnavailable,
+    # so the failover buffer replays it). Meanwhile gateway B delivers the message and its ACK deletes it.
+    a, b = two_gateways
+    original = a.store.run
+    calls = 0
+    consumed = asyncio.Event()
+
+    async def lossy_run(work: Any, *, transaction: bool = True) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:  # the replay's first look at the database: only after B consumed the message
+            await consumed.wait()
+        result = await original(work, transaction=transaction)
+        if calls == 1:
+            raise DatasourceUnavailable("PostgreSQL: connection was closed in the middle of operation")
+        return result
+
+    monkeypatch.setattr(a.store, "run", lossy_run)
+    token = b.queues.wake_token("/queue/pg")
+    put = asyncio.ensure_future(a.queues.put([msg("once")]))
+    await b.queues.wait("/queue/pg", 60, token)  # the first try committed (its notification came)
+    [got] = await b.queues.claim("/queue/pg", owner="b", limit=5, lease_ms=30_000, now_ms=NOW)
+    await b.queues.ack([got.message_id], [got.lease])
+    consumed.set()
+    await asyncio.wait_for(put, 30)
+    assert calls >= 2
+    assert await b.queues.claim("/queue/pg", owner="b", limit=5, lease_ms=30_000, now_ms=NOW) == []  # not stored again
+
+
 async def test_a_commit_is_one_transaction(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:
     a, _ = two_gateways
     await a.queues.put([msg("held")])
@@ -234,7 +276,7 @@ async def test_the_schema_is_versioned_and_a_newer_one_is_refused(postgresql_url
     await ds.close()
     conn = await asyncpg.connect(postgresql_url)
     try:
-        assert await conn.fetchval(f'SELECT version FROM "{namespace}_schema"') == 1
+        assert await conn.fetchval(f'SELECT version FROM "{namespace}_schema"') == SCHEMA_VERSION == 2
         await conn.execute(f'UPDATE "{namespace}_schema" SET version = 99')
     finally:
         await conn.close()
@@ -253,6 +295,36 @@ async def test_commits_wait_for_the_disk_whatever_the_servers_default(postgresql
     try:
         async with ds.store.connection() as conn:
             assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await ds.close()
+
+
+async def test_a_version_1_schema_is_upgraded(postgresql_url: str, namespace: str) -> None:
+    ds = await open_pg(postgresql_url, namespace)
+    await ds.close()
+    conn = await asyncpg.connect(postgresql_url)
+    try:  # back to what version 1 had: no write marks
+        await conn.execute(f'DROP TABLE "{namespace}_writes"')
+        await conn.execute(f'UPDATE "{namespace}_schema" SET version = 1')
+        ds = await open_pg(postgresql_url, namespace)
+        try:
+            await ds.queues.put([msg("after the upgrade")])  # writes its mark
+        finally:
+            await ds.close()
+        assert await conn.fetchval(f'SELECT version FROM "{namespace}_schema"') == 2
+        assert await conn.fetchval(f'SELECT count(*) FROM "{namespace}_writes"') == 1
+    finally:
+        await conn.close()
+
+
+async def test_old_write_marks_are_collected(postgresql_url: str, namespace: str) -> None:
+    ds = await open_pg(postgresql_url, namespace)
+    try:
+        await ds.queues.put([msg("recent")])
+        await ds.store.run(lambda c: c.execute(f'INSERT INTO "{namespace}_writes" (id, at) VALUES ($1, $2)', "old", 1))
+        await ds.store.collect_marks()
+        ids = await ds.store.run(lambda c: c.fetch(f'SELECT id FROM "{namespace}_writes"'))
+        assert len(ids) == 1 and ids[0][0] != "old"
     finally:
         await ds.close()
 

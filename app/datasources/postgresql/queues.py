@@ -89,13 +89,19 @@ class PgPollQueue(PollQueue):
             for marked in (False, True)
         }
         self._sql_notify = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
+        # Ready and lapsed rows each locked in claim order, skipping rows other claims hold, then the first $5 of
+        # both taken. With lapsed rows about, rows locked but not taken stay locked to the end of the statement, and
+        # a claim running meanwhile may have skipped them and found nothing: the claim then NOTIFYs ($6, $7), so
+        # such a claimer looks again at its commit instead of at its next poll.
         self._sql_claim = (
             f"WITH ready AS (SELECT seq, priority FROM {m} WHERE {ready} ORDER BY {_ORDER} LIMIT $5 "
             "FOR UPDATE SKIP LOCKED), "
             f"lapsed AS (SELECT seq, priority FROM {m} WHERE {lapsed} ORDER BY {_ORDER} LIMIT $5 FOR UPDATE SKIP LOCKED), "
             f"pick AS (SELECT seq FROM (SELECT * FROM ready UNION ALL SELECT * FROM lapsed) AS both_kinds "
-            f"ORDER BY {_ORDER} LIMIT $5) "
-            f"UPDATE {m} SET {claim_set} FROM pick WHERE {m}.seq = pick.seq RETURNING {cols}"
+            f"ORDER BY {_ORDER} LIMIT $5), "
+            "wake AS (SELECT pg_notify($6, $7) FROM (SELECT 1 FROM lapsed LIMIT 1) AS any_lapsed) "
+            f"UPDATE {m} SET {claim_set} FROM pick WHERE {m}.seq = pick.seq "
+            f"RETURNING {cols}, (SELECT count(*) FROM wake)"  # referenced, so that the wake-up is sent
         )
         self._sql_claim_seqs = (
             f"UPDATE {m} SET {claim_set} WHERE seq = ANY($5::bigint[]) AND destination = $1 AND {_CLAIMABLE} "
@@ -238,8 +244,9 @@ class PgPollQueue(PollQueue):
         lease_until = rules.lease_until(now_ms, lease_ms)
         await self._sweep_expired(destination, now_ms)
         if selector is None:
+            wake = (self._store.channel, requeue_payload(destination))
             records = await self._store.run(
-                lambda conn: conn.fetch(self._sql_claim, destination, now_ms, owner, lease_until, limit),
+                lambda conn: conn.fetch(self._sql_claim, destination, now_ms, owner, lease_until, limit, *wake),
                 transaction=False,  # one statement: its own transaction
             )
         else:

@@ -254,6 +254,26 @@ async def test_a_write_replayed_after_its_answer_was_lost_takes_effect_once(
     assert await b.queues.claim("/queue/pg", owner="b", limit=5, lease_ms=30_000, now_ms=NOW) == []  # not stored again
 
 
+async def test_a_claim_beside_lapsed_leases_wakes_a_claimer_it_left_empty(
+    two_gateways: tuple[PgDatasource, PgDatasource],
+) -> None:
+    a, b = two_gateways
+    await a.queues.put([msg("hi", priority=9), msg("lo", priority=1)])
+    [hi] = await a.queues.claim("/queue/pg", owner="gone", limit=1, lease_ms=1, now_ms=NOW)  # its lease lapses
+    async with a.store.connection() as other:  # A's claim of one, held open: it locks "hi" (lapsed) and "lo" (ready)
+        tx = other.transaction()
+        await tx.start()
+        wake = (a.store.channel, "r:/queue/pg")
+        picked = await other.fetch(a._queues._sql_claim, "/queue/pg", NOW + 10, "a", NOW + 60_000, 1, *wake)
+        assert [r[0] for r in picked] == [hi.message_id]
+        token = b.queues.wake_token("/queue/pg")
+        assert await b.queues.claim("/queue/pg", owner="b", limit=1, lease_ms=60_000, now_ms=NOW + 10) == []
+        await tx.commit()
+    await b.queues.wait("/queue/pg", 600, token)  # woken at A's commit, not after a poll interval
+    [lo] = await b.queues.claim("/queue/pg", owner="b", limit=1, lease_ms=60_000, now_ms=NOW + 10)
+    assert lo.headers["n"] == "lo"
+
+
 async def test_a_commit_is_one_transaction(two_gateways: tuple[PgDatasource, PgDatasource]) -> None:
     a, _ = two_gateways
     await a.queues.put([msg("held")])

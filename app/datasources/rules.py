@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.datasources.interface import Gap
+from app.datasources.interface import DatasourceError, Gap
 
 __all__ = [
     "DLQ_SUFFIX",
@@ -32,6 +32,7 @@ __all__ = [
     "claimable",
     "delivery_order",
     "gap_before",
+    "topic_trim_every",
     "SQL_NOT_EXPIRED",
     "SQL_CLAIMABLE",
     "SQL_CLAIM_SET",
@@ -75,6 +76,14 @@ def gap_before(oldest: int | None, after: int) -> Gap | None:
     if oldest is None or oldest <= after + 1:
         return None
     return Gap(expected=after + 1, oldest=oldest)
+
+
+def topic_trim_every(retention: int) -> int:
+    """How many publishes a store that keeps its topic log in a table lets pass between trims of it to ``retention``
+    messages: a tenth of the window, between 1 and 1,000 (the log holds at least ``retention`` messages)."""
+    if retention < 1:
+        raise DatasourceError("topic_retention must be at least 1")
+    return max(1, min(1000, retention // 10))
 
 
 # -- SQL forms: a table with columns state (0 ready, 1 leased), owner, lease_until, lease, deliveries, destination,

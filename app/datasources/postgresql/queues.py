@@ -32,7 +32,14 @@ from app.datasources.interface import (
     ScanMark,
     StoredMessage,
 )
-from app.datasources.postgresql.rows import columns, decode_headers, headers_text, message_from_row
+from app.datasources.postgresql.rows import (
+    NEW_COLUMNS,
+    columns,
+    decode_headers,
+    message_from_row,
+    new_arrays,
+    unnest_new,
+)
 from app.datasources.postgresql.store import Store, WriteAttempt
 from app.datasources.scanning import ScanBook, scan_in_order
 from app.datasources.wakeups import Signals
@@ -74,11 +81,7 @@ class PgPollQueue(PollQueue):
         claim_set = rules.SQL_CLAIM_SET.format(owner="$3", lease_until="$4")
         # One statement, so one round trip and its own transaction: the insert in a data-modifying CTE (run to
         # completion whatever the outer query reads), and the wake-ups it owes, delivered when it commits.
-        insert = (
-            f"INSERT INTO {m} (message_id, destination, priority, expires_at, published_at, headers, body) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::smallint[], $4::bigint[], $5::bigint[], $6::text[], "
-            "$7::bytea[])"
-        )
+        insert = f"INSERT INTO {m} ({NEW_COLUMNS}) SELECT * FROM {unnest_new(1)}"
         notify = "SELECT pg_notify($8, payload) FROM unnest($9::text[]) AS payload"
         mark = f", marked AS (INSERT INTO {store.writes} (id, at) VALUES ($10, $11))"  # see Store.write_once
         # by (a replay whose mark is gone: skip what is stored, this put's mark with it)
@@ -177,13 +180,7 @@ class PgPollQueue(PollQueue):
         marks = mark.mark_args() if mark is not None else ()
         await conn.execute(
             self._sql_put[(retry, mark is not None)],
-            [m.message_id for m in messages],
-            [m.destination for m in messages],
-            [m.priority for m in messages],
-            [m.expires_at for m in messages],
-            [m.published_at for m in messages],
-            [headers_text(m.headers) for m in messages],
-            [m.body for m in messages],
+            *new_arrays(messages),
             self._store.channel,
             [put_payload(d, p) for d, p in top.items()],
             *marks,

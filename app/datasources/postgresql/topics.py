@@ -26,8 +26,8 @@ from collections.abc import AsyncIterator, Sequence
 import asyncpg
 
 from app.datasources import rules
-from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage, Published, TailEvent, TailQueue
-from app.datasources.postgresql.rows import headers_text, message_from_row
+from app.datasources.interface import DatasourceUnavailable, NewMessage, Published, TailEvent, TailQueue
+from app.datasources.postgresql.rows import NEW_COLUMNS, message_from_row, new_arrays, unnest_new
 from app.datasources.postgresql.store import Store, WriteAttempt
 from app.datasources.wakeups import Signals
 
@@ -44,9 +44,7 @@ class PgTailQueue(TailQueue):
     def __init__(self, store: Store) -> None:
         self._store = store
         self._retention = store.options.topic_retention
-        if self._retention < 1:
-            raise DatasourceError("topic_retention must be at least 1")
-        self._trim_every = max(1, min(1000, self._retention // 10))
+        self._trim_every = rules.topic_trim_every(self._retention)
         self._published_since_trim = 0
         self._trimming: asyncio.Task[None] | None = None
         self._signals = Signals()
@@ -57,12 +55,9 @@ class PgTailQueue(TailQueue):
         # the messages at them, and notify the followers of every gateway (delivered at the commit).
         self._sql_publish = (
             f"WITH head AS (UPDATE {store.topic_head} SET position = position + $1 RETURNING position), "
-            f"stored AS (INSERT INTO {t} "
-            "(position, message_id, destination, priority, expires_at, published_at, headers, body) "
-            "SELECT head.position - $1 + m.n, m.message_id, m.destination, m.priority, m.expires_at, m.published_at, "
-            "m.headers, m.body FROM head, unnest($2::text[], $3::text[], $4::smallint[], $5::bigint[], $6::bigint[], "
-            "$7::text[], $8::bytea[]) WITH ORDINALITY "
-            "AS m(message_id, destination, priority, expires_at, published_at, headers, body, n)) "
+            f"stored AS (INSERT INTO {t} (position, {NEW_COLUMNS}) "
+            f"SELECT head.position - $1 + m.n, {', '.join('m.' + c for c in NEW_COLUMNS.split(', '))} "
+            f"FROM head, {unnest_new(2)} WITH ORDINALITY AS m({NEW_COLUMNS}, n)) "
             "SELECT head.position FROM head, LATERAL pg_notify($9, $10 || head.position::text) AS woken"
         )
         # with a write mark (Store.write_once) in the same statement
@@ -112,13 +107,7 @@ class PgTailQueue(TailQueue):
         newest = await conn.fetchval(
             self._sql_publish if mark is None else self._sql_publish_marked,
             len(messages),
-            [m.message_id for m in messages],
-            [m.destination for m in messages],
-            [m.priority for m in messages],
-            [m.expires_at for m in messages],
-            [m.published_at for m in messages],
-            [headers_text(m.headers) for m in messages],
-            [m.body for m in messages],
+            *new_arrays(messages),
             self._store.channel,
             TOPIC_PAYLOAD,
             *marks,

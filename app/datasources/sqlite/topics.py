@@ -13,7 +13,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 from app.datasources import rules
-from app.datasources.interface import DatasourceError, NewMessage, Published, StoredMessage, TailEvent, TailQueue
+from app.datasources.interface import NewMessage, Published, StoredMessage, TailEvent, TailQueue
 from app.datasources.sqlite.rows import SCAN_BATCH, headers_text, message_from_row
 from app.datasources.sqlite.store import Store, Write
 from app.datasources.wakeups import Signals
@@ -27,9 +27,7 @@ class SqliteTailQueue(TailQueue):
     def __init__(self, store: Store) -> None:
         self._store = store
         self._retention = store.options.topic_retention
-        if self._retention < 1:
-            raise DatasourceError("topic_retention must be at least 1")
-        self._trim_every = max(1, min(1000, self._retention // 10))
+        self._trim_every = rules.topic_trim_every(self._retention)
         # never longer than the retained window, so the tail cannot hide a Gap the database would report
         self._tail: deque[Published] = deque(maxlen=min(TAIL_SIZE, self._retention))
         self._last = 0  # newest committed position (event-loop state)

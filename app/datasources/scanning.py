@@ -44,13 +44,18 @@ class ScanBook:
             book = self._books[destination] = _Book()
         return book
 
+    # A put or requeue matters only to a destination some scan has recorded a mark on (``record`` makes its book):
+    # the others keep no book, so puts to any number of destination names cost no memory here.
     def put(self, destination: str, priority: int) -> None:
-        book = self._book(destination)
-        book.puts += 1
-        book.last_put[max(0, min(priority, 9))] = book.puts
+        book = self._books.get(destination)
+        if book is not None:
+            book.puts += 1
+            book.last_put[max(0, min(priority, 9))] = book.puts
 
     def requeue(self, destination: str) -> None:
-        self._book(destination).epoch += 1
+        book = self._books.get(destination)
+        if book is not None:
+            book.epoch += 1
 
     def requeue_all(self) -> None:
         """Any destination may have had messages put back (a rolled-back batch of claims)."""

@@ -64,7 +64,8 @@ class PgDatasource(Datasource):
         async def work(conn: asyncpg.Connection, retry: bool) -> tuple[int, set[str]]:
             newest = 0
             woken: set[str] = set()
-            await conn.execute(self.store.sql_mark, *attempt.mark_args())
+            if not retry:  # a replay's mark is written by write_once
+                await conn.execute(self.store.sql_mark, *attempt.mark_args())
             if changes.queue:
                 await queues.put_in(conn, changes.queue, retry)
             if changes.acks:

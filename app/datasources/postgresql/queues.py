@@ -221,7 +221,9 @@ class PgPollQueue(PollQueue):
             return
 
         attempt = WriteAttempt()
-        await self._store.write_once(attempt, lambda conn, again: self.put_in(conn, messages, again, attempt), len(messages))
+        await self._store.write_once(
+            attempt, lambda conn, again: self.put_in(conn, messages, again, None if again else attempt), len(messages)
+        )
         self.after_put(messages)
 
     async def claim(

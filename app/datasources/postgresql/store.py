@@ -136,7 +136,7 @@ class Store:
         self.topic_head = self.table("topic_head")
         self.cursors = self.table("cursors")
         self.writes = self.table("writes")
-        self.sql_marked = f"SELECT true FROM {self.writes} WHERE id = $1"
+        self.sql_mark_first = f"INSERT INTO {self.writes} (id, at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING RETURNING true"
         self.sql_mark = f"INSERT INTO {self.writes} (id, at) VALUES ($1, $2)"
         self._collector: asyncio.Task[None] | None = None
         self.pool: asyncpg.Pool | None = None
@@ -223,16 +223,23 @@ class Store:
     ) -> T | None:
         """Run a write (``work``) through the failover buffer so that it takes effect once, however often it is
         replayed. ``work`` stores ``attempt.token`` in ``<ns>_writes`` with its rows, in the same statement or
-        transaction; a replay first looks for it: there means an earlier try committed (its answer was lost with the
-        connection), so the write is done and None is returned. Not there, the write runs again, told (its second
-        argument) to skip what an earlier try stored by itself, for a mark collected after ``MARK_KEEP_MS``."""
+        transaction. A replay of a write tried before first inserts that mark itself, in the transaction that then
+        runs ``work`` (told so by its second argument: it writes no mark, and skips ids an earlier try stored, for a
+        mark collected after ``MARK_KEEP_MS``). The mark being there already means an earlier try committed (its
+        answer was lost with the connection): the write is done and None is returned. Inserting, not looking, also
+        covers an earlier try still running on the server: the insert waits for it, and finds its mark if it
+        commits."""
+
+        async def replayed(conn: asyncpg.Connection) -> tuple[bool, T | None]:
+            if await conn.fetchval(self.sql_mark_first, *attempt.mark_args()) is None:
+                return False, None
+            return True, await work(conn, True)
 
         async def attempt_write(replay: bool) -> T | None:
             if replay and attempt.tried:
-                if await self.run(lambda conn: conn.fetchval(self.sql_marked, attempt.token), transaction=False):
-                    return None
+                return (await self.run(replayed))[1]
             attempt.tried = True
-            return await self.run(lambda conn: work(conn, replay), transaction=attempt.transaction)
+            return await self.run(lambda conn: work(conn, False), transaction=attempt.transaction)
 
         return await self.writer.run(count, attempt_write)
 

@@ -127,7 +127,7 @@ class PgTailQueue(TailQueue):
             return []
         attempt = WriteAttempt()
         written = await self._store.write_once(
-            attempt, lambda conn, again: self.publish_in(conn, messages, again, attempt), len(messages)
+            attempt, lambda conn, again: self.publish_in(conn, messages, again, None if again else attempt), len(messages)
         )
         newest = written if written is not None else await self.committed_position(messages)
         self.after_publish(newest, len(messages))

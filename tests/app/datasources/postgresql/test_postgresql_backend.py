@@ -254,6 +254,48 @@ async def test_a_write_replayed_after_its_answer_was_lost_takes_effect_once(
     assert await b.queues.claim("/queue/pg", owner="b", limit=5, lease_ms=30_000, now_ms=NOW) == []  # not stored again
 
 
+async def test_a_replay_while_the_first_try_still_runs_on_the_server_takes_effect_once(
+    postgresql_url: str, namespace: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The injected fault: the first try's statement ran on the server and its transaction is still open when the
+    # connection's answer is lost (DatasourceUnavailable, so the failover buffer replays). The replay must not look
+    # for the mark before that transaction ends (it would not see it, and store the message again or fail on the
+    # duplicate): it waits for it, and does nothing once it committed.
+    ds = await open_pg(postgresql_url, namespace)
+    original = ds.store.run
+    first_try: asyncio.Future[tuple[asyncpg.Connection, Any]] = asyncio.get_running_loop().create_future()
+    calls = 0
+
+    async def answer_lost_mid_transaction(work: Any, *, transaction: bool = True) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            return await original(work, transaction=transaction)
+        held = await asyncpg.connect(postgresql_url)
+        open_transaction = held.transaction()
+        await open_transaction.start()
+        await work(held)
+        first_try.set_result((held, open_transaction))
+        raise DatasourceUnavailable("PostgreSQL: connection was closed in the middle of operation")
+
+    monkeypatch.setattr(ds.store, "run", answer_lost_mid_transaction)
+    put = asyncio.ensure_future(ds.queues.put([msg("once")]))
+    held, open_transaction = await asyncio.wait_for(first_try, 30)
+    try:
+        # the replay is under way once it waits for the first try's lock, or has ended (old code: an error)
+        while not put.done() and not await held.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        ):
+            await asyncio.sleep(0.01)
+        await open_transaction.commit()
+        await asyncio.wait_for(put, 30)
+        got = await ds.queues.claim("/queue/pg", owner="a", limit=5, lease_ms=30_000, now_ms=NOW)
+        assert [m.headers["n"] for m in got] == ["once"]
+    finally:
+        await held.close()
+        await ds.close()
+
+
 async def test_a_claim_beside_lapsed_leases_wakes_a_claimer_it_left_empty(
     two_gateways: tuple[PgDatasource, PgDatasource],
 ) -> None:

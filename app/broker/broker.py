@@ -25,6 +25,7 @@ from app.broker.subscriptions import TopicSubscription
 from app.datasources.interface import (
     Changes,
     Datasource,
+    DatasourceUnavailable,
     Held,
     NewMessage,
     Published,
@@ -78,6 +79,10 @@ class Broker:
         self._queue_writer: Batcher[NewMessage] = Batcher(self._put_queues)
         self._topic_writer: Batcher[NewMessage] = Batcher(self._publish_topics)
         self._acker: Batcher[Held] = Batcher(self._ack_with_retry)
+        # Queue SENDs and ACKs in one group writer where the store wants them in one transaction (group commit).
+        self._sends_and_acks: Batcher[Changes] | None = (
+            Batcher(self._write_sends_and_acks, max_batch=256) if datasource.joins_sends_and_acks else None
+        )
         # Several connections' COMMITs share one database transaction where ``apply`` is atomic; elsewhere each
         # goes alone, since a group that failed part-way could not be written again one COMMIT at a time.
         self._committer: Batcher[Changes] = Batcher(
@@ -132,6 +137,8 @@ class Broker:
         await self._queue_writer.close()
         await self._topic_writer.close()
         await self._acker.close()
+        if self._sends_and_acks is not None:
+            await self._sends_and_acks.close()
         await self._committer.close()
         await self.cursors.close()
         if self._tasks:
@@ -202,8 +209,10 @@ class Broker:
 
     def publish_nowait(self, messages: list[NewMessage], kind: Literal["queue", "topic"]) -> asyncio.Future[None]:
         """Queue ``messages`` (all of one kind) for the next group write; the future completes once durable."""
-        writer = self._queue_writer if kind == "queue" else self._topic_writer
         self.metrics.published(kind, [m.destination for m in messages])
+        if kind == "queue" and self._sends_and_acks is not None:
+            return self._sends_and_acks.submit([Changes(queue=messages)])
+        writer = self._queue_writer if kind == "queue" else self._topic_writer
         return writer.submit(messages)
 
     async def publish(self, destination: str, headers: Mapping[str, str], body: bytes) -> NewMessage:
@@ -266,11 +275,26 @@ class Broker:
                 await asyncio.sleep(0.05 * 2**attempt)
 
     def ack_nowait(self, held: list[Held]) -> asyncio.Future[None]:
+        if self._sends_and_acks is not None:
+            return self._sends_and_acks.submit([Changes(acks=held)])
         return self._acker.submit(held)
 
     def ack_in_background(self, held: list[Held]) -> None:
-        future = self._acker.submit(held)
-        future.add_done_callback(_log_failure)
+        self.ack_nowait(held).add_done_callback(_log_failure)
+
+    async def _write_sends_and_acks(self, batch: list[Changes]) -> None:
+        """The SENDs and ACKs that arrived together, as one ``apply``. ACKs alone (none came with SENDs, or they are
+        written alone after their group failed) keep their retries; a group the database refused for want of
+        space in its failover buffer gives its ACKs' messages back, as a failed ACK does."""
+        changes = Changes.merge(batch)
+        if not changes.queue:
+            await self._ack_with_retry(list(changes.acks))
+            return
+        try:
+            await self.datasource.apply(changes)
+        except DatasourceUnavailable:
+            self._give_back.update(dict.fromkeys(changes.acks))
+            raise
 
     async def release(self, held: list[Held], how: Release) -> None:
         """Requeue or dead-letter messages this gateway's consumers hold, fenced by their leases."""

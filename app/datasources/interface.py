@@ -313,6 +313,10 @@ class Datasource(abc.ABC):
 
     # True when ``apply`` is all or nothing (one database transaction); False when it is the ordered best below.
     atomic_changes: bool = False
+    # True when the broker should write the queue SENDs and the ACKs that arrive together as one ``apply`` (group
+    # commit: one transaction, one commit to wait for), for a store that does not group separate calls itself.
+    # SQLite's writer thread already groups every write; MongoDB has no transaction to put them in.
+    joins_sends_and_acks: bool = False
 
     async def apply(self, changes: Changes) -> None:
         """Store a COMMIT's changes. A backend with transactions overrides this to apply them all or none. This

@@ -41,6 +41,7 @@ __all__ = ["PgDatasource", "open_datasource"]
 
 class PgDatasource(Datasource):
     atomic_changes = True
+    joins_sends_and_acks = True
 
     def __init__(self, url: str, store: Store) -> None:
         self.url = url
@@ -56,16 +57,23 @@ class PgDatasource(Datasource):
         self.shared = not value
 
     async def apply(self, changes: Changes) -> None:
-        """A COMMIT's puts, publishes, ACKs and releases in one PostgreSQL transaction: all stored, or none."""
+        """A COMMIT's puts, publishes, ACKs and releases in one PostgreSQL transaction: all stored, or none. The
+        common group, SENDs and the ACKs that arrived with them (``joins_sends_and_acks``), is one statement."""
+        if not (changes.queue or changes.topic or changes.acks or changes.requeue or changes.dead_letter):
+            return
         queues, topics = self._queues, self._topics
-
-        attempt = WriteAttempt(transaction=True)
+        one_statement = bool(changes.queue) and not (changes.topic or changes.requeue or changes.dead_letter)
+        attempt = WriteAttempt(transaction=not one_statement)
 
         async def work(conn: asyncpg.Connection, retry: bool) -> tuple[int, set[str]]:
+            mark = None if retry else attempt  # a replay's mark is written by write_once
+            if one_statement:
+                await queues.put_in(conn, changes.queue, retry, mark, acks=changes.acks)
+                return 0, set()
             newest = 0
             woken: set[str] = set()
-            if not retry:  # a replay's mark is written by write_once
-                await conn.execute(self.store.sql_mark, *attempt.mark_args())
+            if mark is not None:
+                await conn.execute(self.store.sql_mark, *mark.mark_args())
             if changes.queue:
                 await queues.put_in(conn, changes.queue, retry)
             if changes.acks:
@@ -77,8 +85,6 @@ class PgDatasource(Datasource):
                 newest = await topics.publish_in(conn, changes.topic, retry)
             return newest, woken
 
-        if not (changes.queue or changes.topic or changes.acks or changes.requeue or changes.dead_letter):
-            return
         # A replay whose earlier try committed does nothing (Store.write_once); should the server have forgotten that
         # try, the puts skip what it stored, and ACKs and releases, fenced by lease tokens, change nothing again.
         written = await self.store.write_once(attempt, work, len(changes.queue) + len(changes.topic))

@@ -25,6 +25,7 @@ from app.datasources.interface import (
     PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
     HeaderFilter,
+    Held,
     NewMessage,
     PollQueue,
     QueueStats,
@@ -83,14 +84,23 @@ class PgPollQueue(PollQueue):
         # completion whatever the outer query reads), and the wake-ups it owes, delivered when it commits.
         insert = f"INSERT INTO {m} ({NEW_COLUMNS}) SELECT * FROM {unnest_new(1)}"
         notify = "SELECT pg_notify($8, payload) FROM unnest($9::text[]) AS payload"
-        mark = f", marked AS (INSERT INTO {store.writes} (id, at) VALUES ($10, $11))"  # see Store.write_once
-        # by (a replay whose mark is gone: skip what is stored, this put's mark with it)
-        self._sql_put = {
-            (again, marked): f"WITH stored AS ({insert}{' ON CONFLICT (message_id) DO NOTHING' if again else ''})"
-            f"{mark if marked else ''} {notify}"
-            for again in (False, True)
-            for marked in (False, True)
-        }
+        # ... with this put's write mark (Store.write_once), a replay's skip of what an earlier try stored (its mark
+        # gone), and the fenced ACKs that arrived with it (group commit: one statement, one commit for both)
+        self._sql_put: dict[tuple[bool, bool, bool], str] = {}
+        for again in (False, True):
+            for marked in (False, True):
+                for acking in (False, True):
+                    sql = f"WITH stored AS ({insert}{' ON CONFLICT (message_id) DO NOTHING' if again else ''})"
+                    n = 10
+                    if marked:
+                        sql += f", marked AS (INSERT INTO {store.writes} (id, at) VALUES (${n}, ${n + 1}))"
+                        n += 2
+                    if acking:
+                        sql += (
+                            f", acked AS (DELETE FROM {m} USING unnest(${n}::text[], ${n + 1}::bigint[]) AS held(id, lease) "
+                            f"WHERE {m}.message_id = held.id AND {m}.lease = held.lease)"
+                        )
+                    self._sql_put[(again, marked, acking)] = f"{sql} {notify}"
         self._sql_notify = "SELECT pg_notify($1, payload) FROM unnest($2::text[]) AS payload"
         # Ready and lapsed rows each locked in claim order, skipping rows other claims hold, then the first $5 of
         # both taken. With lapsed rows about, rows locked but not taken stay locked to the end of the statement, and
@@ -170,20 +180,24 @@ class PgPollQueue(PollQueue):
         messages: Sequence[NewMessage],
         retry: bool = False,
         mark: WriteAttempt | None = None,
+        acks: Sequence[Held] = (),
     ) -> None:
-        """Insert ``messages`` in the caller's transaction, with ``mark``'s token when given (``Store.write_once``).
-        With ``retry`` (an earlier try may have committed, its mark since collected) the ids already stored are this
-        very put's, and are skipped."""
+        """Insert ``messages``, with ``mark``'s token when given (``Store.write_once``), and delete the messages
+        ``acks`` hold under their leases: one statement, in the caller's transaction or its own. With ``retry`` (an
+        earlier try may have committed, its mark since collected) the ids already stored are this very put's, and
+        are skipped."""
         top: dict[str, int] = {}
-        for m in messages:
-            top[m.destination] = max(top.get(m.destination, 0), m.priority)
+        for message in messages:
+            top[message.destination] = max(top.get(message.destination, 0), message.priority)
         marks = mark.mark_args() if mark is not None else ()
+        acked = ([i for i, _ in acks], [lease for _, lease in acks]) if acks else ()
         await conn.execute(
-            self._sql_put[(retry, mark is not None)],
+            self._sql_put[(retry, mark is not None, bool(acks))],
             *new_arrays(messages),
             self._store.channel,
             [put_payload(d, p) for d, p in top.items()],
             *marks,
+            *acked,
         )
 
     def after_put(self, messages: Sequence[NewMessage]) -> None:

@@ -35,6 +35,7 @@ from app.datasources.interface import Changes, Datasource, DatasourceOptions, Re
 from app.datasources.postgresql.queues import PgPollQueue
 from app.datasources.postgresql.store import Store, WriteAttempt
 from app.datasources.postgresql.topics import PgTailQueue
+from app.datasources.postgresql.wrapped import WrappedTables
 
 __all__ = ["PgDatasource", "open_datasource"]
 
@@ -42,10 +43,10 @@ __all__ = ["PgDatasource", "open_datasource"]
 class PgDatasource(Datasource):
     atomic_changes = True
 
-    def __init__(self, url: str, store: Store) -> None:
+    def __init__(self, url: str, store: Store, wrapped: WrappedTables | None = None) -> None:
         self.url = url
         self.store = store
-        self._queues = PgPollQueue(store)
+        self._queues = PgPollQueue(store, wrapped)
         self._topics = PgTailQueue(store)
         self.queues = self._queues
         self.topics = self._topics
@@ -104,8 +105,9 @@ class PgDatasource(Datasource):
 async def open_datasource(url: str, options: DatasourceOptions) -> Datasource:
     store = Store(url, options)
     await store.open()
-    datasource = PgDatasource(url, store)
     try:
+        wrapped = await WrappedTables.open(store, options.wrapped_tables)  # checked now: a mistake stops start-up
+        datasource = PgDatasource(url, store, wrapped)
         await datasource._topics.start()
     except BaseException:
         await store.close()

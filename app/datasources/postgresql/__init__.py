@@ -4,8 +4,8 @@ engine, and each gateway keeps no state another needs.
 
 Supports: every PollQueue and TailQueue operation; leases with expiry, fenced by lease tokens; dead-lettering to
 ``<destination>.DLQ``; selectors evaluated in Python while scanning the backlog (``ScanMark`` budget); a topic log with
-``Gap`` reporting; durable cursors; COMMIT as one transaction (``atomic_changes``). No native (MongoDB-style)
-selectors, no wrapped tables yet.
+``Gap`` reporting; durable cursors; COMMIT as one transaction (``atomic_changes``); existing tables wrapped as queues
+(``DatasourceOptions.wrapped_tables``: ``wrapped``, checked at open). No native (MongoDB-style) selectors.
 
 Durability: a call returns after its transaction committed. With the server's defaults (``fsync`` and
 ``synchronous_commit`` on) that commit is on disk, so a RECEIPT means stored; with ``synchronous_commit`` off it
@@ -20,11 +20,11 @@ Failover: puts, publishes and COMMITs that meet an unreachable server wait in a 
 write commits a mark with its rows (``Store.write_once``): a replay after an answer lost in the outage finds the mark
 and does nothing, so a write takes effect once even if what it stored was consumed in between.
 
-Options used: ``topic_retention``, ``poll_interval``, ``failover_buffer``, ``namespace`` (table name prefix). Others
-are ignored.
+Options used: ``topic_retention``, ``poll_interval``, ``failover_buffer``, ``namespace`` (table name prefix),
+``wrapped_tables``. Others are ignored.
 
-Modules: ``store`` (pool, schema migrations, listener, errors), ``rows``, ``queues``, ``topics``; this one joins them
-into a ``Datasource`` and makes a COMMIT one transaction.
+Modules: ``store`` (pool, schema migrations, listener, errors), ``rows``, ``queues``, ``topics``, ``wrapped`` and
+``wrap_filter`` (wrapped tables); this one joins them into a ``Datasource`` and makes a COMMIT one transaction.
 """
 
 from __future__ import annotations

@@ -414,10 +414,10 @@ class PgPollQueue(PollQueue):
 
     async def destinations(self) -> list[str]:
         sql = f"SELECT DISTINCT destination FROM {self._store.messages} ORDER BY destination"
-        found = {r[0] for r in await self._store.run(lambda conn: conn.fetch(sql), transaction=False)}
-        if self._wrapped:
-            found.update(await self._wrapped.destinations())
-        return sorted(found)
+        found = [r[0] for r in await self._store.run(lambda conn: conn.fetch(sql), transaction=False)]
+        if not self._wrapped:
+            return found
+        return sorted({*found, *await self._wrapped.destinations()})
 
     async def purge(self, destination: str) -> int:
         wrapped = self._wrapped.get(destination)

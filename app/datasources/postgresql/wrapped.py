@@ -6,7 +6,9 @@ altered: a row's lease is a row of ``<ns>_wrap_leases`` keyed by (destination, t
 holding its owner, expiry, claim count (the lease token) and delivery count. An ACK deletes the row, or updates the
 ``ack_set`` columns; a requeue lapses the lease; dead-lettering copies the row's JSON into ``<destination>.DLQ`` (a
 message of the gateway's own queue table) and then applies the ACK action. Message ids are
-``wrapped:["<table>", "<row key JSON>"]`` (``WRAPPED_PREFIX``, as on MongoDB).
+``wrapped:["<table>", "<row key JSON>"]`` (``WRAPPED_PREFIX``, as on MongoDB). A dead letter's id is
+``dead:<uuid>:`` and that id: it must not start with the prefix, or its ACK would be routed here instead of deleting
+it, and each dead-lettering of a key (a row deleted and inserted again) is a message of its own.
 
 A claim is one statement: rows matching the filter without a live lease, locked ``FOR NO KEY UPDATE SKIP LOCKED``
 in key order, then leased by an upsert whose ``WHERE`` is the fence. Under READ COMMITTED a claim whose snapshot
@@ -24,6 +26,7 @@ import json
 import logging
 import re
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 
 import asyncpg
@@ -44,6 +47,11 @@ Held = tuple[str, int | None]  # a message id, and the lease token its consumer 
 
 def wrapped_id(table: str, row_key: str) -> str:
     return WRAPPED_PREFIX + json.dumps([table, row_key])
+
+
+def dead_letter_id(message_id: str) -> str:
+    """The id of a wrapped row's copy in ``<destination>.DLQ``: the row's id after a prefix of its own."""
+    return f"dead:{uuid.uuid4().hex}:{message_id}"
 
 
 def parse_wrapped_id(message_id: str) -> tuple[str, str] | None:
@@ -203,7 +211,7 @@ class WrappedTables:
         )
         self._sql_dead = (
             f"INSERT INTO {store.messages} ({NEW_COLUMNS}, original_destination) "
-            f"SELECT *, $8::text FROM {unnest_new(1)} ON CONFLICT (message_id) DO NOTHING"
+            f"SELECT *, $8::text FROM {unnest_new(1)}"
         )
 
     @classmethod
@@ -275,12 +283,14 @@ class WrappedTables:
             now_ms = int(time.time() * 1000)
             dead = [
                 NewMessage(
-                    message_id=wrapped_id(wrap.setting.table, r[0]), destination=wrap.dead_letters,
+                    message_id=dead_letter_id(wrapped_id(wrap.setting.table, r[0])), destination=wrap.dead_letters,
                     headers=wrap.headers, body=r[1].encode(), published_at=now_ms,
                 )  # fmt: skip
                 for r in rows
             ]
-            if dead:  # copied, then the ACK action: one transaction (the caller's)
+            # copied, then the ACK action: one transaction (the caller's), after the lease rows were taken (the
+            # fence): a repeat, or a release under a stale token, finds no lease and copies nothing
+            if dead:
                 await conn.execute(self._sql_dead, *new_arrays(dead), wrap.destination)
                 woken.add(wrap.dead_letters)
             matching = await conn.fetch(wrap.sql_ack[False], taken, wrap.destination, *wrap.ack_values(False))

@@ -121,8 +121,10 @@ class WrapSetting(BaseModel):
     def _collection_or_table(self) -> WrapSetting:
         if (self.collection is None) == (self.table is None):
             raise ValueError(f"wrap {self.destination}: give exactly one of collection (MongoDB) or table (PostgreSQL)")
-        if self.collection is not None and (self.key is not None or self.ack_set is not None):
-            raise ValueError(f"wrap {self.destination}: key and ack_set are for a PostgreSQL table, not a collection")
+        if self.collection is not None:
+            if self.key is not None or self.ack_set is not None:
+                raise ValueError(f"wrap {self.destination}: key and ack_set are for a PostgreSQL table, not a collection")
+            _check_no_lease_fields(self.filter, "filter")
         return self
 
     @property
@@ -155,9 +157,18 @@ def _check_query(query: Mapping[object, object], where: str) -> None:
                 for index, sub in enumerate(value):
                     _check_query(sub, f"{path}[{index}]")
                 continue
+        _check_value(value, path)
+
+
+def _check_no_lease_fields(query: Mapping[str, Any], where: str) -> None:
+    """A collection's filter: the MongoDB backend leases a document in place, in fields a filter must not fight."""
+    for key, value in query.items():
+        path = f"{where}.{key}"
+        if key in _LOGICAL:
+            for index, sub in enumerate(value):
+                _check_no_lease_fields(sub, f"{path}[{index}]")
         elif key.startswith(LEASE_FIELD_PREFIX):
             raise ValueError(f"{path}: fields starting with {LEASE_FIELD_PREFIX} hold the gateway's lease")
-        _check_value(value, path)
 
 
 def _check_value(value: object, where: str) -> None:

@@ -210,6 +210,10 @@ BAD_CONFIGS = {
     "collection on a PostgreSQL store": (
         f'[stompgate]\nstore = "{POSTGRES}"\n' + GOOD_WRAP, "a PostgreSQL store wraps a table, not a collection"
     ),
+    "lease field in a collection's filter": (
+        f'[stompgate]\nstore = "{MONGO}"\n' + GOOD_WRAP + 'filter = { "$or" = [{ _sg_state = "leased" }] }\n',
+        "filter.$or[0]._sg_state: fields starting with _sg_ hold the gateway's lease",
+    ),
     "key on a collection": (f'[stompgate]\nstore = "{MONGO}"\n' + GOOD_WRAP + 'key = ["_id"]\n', "key and ack_set are for"),
     "unsupported operator on PostgreSQL": (
         f'[stompgate]\nstore = "{POSTGRES}"\n' + GOOD_TABLE_WRAP + 'filter = { tags = { "$size" = 2 } }\n',

@@ -17,7 +17,7 @@ from app.api.auth import CurrentPrincipal
 from app.api.models import Liveness
 from app.broker.broker import Broker
 from app.broker.config import BrokerConfig
-from app.datasources.interface import Datasource, DatasourceOptions, WrappedCollection
+from app.datasources.interface import Datasource, DatasourceOptions, WrappedCollection, WrappedTable
 from app.datasources.registry import open_datasource
 from app.security import load_authorizer, tls_context
 from app.settings import Settings
@@ -83,7 +83,14 @@ def datasource_options(settings: Settings) -> DatasourceOptions:
         sqlite_synchronous=settings.sqlite_synchronous,
         topic_retention_bytes=settings.topic_retention_bytes,
         namespace=settings.namespace,
-        wrapped=tuple(WrappedCollection(w.destination, w.collection, dict(w.filter)) for w in settings.wrap),
+        wrapped=tuple(
+            WrappedCollection(w.destination, w.collection, dict(w.filter)) for w in settings.wrap if w.collection is not None
+        ),
+        wrapped_tables=tuple(
+            WrappedTable(w.destination, w.table, w.key, dict(w.filter), None if w.ack_set is None else dict(w.ack_set))
+            for w in settings.wrap
+            if w.table is not None
+        ),
     )
 
 

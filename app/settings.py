@@ -125,8 +125,9 @@ class Settings(BaseSettings):
     # NoDecode: a flag and the environment give JSON text, which parse_wraps decodes with a clear error.
     wrap: Annotated[tuple[WrapSetting, ...], NoDecode] = Field(
         (),
-        description="Existing MongoDB collections served as queues: the file's wrap tables (destination, "
-        "collection, filter), or a JSON array of them; an ACK deletes the document.",
+        description="Existing MongoDB collections or PostgreSQL tables served as queues: the file's wrap tables "
+        "(destination, collection or table, filter; for a table also key, ack_set), or a JSON array of them; an ACK "
+        "deletes the document or row, or updates the row's ack_set columns.",
     )
 
     @field_validator("wrap", mode="before")

@@ -33,6 +33,7 @@ __all__ = [
     "Datasource",
     "DatasourceOptions",
     "WrappedCollection",
+    "WrappedTable",
     "DatasourceUnavailable",
     "DatasourceError",
 ]
@@ -285,6 +286,21 @@ class WrappedCollection:
 
 
 @dataclass(frozen=True, slots=True)
+class WrappedTable:
+    """An existing PostgreSQL table exposed as a queue destination: its rows matching ``filter`` (the operators of
+    a MongoDB query that have an SQL form; keys are column names) are delivered as JSON bodies and consumed with the
+    usual ack rules. An ACK deletes the row, or with ``ack_set`` updates these columns to these values instead.
+    ``table`` is ``name`` or ``schema.name``; ``key`` names the columns identifying a row (None: the primary key).
+    Set from ``[[wrap]]`` tables (app/wraps.py checks them); at most one per table."""
+
+    destination: str  # e.g. "/queue/orders.new"
+    table: str  # e.g. "orders" or "shop.orders"
+    key: tuple[str, ...] | None = None
+    filter: Mapping[str, object] = field(default_factory=dict)
+    ack_set: Mapping[str, object] | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class DatasourceOptions:
     """Settings every backend understands; a backend ignores what does not apply to it (its docstring says)."""
 
@@ -295,7 +311,8 @@ class DatasourceOptions:
     server_selection_timeout_ms: int = 5_000  # MongoDB: how long an operation waits for a primary
     failover_buffer: int = 10_000  # MongoDB: messages held in memory while no primary is reachable
     sqlite_synchronous: str = "FULL"  # SQLite ``PRAGMA synchronous``: FULL survives power loss, NORMAL a crash
-    wrapped: tuple[WrappedCollection, ...] = ()
+    wrapped: tuple[WrappedCollection, ...] = ()  # MongoDB
+    wrapped_tables: tuple[WrappedTable, ...] = ()  # PostgreSQL
     namespace: str = "stompgate"  # collection / table name prefix
 
 

@@ -20,6 +20,8 @@ forms. The model-based test (``tests/app/datasources/test_model.py``) holds ever
 
 from __future__ import annotations
 
+import uuid
+
 from typing import Any
 
 from app.datasources.interface import DatasourceError, Gap
@@ -51,6 +53,13 @@ DLQ_SUFFIX = ".DLQ"
 
 def dead_letter_destination(destination: str) -> str:
     return destination + DLQ_SUFFIX
+
+
+def wrapped_dead_letter_id(message_id: str) -> str:
+    """The id of a wrapped document's or row's copy in its ``.DLQ``: a message of the gateway's own queue, so its id
+    must not carry the wrapped prefix (its ACK would be routed to the wrapped collection or table, and delete nothing
+    there); and each dead-lettering is a message of its own (a key may be deleted, inserted and dead-lettered again)."""
+    return f"dead:{uuid.uuid4().hex}:{message_id}"
 
 
 def lease_until(now_ms: int, lease_ms: int) -> int:

@@ -1,5 +1,6 @@
 """Every datasource and broker option is reachable from a flag, a ``STOMPGATE_`` variable and the TOML file, and
-``[[wrap]]`` tables become ``DatasourceOptions.wrapped``; a bad wrap is one line on stderr, exit code 2."""
+``[[wrap]]`` tables become ``DatasourceOptions.wrapped`` (collections) or ``wrapped_tables`` (PostgreSQL tables); a
+bad wrap is one line on stderr, exit code 2."""
 
 from __future__ import annotations
 
@@ -17,11 +18,12 @@ import typer
 
 from app.broker.config import BrokerConfig
 from app.cli import cli
-from app.datasources.interface import DatasourceOptions, WrappedCollection
+from app.datasources.interface import DatasourceOptions, WrappedCollection, WrappedTable
 from app.main import broker_config, datasource_options
 from app.settings import Settings, load_settings
 
 MONGO = "mongodb://127.0.0.1:27017/shop"
+POSTGRES = "postgresql://127.0.0.1:5432/shop"
 
 # Options made from settings of another name, and why they have no setting of their own.
 DERIVED = {
@@ -29,6 +31,7 @@ DERIVED = {
     "heartbeat_send_ms": "heartbeat_ms offers one period both ways",
     "heartbeat_receive_ms": "heartbeat_ms offers one period both ways",
     "wrapped": "the wrap setting ([[wrap]] tables)",
+    "wrapped_tables": "the wrap setting ([[wrap]] tables with a table)",
 }
 
 # setting -> (a value unlike the default, as the TOML file gives it; where it lands)
@@ -145,7 +148,40 @@ def test_a_wrap_is_judged_against_the_store_from_another_source(tmp_path: Path, 
     assert datasource_options(load_settings(config)).wrapped == WRAPPED
 
 
+PG_WRAP_TOML = f"""
+[stompgate]
+store = "{POSTGRES}"
+
+[[wrap]]
+destination = "/queue/orders.new"
+table = "shop.orders"
+key = ["region", "id"]
+filter = {{ status = "new", amount = {{ "$gte" = 10 }} }}
+ack_set = {{ status = "done" }}
+
+[[wrap]]
+destination = "/queue/invoices"
+table = "invoices"
+"""
+WRAPPED_TABLES = (
+    WrappedTable("/queue/orders.new", "shop.orders", ("region", "id"), {"status": "new", "amount": {"$gte": 10}},
+                 {"status": "done"}),
+    WrappedTable("/queue/invoices", "invoices"),
+)  # fmt: skip
+
+
+def test_table_wraps_reach_the_datasource(tmp_path: Path, clean_env: None) -> None:
+    config = tmp_path / "stompgate.toml"
+    config.write_text(PG_WRAP_TOML)
+    options = datasource_options(load_settings(config))
+    assert options.wrapped_tables == WRAPPED_TABLES and options.wrapped == ()
+    as_json = json.dumps([{"destination": "/queue/invoices", "table": "invoices"}])
+    options = datasource_options(from_flags("--store", POSTGRES.replace("postgresql", "postgres"), "--wrap", as_json))
+    assert options.wrapped_tables == WRAPPED_TABLES[1:]
+
+
 GOOD_WRAP = '[[wrap]]\ndestination = "/queue/jobs"\ncollection = "jobs"\n'
+GOOD_TABLE_WRAP = '[[wrap]]\ndestination = "/queue/jobs"\ntable = "jobs"\n'
 BAD_CONFIGS = {
     "sqlite store": ('[stompgate]\nstore = "sqlite:///./x.db"\n' + GOOD_WRAP, "needs a MongoDB store"),
     "filter not a table": (f'[stompgate]\nstore = "{MONGO}"\n' + GOOD_WRAP + 'filter = "kind=video"\n', "filter must be a table"),
@@ -163,6 +199,46 @@ BAD_CONFIGS = {
     ),
     "unknown key": (f'[stompgate]\nstore = "{MONGO}"\n' + GOOD_WRAP + 'on_ack = "update"\n', "wrap.0.on_ack"),
     "not TOML": ('[stompgate\nstore = "x"\n', "is not valid TOML"),
+    "collection and table": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n' + GOOD_TABLE_WRAP + 'collection = "jobs"\n',
+        "give exactly one of collection (MongoDB) or table (PostgreSQL)",
+    ),
+    "neither collection nor table": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n[[wrap]]\ndestination = "/queue/jobs"\n', "give exactly one of collection"
+    ),
+    "table on a MongoDB store": (f'[stompgate]\nstore = "{MONGO}"\n' + GOOD_TABLE_WRAP, "a MongoDB store wraps a collection"),
+    "collection on a PostgreSQL store": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n' + GOOD_WRAP, "a PostgreSQL store wraps a table, not a collection"
+    ),
+    "lease field in a collection's filter": (
+        f'[stompgate]\nstore = "{MONGO}"\n' + GOOD_WRAP + 'filter = { "$or" = [{ _sg_state = "leased" }] }\n',
+        "filter.$or[0]._sg_state: fields starting with _sg_ hold the gateway's lease",
+    ),
+    "key on a collection": (f'[stompgate]\nstore = "{MONGO}"\n' + GOOD_WRAP + 'key = ["_id"]\n', "key and ack_set are for"),
+    "unsupported operator on PostgreSQL": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n' + GOOD_TABLE_WRAP + 'filter = { tags = { "$size" = 2 } }\n',
+        "$size is not an operator a PostgreSQL wrap's filter may use",
+    ),
+    "operator instead of a column": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n' + GOOD_TABLE_WRAP + 'filter = { "$exists" = true }\n',
+        "$exists cannot stand for a column",
+    ),
+    "table named with three parts": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n[[wrap]]\ndestination = "/queue/jobs"\ntable = "a.b.c"\n',
+        "is not a PostgreSQL table name",
+    ),
+    "ack_set with an operator": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n' + GOOD_TABLE_WRAP + 'ack_set = { n = { "$inc" = 1 } }\n',
+        "a column is set to a plain value",
+    ),
+    "table wrapped twice": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n' + GOOD_TABLE_WRAP + '[[wrap]]\ndestination = "/queue/b"\ntable = "jobs"\n',
+        "the table 'jobs' is wrapped twice",
+    ),
+    "the gateway's own table": (
+        f'[stompgate]\nstore = "{POSTGRES}"\n[[wrap]]\ndestination = "/queue/jobs"\ntable = "stompgate_messages"\n',
+        "one of the gateway's own",
+    ),
 }
 
 

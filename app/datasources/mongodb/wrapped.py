@@ -3,7 +3,7 @@
 Documents of an existing collection matching a filter are claimed in place with the lease fields ``_sg_state``,
 ``_sg_lease_until``, ``_sg_owner``, ``_sg_deliveries``, ``_sg_claims`` and delivered as relaxed Extended JSON bodies
 (``content-type: application/json``); ack deletes the document; requeue unsets the lease; dead-lettering copies it into
-``<destination>.DLQ`` and then deletes it. Their message ids are ``wrapped:["<collection>", "<_id as Extended JSON>"]``
+``<destination>.DLQ`` (under an id of its own, ``rules.wrapped_dead_letter_id``) and then deletes it. Their message ids are ``wrapped:["<collection>", "<_id as Extended JSON>"]``
 (``WRAPPED_PREFIX``). The rules are those of ``app.datasources.rules`` on these ``_sg_`` fields; on FerretDB a claim
 takes the same claim tokens as the queue collection's (``ferretdb_claims``).
 """
@@ -16,7 +16,6 @@ from typing import Any
 
 from bson import json_util
 from pymongo import ReturnDocument
-from pymongo.errors import DuplicateKeyError
 
 from app.datasources import rules
 from app.datasources.interface import (
@@ -182,7 +181,7 @@ class WrappedQueues:
         seq = await self._sequences.allocate("queue", 1)
         dead = message_doc(
             NewMessage(
-                message_id=message_id,
+                message_id=rules.wrapped_dead_letter_id(message_id),
                 destination=rules.dead_letter_destination(wrapped.destination),
                 headers=message.headers,
                 body=message.body,
@@ -194,10 +193,7 @@ class WrappedQueues:
         dead.update(
             state="ready", lease_until=0, owner=None, deliveries=0, claims=0, original_destination=wrapped.destination
         )
-        try:  # copy first, then delete: a crash in between leaves a duplicate, never a loss
-            await self._queue.insert_one(dead)
-        except DuplicateKeyError:
-            pass
+        await self._queue.insert_one(dead)  # copy first, then delete: a crash in between leaves a duplicate, never a loss
         # fenced like the read: had another consumer claimed it meanwhile, theirs is not deleted (a duplicate in the
         # DLQ then, never a loss)
         await coll.delete_one({"_id": doc_id, **fence})

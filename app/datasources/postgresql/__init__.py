@@ -4,8 +4,8 @@ engine, and each gateway keeps no state another needs.
 
 Supports: every PollQueue and TailQueue operation; leases with expiry, fenced by lease tokens; dead-lettering to
 ``<destination>.DLQ``; selectors evaluated in Python while scanning the backlog (``ScanMark`` budget); a topic log with
-``Gap`` reporting; durable cursors; COMMIT as one transaction (``atomic_changes``). No native (MongoDB-style)
-selectors, no wrapped tables yet.
+``Gap`` reporting; durable cursors; COMMIT as one transaction (``atomic_changes``); existing tables wrapped as queues
+(``DatasourceOptions.wrapped_tables``: ``wrapped``, checked at open). No native (MongoDB-style) selectors.
 
 Durability: a call returns after its transaction committed. With the server's defaults (``fsync`` and
 ``synchronous_commit`` on) that commit is on disk, so a RECEIPT means stored; with ``synchronous_commit`` off it
@@ -20,11 +20,11 @@ Failover: puts, publishes and COMMITs that meet an unreachable server wait in a 
 write commits a mark with its rows (``Store.write_once``): a replay after an answer lost in the outage finds the mark
 and does nothing, so a write takes effect once even if what it stored was consumed in between.
 
-Options used: ``topic_retention``, ``poll_interval``, ``failover_buffer``, ``namespace`` (table name prefix). Others
-are ignored.
+Options used: ``topic_retention``, ``poll_interval``, ``failover_buffer``, ``namespace`` (table name prefix),
+``wrapped_tables``. Others are ignored.
 
-Modules: ``store`` (pool, schema migrations, listener, errors), ``rows``, ``queues``, ``topics``; this one joins them
-into a ``Datasource`` and makes a COMMIT one transaction.
+Modules: ``store`` (pool, schema migrations, listener, errors), ``rows``, ``queues``, ``topics``, ``wrapped`` and
+``wrap_filter`` (wrapped tables); this one joins them into a ``Datasource`` and makes a COMMIT one transaction.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from app.datasources.interface import Changes, Datasource, DatasourceOptions, Re
 from app.datasources.postgresql.queues import PgPollQueue
 from app.datasources.postgresql.store import Store, WriteAttempt
 from app.datasources.postgresql.topics import PgTailQueue
+from app.datasources.postgresql.wrapped import WRAPPED_PREFIX, WrappedTables
 
 __all__ = ["PgDatasource", "open_datasource"]
 
@@ -43,10 +44,10 @@ class PgDatasource(Datasource):
     atomic_changes = True
     joins_sends_and_acks = True
 
-    def __init__(self, url: str, store: Store) -> None:
+    def __init__(self, url: str, store: Store, wrapped: WrappedTables | None = None) -> None:
         self.url = url
         self.store = store
-        self._queues = PgPollQueue(store)
+        self._queues = PgPollQueue(store, wrapped)
         self._topics = PgTailQueue(store)
         self.queues = self._queues
         self.topics = self._topics
@@ -62,7 +63,12 @@ class PgDatasource(Datasource):
         if not (changes.queue or changes.topic or changes.acks or changes.requeue or changes.dead_letter):
             return
         queues, topics = self._queues, self._topics
-        one_statement = bool(changes.queue) and not (changes.topic or changes.requeue or changes.dead_letter)
+        # ACKs of wrapped rows change another table (ack_in routes them): not in the one statement
+        one_statement = (
+            bool(changes.queue)
+            and not (changes.topic or changes.requeue or changes.dead_letter)
+            and not any(message_id.startswith(WRAPPED_PREFIX) for message_id, _ in changes.acks)
+        )
         attempt = WriteAttempt(transaction=not one_statement)
 
         async def work(conn: asyncpg.Connection, retry: bool) -> tuple[int, set[str]]:
@@ -111,8 +117,9 @@ class PgDatasource(Datasource):
 async def open_datasource(url: str, options: DatasourceOptions) -> Datasource:
     store = Store(url, options)
     await store.open()
-    datasource = PgDatasource(url, store)
     try:
+        wrapped = await WrappedTables.open(store, options.wrapped_tables)  # checked now: a mistake stops start-up
+        datasource = PgDatasource(url, store, wrapped)
         await datasource._topics.start()
     except BaseException:
         await store.close()

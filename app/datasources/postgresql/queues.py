@@ -9,6 +9,10 @@ both are taken. ACKs and releases are fenced by the lease token in the same stat
 Selectors are evaluated in Python while scanning the ready backlog in claim order (``app.datasources.scanning``):
 a subscription's scan resumes after its mark and examines at most ``SCAN_BUDGET`` rows per claim. Another gateway's
 puts and requeues reach the ``ScanBook`` through notifications, which carry the priority of what was put.
+
+Wrapped tables (``DatasourceOptions.wrapped_tables``), rows of an existing table delivered as JSON: see ``wrapped``.
+Their destinations are routed there by name, their message ids by ``WRAPPED_PREFIX``; selectors are ignored on them
+(every matching row goes to any subscriber), as on MongoDB.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from app.datasources import rules
 from app.datasources.interface import (
     PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
+    DatasourceError,
     HeaderFilter,
     Held,
     NewMessage,
@@ -42,6 +47,7 @@ from app.datasources.postgresql.rows import (
     unnest_new,
 )
 from app.datasources.postgresql.store import Store, WriteAttempt
+from app.datasources.postgresql.wrapped import WRAPPED_PREFIX, WrappedTables
 from app.datasources.scanning import ScanBook, scan_in_order
 from app.datasources.wakeups import Signals
 
@@ -69,8 +75,9 @@ class PgPollQueue(PollQueue):
     # seq is taken at insert and seen at commit: a put that took seq 1 may commit after one that took seq 2
     puts_visible_in_seq_order = False
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, wrapped: WrappedTables | None = None) -> None:
         self._store = store
+        self._wrapped = wrapped if wrapped is not None else WrappedTables(store, ())
         self._signals = Signals()
         self._scans = ScanBook(same_priority_puts_stale=True)
         self._swept_at: dict[str, float] = {}  # destination -> monotonic time of this gateway's last sweep
@@ -208,17 +215,28 @@ class PgPollQueue(PollQueue):
             self._signals.notify(destination)
 
     async def ack_in(self, conn: asyncpg.Connection, message_ids: Sequence[str], leases: Sequence[int] | None) -> None:
+        plain, wrapped = _split(message_ids, leases)
+        if wrapped:
+            await self._wrapped.ack_in(conn, wrapped, fenced=leases is not None)
+        if not plain:
+            return
         if leases is None:
-            await conn.execute(self._sql_ack, list(message_ids))
+            await conn.execute(self._sql_ack, [i for i, _ in plain])
         else:
-            await conn.execute(self._sql_ack_fenced, list(message_ids), list(leases))
+            await conn.execute(self._sql_ack_fenced, [i for i, _ in plain], [lease for _, lease in plain])
 
     async def release_in(
         self, conn: asyncpg.Connection, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None
     ) -> set[str]:
-        sql = self._sql_release[(how, leases is not None)]
-        args: list[Any] = [list(message_ids)] if leases is None else [list(message_ids), list(leases)]
-        woken = {row[0] for row in await conn.fetch(sql, *args)}
+        plain, wrapped = _split(message_ids, leases)
+        woken: set[str] = set()
+        if wrapped:
+            woken |= await self._wrapped.release_in(conn, wrapped, how, fenced=leases is not None)
+        if plain:
+            sql = self._sql_release[(how, leases is not None)]
+            ids = [i for i, _ in plain]
+            args: list[Any] = [ids] if leases is None else [ids, [lease for _, lease in plain]]
+            woken |= {row[0] for row in await conn.fetch(sql, *args)}
         if woken:
             await conn.execute(self._sql_notify, self._store.channel, [requeue_payload(d) for d in woken])
         return woken
@@ -255,6 +273,9 @@ class PgPollQueue(PollQueue):
         if limit <= 0:
             return []
         lease_until = rules.lease_until(now_ms, lease_ms)
+        wrapped = self._wrapped.get(destination)
+        if wrapped is not None:  # a selector is ignored here, as on MongoDB: every matching row goes to anyone
+            return await self._wrapped.claim(wrapped, owner, limit, lease_until, now_ms)
         await self._sweep_expired(destination, now_ms)
         if selector is None:
             wake = (self._store.channel, requeue_payload(destination))
@@ -349,14 +370,21 @@ class PgPollQueue(PollQueue):
     async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:
         lease_until = rules.lease_until(now_ms, lease_ms)
         await self._store.run(lambda conn: conn.execute(self._sql_renew, lease_until, owner), transaction=False)
+        await self._wrapped.renew(owner, lease_until)
 
     def wake_token(self, destination: str) -> asyncio.Event:
         return self._signals.event(destination)
 
     async def wait(self, destination: str, timeout: float, token: asyncio.Event | None = None) -> None:
+        if self._wrapped.get(destination) is not None:
+            # rows the application inserts send no notification (unless it NOTIFYs, see README): look again soon
+            timeout = min(timeout, self._store.options.poll_interval)
         await self._signals.wait(destination, timeout, token)
 
     async def stats(self, destination: str, *, now_ms: int) -> QueueStats:
+        wrapped = self._wrapped.get(destination)
+        if wrapped is not None:
+            return await self._wrapped.stats(wrapped, now_ms)
         sql = (
             f"SELECT count(*) FILTER (WHERE {_CLAIMABLE}), count(*) FILTER (WHERE state = 1 AND lease_until > $2) "
             f"FROM {self._store.messages} WHERE destination = $1"
@@ -368,6 +396,13 @@ class PgPollQueue(PollQueue):
     async def peek(
         self, destination: str, *, limit: int, offset: int = 0, now_ms: int, selector: HeaderFilter | None = None
     ) -> list[StoredMessage]:
+        wrapped = self._wrapped.get(destination)
+        if wrapped is not None:
+            if selector is None:
+                return await self._wrapped.peek(wrapped, now_ms, limit, offset)
+            # as on MongoDB: the first PEEK_SCAN_LIMIT, filtered here
+            scanned = await self._wrapped.peek(wrapped, now_ms, PEEK_SCAN_LIMIT, 0)
+            return [m for m in scanned if selector(m.headers)][offset : offset + limit]
         if selector is None:
             sql = self._sql_peek + " LIMIT $3 OFFSET $4"
             records = await self._store.run(
@@ -395,12 +430,33 @@ class PgPollQueue(PollQueue):
 
     async def destinations(self) -> list[str]:
         sql = f"SELECT DISTINCT destination FROM {self._store.messages} ORDER BY destination"
-        return [r[0] for r in await self._store.run(lambda conn: conn.fetch(sql), transaction=False)]
+        found = [r[0] for r in await self._store.run(lambda conn: conn.fetch(sql), transaction=False)]
+        if not self._wrapped:
+            return found
+        return sorted({*found, *await self._wrapped.destinations()})
 
     async def purge(self, destination: str) -> int:
+        wrapped = self._wrapped.get(destination)
+        if wrapped is not None:
+            raise DatasourceError(
+                f"purge: {destination} wraps the existing table {wrapped.setting.table!r}; "
+                "refusing to delete its rows in bulk"
+            )
         sql = f"DELETE FROM {self._store.messages} WHERE destination = $1"
         status = await self._store.run(lambda conn: conn.execute(sql, destination), transaction=False)
         return int(status.split()[-1])
 
     def close(self) -> None:
         self._signals.notify_all()
+
+
+def _split(
+    message_ids: Sequence[str], leases: Sequence[int] | None
+) -> tuple[list[tuple[str, int | None]], list[tuple[str, int | None]]]:
+    """The plain messages and the wrapped rows among ``message_ids``, each with its lease token (None: unfenced)."""
+    plain: list[tuple[str, int | None]] = []
+    wrapped: list[tuple[str, int | None]] = []
+    for index, message_id in enumerate(message_ids):
+        held = (message_id, None if leases is None else leases[index])
+        (wrapped if message_id.startswith(WRAPPED_PREFIX) else plain).append(held)
+    return plain, wrapped

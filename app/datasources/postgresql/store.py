@@ -48,7 +48,7 @@ MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1, in bytes: longer names are 
 # every name made from the namespace (tables, indexes, the notification channel); the longest decides
 IDENTIFIER_SUFFIXES = (
     "messages", "messages_ready", "messages_leased", "messages_owner", "topic_log", "topic_head", "cursors", "schema",
-    "wake", "writes", "writes_at",
+    "wake", "writes", "writes_at", "wrap_leases", "wrap_owner",
 )  # fmt: skip
 MARK_KEEP_MS = 3_600_000  # write marks are kept an hour (a replay comes when the database answers again)
 MARK_GC_S = 60.0
@@ -109,6 +109,20 @@ def _migrations(t: Callable[[str], str]) -> list[list[str]]:
             f"CREATE TABLE {t('writes')} (id text PRIMARY KEY, at bigint NOT NULL)",
             f"CREATE INDEX {t('writes_at')} ON {t('writes')} (at)",
         ],
+        [
+            # Leases of the rows of wrapped tables (app/datasources/postgresql/wrapped.py), kept beside them so that
+            # the operator's tables are never altered. row_key: the row's key columns as JSON text.
+            f"""CREATE TABLE {t("wrap_leases")} (
+                destination text NOT NULL,
+                row_key text NOT NULL,
+                owner text,
+                lease_until bigint NOT NULL,
+                claims bigint NOT NULL,
+                deliveries integer NOT NULL,
+                PRIMARY KEY (destination, row_key)
+            )""",
+            f"CREATE INDEX {t('wrap_owner')} ON {t('wrap_leases')} (owner) WHERE owner IS NOT NULL",
+        ],
     ]
 
 
@@ -136,6 +150,7 @@ class Store:
         self.topic_head = self.table("topic_head")
         self.cursors = self.table("cursors")
         self.writes = self.table("writes")
+        self.wrap_leases = self.table("wrap_leases")
         self.sql_mark_first = f"INSERT INTO {self.writes} (id, at) VALUES ($1, $2) ON CONFLICT (id) DO NOTHING RETURNING true"
         self.sql_mark = f"INSERT INTO {self.writes} (id, at) VALUES ($1, $2)"
         self._collector: asyncio.Task[None] | None = None

@@ -18,6 +18,7 @@ from app.datasources.interface import (
     DatasourceOptions,
     NewMessage,
     Published,
+    QueueStats,
     Release,
     WrappedCollection,
 )
@@ -100,6 +101,34 @@ async def test_wrapped_collection_is_delivered_as_json(mongodb_url: str) -> None
             assert again[0].deliveries == 2
             assert await jobs.count_documents({"kind": "video"}) == 2  # one acked = deleted
             assert await jobs.count_documents({"kind": "audio"}) == 1  # never touched
+        finally:
+            await ds.close()
+    finally:
+        await client.close()
+
+
+async def test_a_dead_lettered_document_is_acked_in_the_dlq(mongodb_url: str) -> None:
+    # The copy in <destination>.DLQ is a message of the gateway's own queue: its ACK deletes it there (an id with the
+    # wrapped prefix was routed to the wrapped collection, deleted nothing, and the dead letter came back forever).
+    name = f"jobs{uuid.uuid4().hex[:8]}"
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url)
+    try:
+        jobs = client.get_default_database("stompgate")[name]
+        await jobs.insert_one({"kind": "video", "n": 1})
+        options = DatasourceOptions(
+            namespace=f"t{uuid.uuid4().hex[:12]}",
+            wrapped=(WrappedCollection(destination="/queue/jobs.video", collection=name, filter={"kind": "video"}),),
+        )
+        ds = await open_datasource(mongodb_url, options)
+        try:
+            [job] = await ds.queues.claim("/queue/jobs.video", owner="a", limit=5, lease_ms=60_000, now_ms=NOW)
+            await ds.queues.release([job.message_id], Release.DEAD_LETTER, [job.lease])
+            assert await jobs.count_documents({}) == 0
+            dlq = "/queue/jobs.video.DLQ"
+            [dead] = await ds.queues.claim(dlq, owner="a", limit=5, lease_ms=60_000, now_ms=NOW)
+            assert json.loads(dead.body)["n"] == 1
+            await ds.queues.ack([dead.message_id], [dead.lease])
+            assert await ds.queues.stats(dlq, now_ms=NOW + 120_000) == QueueStats(ready=0, unacked=0)
         finally:
             await ds.close()
     finally:

@@ -338,7 +338,7 @@ async def test_the_schema_is_versioned_and_a_newer_one_is_refused(postgresql_url
     await ds.close()
     conn = await asyncpg.connect(postgresql_url)
     try:
-        assert await conn.fetchval(f'SELECT version FROM "{namespace}_schema"') == SCHEMA_VERSION == 2
+        assert await conn.fetchval(f'SELECT version FROM "{namespace}_schema"') == SCHEMA_VERSION == 3
         await conn.execute(f'UPDATE "{namespace}_schema" SET version = 99')
     finally:
         await conn.close()
@@ -365,16 +365,18 @@ async def test_a_version_1_schema_is_upgraded(postgresql_url: str, namespace: st
     ds = await open_pg(postgresql_url, namespace)
     await ds.close()
     conn = await asyncpg.connect(postgresql_url)
-    try:  # back to what version 1 had: no write marks
+    try:  # back to what version 1 had: no write marks (version 2), no leases of wrapped tables (version 3)
         await conn.execute(f'DROP TABLE "{namespace}_writes"')
+        await conn.execute(f'DROP TABLE "{namespace}_wrap_leases"')
         await conn.execute(f'UPDATE "{namespace}_schema" SET version = 1')
         ds = await open_pg(postgresql_url, namespace)
         try:
             await ds.queues.put([msg("after the upgrade")])  # writes its mark
         finally:
             await ds.close()
-        assert await conn.fetchval(f'SELECT version FROM "{namespace}_schema"') == 2
+        assert await conn.fetchval(f'SELECT version FROM "{namespace}_schema"') == 3
         assert await conn.fetchval(f'SELECT count(*) FROM "{namespace}_writes"') == 1
+        assert await conn.fetchval(f'SELECT count(*) FROM "{namespace}_wrap_leases"') == 0
     finally:
         await conn.close()
 

@@ -4,12 +4,13 @@ engine, and each gateway keeps no state another needs.
 
 Supports: every PollQueue and TailQueue operation; leases with expiry, fenced by lease tokens; dead-lettering to
 ``<destination>.DLQ``; selectors evaluated in Python while scanning the backlog (``ScanMark`` budget); a topic log with
-``Gap`` reporting; durable cursors; COMMIT as one transaction (``atomic_changes``); existing tables wrapped as queues
+``Gap`` reporting; durable cursors; COMMIT as one transaction (``atomic_changes``); group commit of the queue SENDs and
+ACKs that arrive together (``joins_sends_and_acks``: one statement); existing tables wrapped as queues
 (``DatasourceOptions.wrapped_tables``: ``wrapped``, checked at open). No native (MongoDB-style) selectors.
 
-Durability: a call returns after its transaction committed. With the server's defaults (``fsync`` and
-``synchronous_commit`` on) that commit is on disk, so a RECEIPT means stored; with ``synchronous_commit`` off it
-survives a gateway crash but not a database crash.
+Durability: a call returns after its transaction committed. The gateway's connections set ``synchronous_commit`` on
+whatever the server's default, so with ``fsync`` on (PostgreSQL's default) that commit is on disk and a RECEIPT means
+stored.
 
 Wake-ups across gateways: LISTEN/NOTIFY (``store``); while notifications flow the datasource is not ``shared`` (an
 idle consumer waits for a notification, looking again only at the lease period), and while the listener is down it
@@ -17,8 +18,9 @@ is (consumers poll every ``poll_interval``).
 
 Failover: puts, publishes and COMMITs that meet an unreachable server wait in a bounded buffer
 (``failover_buffer`` messages; their RECEIPTs wait with them) and are replayed in order once it answers again. Each
-write commits a mark with its rows (``Store.write_once``): a replay after an answer lost in the outage finds the mark
-and does nothing, so a write takes effect once even if what it stored was consumed in between.
+write commits a mark with its rows (``Store.write_once``): a replay after an answer lost in the outage first writes the
+mark itself and finds it there (waiting for an earlier try still running), and then does nothing, so a write takes
+effect once even if what it stored was consumed in between.
 
 Options used: ``topic_retention``, ``poll_interval``, ``failover_buffer``, ``namespace`` (table name prefix),
 ``wrapped_tables``. Others are ignored.

@@ -325,7 +325,7 @@ async def peek_messages(
     summary="Purge a queue (admin)",
     description="Delete every message of a queue, delivered or not. Needs the admin role.",
     operation_id="purge_messages",
-    responses=problem_responses(400, 401, 403, 503),
+    responses=problem_responses(400, 401, 403, 409, 503),
 )
 async def purge_messages(request: Request, kind: DestinationKind, name: str, principal: AdminPrincipal) -> Purged:
     destination = _destination(kind, name)

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from app.datasources.interface import DatasourceUnavailable
+from app.datasources.interface import DatasourceRefused, DatasourceUnavailable
 
 __all__ = [
     "PROBLEM_JSON",
@@ -182,6 +182,10 @@ async def _on_unavailable(request: Request, exc: Exception) -> JSONResponse:
     )  # fmt: skip
 
 
+async def _on_refused(request: Request, exc: Exception) -> JSONResponse:
+    return problem_response(request, 409, str(exc), slug="refused", title="Refused by the datasource")
+
+
 async def _on_client_disconnect(request: Request, exc: Exception) -> JSONResponse:
     """The client left before sending its whole body: its doing, so one log line, no traceback. The answer
     reaches no one but keeps the ASGI cycle complete."""
@@ -200,6 +204,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StarletteHTTPException, _on_http_exception)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(DatasourceUnavailable, _on_unavailable)
+    app.add_exception_handler(DatasourceRefused, _on_refused)
     app.add_exception_handler(ClientDisconnect, _on_client_disconnect)
     app.add_exception_handler(Exception, _on_unhandled)
 

@@ -36,6 +36,7 @@ __all__ = [
     "WrappedTable",
     "DatasourceUnavailable",
     "DatasourceError",
+    "DatasourceRefused",
 ]
 
 # A selector compiled by the broker: a predicate over a message's headers. Backends that can evaluate a query in the
@@ -45,6 +46,11 @@ HeaderFilter = Callable[[Mapping[str, str]], bool]
 
 class DatasourceError(Exception):
     """A backend failed in a way the caller should report (bad URL, bad configuration, corrupt data)."""
+
+
+class DatasourceRefused(DatasourceError):
+    """The backend will not do this to this destination (purging a wrapped collection or table): the caller's
+    request, not a fault."""
 
 
 class DatasourceUnavailable(DatasourceError):

@@ -31,6 +31,7 @@ from pymongo.errors import BulkWriteError
 
 from app.datasources import rules
 from app.datasources.interface import (
+    DatasourceRefused,
     PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
     DatasourceError,
@@ -533,7 +534,7 @@ class MongoPollQueue(PollQueue):
     async def purge(self, destination: str) -> int:
         wrapped = self._wrapped.get(destination)
         if wrapped is not None:
-            raise DatasourceError(
+            raise DatasourceRefused(
                 f"purge: {destination} wraps the existing collection {wrapped.collection!r}; "
                 "refusing to delete its documents in bulk"
             )

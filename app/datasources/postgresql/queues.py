@@ -26,9 +26,9 @@ import asyncpg
 
 from app.datasources import rules
 from app.datasources.interface import (
+    DatasourceRefused,
     PEEK_SCAN_LIMIT,
     SCAN_BUDGET,
-    DatasourceError,
     HeaderFilter,
     Held,
     NewMessage,
@@ -438,7 +438,7 @@ class PgPollQueue(PollQueue):
     async def purge(self, destination: str) -> int:
         wrapped = self._wrapped.get(destination)
         if wrapped is not None:
-            raise DatasourceError(
+            raise DatasourceRefused(
                 f"purge: {destination} wraps the existing table {wrapped.setting.table!r}; "
                 "refusing to delete its rows in bulk"
             )

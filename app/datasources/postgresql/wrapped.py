@@ -60,7 +60,9 @@ class _Wrap:
     """One wrapped table's statements. The table is aliased ``t``; ``$1`` is always the destination, and the
     values from the wrap's settings (ack_set, filter) follow each statement's fixed parameters."""
 
-    def __init__(self, setting: WrappedTable, qualified: str, key: Sequence[str], store: Store) -> None:
+    def __init__(
+        self, setting: WrappedTable, qualified: str, key: Sequence[str], key_types: Sequence[str], store: Store
+    ) -> None:
         self.setting = setting
         self.destination = setting.destination
         self.table = qualified
@@ -71,11 +73,14 @@ class _Wrap:
         self.values: dict[str, tuple[int, list[object], list[str]]] = {}
         leases = store.wrap_leases
         row_key = self.row_key("t")
+        # Whole rows are always ``alias.*``: a bare alias would name a column of that name, should the table have one.
+        body = "row_to_json(t.*)::text"
         order = ", ".join(f"t.{quote(c)}" for c in key)
-        # the row whose key JSON is held.row_key: PostgreSQL converts the JSON back to the key columns' types, and
-        # the comparison of the key columns uses the key's index
-        populate = f"CROSS JOIN LATERAL jsonb_populate_record(NULL::{qualified}, held.row_key::jsonb) AS k"
-        key_match = " AND ".join(f"t.{quote(c)} = k.{quote(c)}" for c in key)
+        # The row whose key JSON is held.row_key: the JSON read back as the key columns' own types (from the catalog),
+        # compared column by column so that the key's unique index is used.
+        typed = ", ".join(f"{quote(c)} {kind}" for c, kind in zip(key, key_types))
+        to_key = f"CROSS JOIN LATERAL jsonb_to_record(held.row_key::jsonb) AS sg_key_row({typed})"
+        key_match = " AND ".join(f"t.{quote(c)} = sg_key_row.{quote(c)}" for c in key)
 
         def condition(name: str, start: int, before: Mapping[str, object] | None = None) -> str:
             """The filter as SQL for statement ``name``, its values from ``$start`` after those of ``before``."""
@@ -90,24 +95,28 @@ class _Wrap:
 
         self.filter_columns = compile_filter(setting.filter, quote, 1).columns
 
-        # $1 destination, $2 now, $3 limit, $4 owner, $5 lease until
+        # $1 destination, $2 now, $3 limit, $4 owner, $5 lease until. A new lease row's token comes from the
+        # identity, and so does a retaken one's (claims = DEFAULT).
         self.sql_claim = (
-            f"WITH picked AS (SELECT t AS sg_row, {row_key} AS sg_key FROM {qualified} AS t "
+            f"WITH picked AS (SELECT {body} AS sg_body, {row_key} AS sg_key, "
+            + ", ".join(f"t.{quote(c)} AS sg_order_{i}" for i, c in enumerate(key))
+            + f" FROM {qualified} AS t "
             f"WHERE ({condition('claim', 6)}) AND NOT EXISTS (SELECT 1 FROM {leases} AS l "
             f"WHERE l.destination = $1 AND l.row_key = {row_key} AND l.lease_until > $2) "
             f"ORDER BY {order} LIMIT $3 FOR NO KEY UPDATE OF t SKIP LOCKED), "
-            f"leased AS (INSERT INTO {leases} AS l (destination, row_key, owner, lease_until, claims, deliveries) "
-            "SELECT $1, sg_key, $4::text, $5::bigint, 1, 1 FROM picked "
+            f"leased AS (INSERT INTO {leases} AS l (destination, row_key, owner, lease_until, deliveries) "
+            "SELECT $1, sg_key, $4::text, $5::bigint, 1 FROM picked "
             "ON CONFLICT (destination, row_key) DO UPDATE SET owner = excluded.owner, "
-            "lease_until = excluded.lease_until, claims = l.claims + 1, deliveries = l.deliveries + 1 "
+            "lease_until = excluded.lease_until, claims = DEFAULT, deliveries = l.deliveries + 1 "
             "WHERE l.lease_until <= $2 "  # the fence: leased by another claim since this one's snapshot
             "RETURNING l.row_key, l.claims, l.deliveries) "
-            "SELECT row_to_json(p.sg_row)::text, leased.row_key, leased.claims, leased.deliveries "
+            "SELECT p.sg_body, leased.row_key, leased.claims, leased.deliveries "
             "FROM picked AS p JOIN leased ON leased.row_key = p.sg_key ORDER BY "
-            + ", ".join(f"(p.sg_row).{quote(c)}" for c in key)
+            + ", ".join(f"p.sg_order_{i}" for i in range(len(key)))
         )
         # ACK: $1 row keys, $2 destination, and fenced $3 lease tokens. The lease rows go, then the table's rows
-        # (or their ack_set columns change), answering per row whether it still matches the filter.
+        # (or their ack_set columns change) if they still match the filter: a row the application moved out of it
+        # meanwhile is the application's again. Each row answers whether it still matches after the update.
         gone = {
             True: f"DELETE FROM {leases} AS l USING unnest($1::text[], $3::bigint[]) AS held(row_key, claims) "
             "WHERE l.destination = $2 AND l.row_key = held.row_key AND l.claims = held.claims RETURNING l.row_key",
@@ -118,26 +127,30 @@ class _Wrap:
         for fenced in (True, False):
             name, start = ("ack fenced", 4) if fenced else ("ack", 3)
             if setting.ack_set is None:
-                action = f"DELETE FROM {qualified} AS t USING {acked[fenced]} {populate} WHERE {key_match} RETURNING false"
+                test = condition(name, start)
+                action = (
+                    f"DELETE FROM {qualified} AS t USING {acked[fenced]} {to_key} WHERE {key_match} AND ({test}) "
+                    "RETURNING false"
+                )
             else:
                 test = condition(name, start, setting.ack_set)
                 sets = ", ".join(f"{quote(c)} = ${start + i}" for i, c in enumerate(setting.ack_set))
                 action = (
-                    f"UPDATE {qualified} AS t SET {sets} FROM {acked[fenced]} {populate} WHERE {key_match} "
+                    f"UPDATE {qualified} AS t SET {sets} FROM {acked[fenced]} {to_key} WHERE {key_match} AND ({test}) "
                     f"RETURNING ({test})"
                 )
             self.sql_ack[fenced] = f"WITH gone AS ({gone[fenced]}) {action}"
         # release: $1 row keys, $2 destination, and fenced $3 lease tokens; only leases still held (a requeue clears
-        # the owner)
+        # the owner, and takes a new token)
         held = {
             True: "unnest($1::text[], $3::bigint[]) AS held(row_key, claims) WHERE l.destination = $2 "
             "AND l.row_key = held.row_key AND l.claims = held.claims AND l.owner IS NOT NULL",
             False: "WHERE l.destination = $2 AND l.row_key = ANY($1::text[]) AND l.owner IS NOT NULL",
         }
         self.sql_requeue = {
-            True: f"UPDATE {leases} AS l SET lease_until = 0, owner = NULL, claims = l.claims + 1 FROM {held[True]} "
+            True: f"UPDATE {leases} AS l SET lease_until = 0, owner = NULL, claims = DEFAULT FROM {held[True]} "
             "RETURNING l.row_key",
-            False: f"UPDATE {leases} AS l SET lease_until = 0, owner = NULL, claims = l.claims + 1 {held[False]} "
+            False: f"UPDATE {leases} AS l SET lease_until = 0, owner = NULL, claims = DEFAULT {held[False]} "
             "RETURNING l.row_key",
         }
         # dead-lettering first takes the lease rows (the fence), then reads the rows and copies them
@@ -145,10 +158,10 @@ class _Wrap:
             True: f"DELETE FROM {leases} AS l USING {held[True]} RETURNING l.row_key",
             False: f"DELETE FROM {leases} AS l {held[False]} RETURNING l.row_key",
         }
-        # $1 row keys: the rows as JSON, locked until the dead-lettering transaction ends
+        # $1 row keys: the rows still matching the filter, as JSON, locked until the dead-lettering transaction ends
         self.sql_rows = (
-            f"SELECT held.row_key, row_to_json(t)::text FROM unnest($1::text[]) AS held(row_key) {populate} "
-            f"JOIN {qualified} AS t ON {key_match} FOR UPDATE OF t"
+            f"SELECT held.row_key, {body} FROM unnest($1::text[]) AS held(row_key) {to_key} "
+            f"JOIN {qualified} AS t ON {key_match} WHERE ({condition('dead-letter rows', 2)}) FOR UPDATE OF t"
         )
         # $1 destination, $2 now
         self.sql_stats = (
@@ -159,7 +172,7 @@ class _Wrap:
         )
         # $1 destination, $2 now, $3 limit, $4 offset
         self.sql_peek = (
-            f"SELECT row_to_json(t)::text, {row_key}, coalesce(l.claims, 0), coalesce(l.deliveries, 0) "
+            f"SELECT {body}, {row_key}, coalesce(l.claims, 0), coalesce(l.deliveries, 0) "
             f"FROM {qualified} AS t LEFT JOIN {leases} AS l ON l.destination = $1 AND l.row_key = {row_key} "
             f"WHERE ({condition('peek', 5)}) AND (l.lease_until IS NULL OR l.lease_until <= $2) "
             f"ORDER BY {order} LIMIT $3 OFFSET $4"
@@ -168,9 +181,11 @@ class _Wrap:
 
     def row_key(self, alias: str) -> str:
         """A row's key columns as JSON text, built by PostgreSQL (``to_jsonb`` of a row of just those columns, named
-        as they are), so that equal keys are equal texts."""
+        as they are), so that equal keys are equal texts. The text of some types depends on session settings
+        (time zone, float digits, date and interval styles): the store pins them on every connection
+        (``Store.open``), so every gateway writes one key the same way."""
         columns = ", ".join(f"{alias}.{quote(c)}" for c in self.key)
-        return f"(SELECT to_jsonb(k) FROM (SELECT {columns}) AS k)::text"
+        return f"(SELECT to_jsonb(sg_key_columns.*) FROM (SELECT {columns}) AS sg_key_columns)::text"
 
     def settings_values(self, statement: str) -> list[object]:
         """The values from the settings that follow ``statement``'s fixed parameters."""
@@ -273,7 +288,7 @@ class WrappedTables:
             taken = [r[0] for r in await conn.fetch(wrap.sql_take[fenced], keys, wrap.destination, *fence)]
             if not taken:
                 continue
-            rows = await conn.fetch(wrap.sql_rows, taken)
+            rows = await conn.fetch(wrap.sql_rows, taken, *wrap.settings_values("dead-letter rows"))
             now_ms = int(time.time() * 1000)
             dead = [
                 NewMessage(
@@ -330,7 +345,7 @@ class WrappedTables:
             ("requeue", wrap.sql_requeue[False], [none, wrap.destination]),
             ("dead-letter", wrap.sql_take[True], [none, wrap.destination, none]),
             ("dead-letter", wrap.sql_take[False], [none, wrap.destination]),
-            ("dead-letter", wrap.sql_rows, [none]),
+            ("dead-letter rows", wrap.sql_rows, [none]),
             ("stats", wrap.sql_stats, [wrap.destination, 0]),
             ("peek", wrap.sql_peek, [wrap.destination, 0, 0, 0]),
             ("any", wrap.sql_any, []),
@@ -366,9 +381,11 @@ async def _resolve(conn: asyncpg.Connection, store: Store, setting: WrappedTable
         raise DatasourceError(f"{where}: {qualified} is not a table")
     oid = found["oid"]
     columns = {
-        r[0]
+        r[0]: (r[1], r[2])  # name -> (type as SQL, NOT NULL)
         for r in await conn.fetch(
-            "SELECT attname FROM pg_catalog.pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped", oid
+            "SELECT attname, format_type(atttypid, atttypmod), attnotnull FROM pg_catalog.pg_attribute "
+            "WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped",
+            oid,
         )
     }
     key = setting.key
@@ -387,13 +404,32 @@ async def _resolve(conn: asyncpg.Connection, store: Store, setting: WrappedTable
                 f"{where}: table {qualified} has no primary key; name the columns that identify a row with key = [...]"
             )
     try:
-        wrap = _Wrap(setting, qualified, key, store)
+        wrap = _Wrap(setting, qualified, key, [columns[c][0] if c in columns else "text" for c in key], store)
     except DatasourceError as exc:
         raise DatasourceError(f"{where}: {exc}") from None
     for role, names in (("key", key), ("filter", sorted(wrap.filter_columns)), ("ack_set", list(setting.ack_set or {}))):
         for name in names:
             if name not in columns:
                 raise DatasourceError(f"{where}: table {qualified} has no column {quote(name)} (in {role})")
+    # A key must name one row, always: an ACK deletes by it, and a lease is kept by it. A NULL matches nothing.
+    nullable = [quote(c) for c in key if not columns[c][1]]
+    if nullable:
+        raise DatasourceError(f"{where}: the key column {', '.join(nullable)} of table {qualified} may be NULL")
+    unique_sets = [
+        set(r[0])
+        for r in await conn.fetch(
+            "SELECT array(SELECT a.attname FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n) "
+            "JOIN pg_catalog.pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+            "WHERE k.n <= i.indnkeyatts) FROM pg_catalog.pg_index AS i "
+            "WHERE i.indrelid = $1 AND i.indisunique AND i.indpred IS NULL AND i.indexprs IS NULL",
+            oid,
+        )
+    ]
+    if set(key) not in unique_sets:
+        raise DatasourceError(
+            f"{where}: no unique index of table {qualified} is on exactly the key ({', '.join(quote(c) for c in key)}); "
+            "a key must identify one row"
+        )
     return wrap
 
 

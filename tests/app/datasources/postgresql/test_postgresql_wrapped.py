@@ -27,6 +27,7 @@ from app.datasources.interface import (
 )
 from app.datasources.postgresql import PgDatasource
 from app.datasources.registry import open_datasource
+from tests.app.api.conftest import api_client
 
 pytestmark = pytest.mark.postgresql
 
@@ -376,6 +377,9 @@ START_UP_ERRORS = {
         lambda t: WrappedTable(DEST, t, filter={"id": {"$regex": "1"}}), r"^wrap /queue/orders\.new: PostgreSQL refused"
     ),
     "no primary key": (lambda t: WrappedTable(DEST, f"{t}_nokey"), r"has no primary key; name the columns"),
+    # an ACK deletes by the key and a lease is kept by it: a key must name one row, and NULL names none
+    "nullable key": (lambda t: WrappedTable(DEST, t, key=("amount",)), r'the key column "amount" of table "orders_\w+" may be NULL'),
+    "key not unique": (lambda t: WrappedTable(DEST, t, key=("status",)), r"no unique index of table \S+ is on exactly the key"),
 }
 
 
@@ -402,3 +406,131 @@ async def test_an_ack_of_a_row_that_arrives_with_sends_deletes_the_row(
     await orders.apply(Changes(queue=[send], acks=[(first.message_id, first.lease)]))
     assert await conn.fetchval(f'SELECT count(*) FROM "{table}" WHERE id = 1') == 0
     assert (await orders.queues.stats("/queue/other", now_ms=NOW)).ready == 1
+
+
+# -- found by review: each of these failed before its fix --------------------------------------------------------
+
+
+async def one_row_table(conn: asyncpg.Connection, table: str, columns: str, values: str) -> None:
+    await conn.execute(f'CREATE TABLE "{table}" ({columns})')
+    await conn.execute(f'INSERT INTO "{table}" VALUES {values}')
+
+
+@pytest.mark.parametrize("columns", ["k integer PRIMARY KEY, t text", "t integer PRIMARY KEY, k text"])
+async def test_columns_named_like_the_statements_aliases_are_columns(
+    columns: str, postgresql_url: str, namespace: str, table: str, conn: asyncpg.Connection
+) -> None:
+    # A bare alias in SQL names a column of that name first: the key of a table keyed "k" was the number, not the
+    # row, and every ACK failed; a column "t" became the body.
+    await one_row_table(conn, table, columns, "(1, 'x')")
+    ds = await open_wrapped(postgresql_url, namespace, WrappedTable(DEST, table))
+    try:
+        [m] = await claim(ds)
+        assert sorted(json.loads(m.body)) == ["k", "t"]
+        await ds.queues.ack([m.message_id], [m.lease])
+        assert await conn.fetchval(f'SELECT count(*) FROM "{table}"') == 0
+    finally:
+        await ds.close()
+
+
+async def test_a_not_null_domain_column_does_not_stop_acks(
+    postgresql_url: str, namespace: str, table: str, conn: asyncpg.Connection
+) -> None:
+    # The key JSON read back as a whole row of the table checked every other column's domain (NOT NULL): now only
+    # the key columns are read back, as their own types.
+    domain = f"d_{uuid.uuid4().hex[:8]}"
+    await conn.execute(f"CREATE DOMAIN {domain} AS text NOT NULL")
+    await one_row_table(conn, table, f"id integer PRIMARY KEY, note {domain}", "(1, 'x')")
+    ds = await open_wrapped(postgresql_url, namespace, WrappedTable(DEST, table))
+    try:
+        [m] = await claim(ds)
+        send = NewMessage(message_id=f"s-{uuid.uuid4().hex}", destination="/queue/other", headers={}, body=b"x")
+        await ds.apply(Changes(queue=[send], acks=[(m.message_id, m.lease)]))
+        assert await conn.fetchval(f'SELECT count(*) FROM "{table}"') == 0
+    finally:
+        await ds.close()
+
+
+async def test_a_float_key_is_the_same_text_whatever_the_sessions_float_digits(
+    postgresql_url: str, namespace: str, table: str, conn: asyncpg.Connection
+) -> None:
+    # With extra_float_digits=0 (from the URL, a role or the database) 0.30000000000000004 printed as 0.3: the ACK of
+    # that row deleted the row 0.3 and left its own.
+    await one_row_table(conn, table, "x float8 PRIMARY KEY, status text", "(0.1::float8 + 0.2::float8, 'new'), (0.3, 'done')")
+    url = postgresql_url + ("&" if "?" in postgresql_url else "?") + "extra_float_digits=0"
+    ds = await open_wrapped(url, namespace, WrappedTable(DEST, table, filter={"status": "new"}))
+    try:
+        [m] = await claim(ds)
+        await ds.queues.ack([m.message_id], [m.lease])
+        assert [r[0] for r in await conn.fetch(f'SELECT status FROM "{table}"')] == ["done"]
+    finally:
+        await ds.close()
+
+
+async def test_gateways_in_other_time_zones_lease_a_timestamp_key_once(
+    postgresql_url: str, namespace: str, table: str, conn: asyncpg.Connection
+) -> None:
+    await one_row_table(conn, table, "at timestamptz PRIMARY KEY, status text", "('2024-01-01 12:00:00+00', 'new')")
+    sep = "&" if "?" in postgresql_url else "?"
+    a = await open_wrapped(postgresql_url + sep + "timezone=UTC", namespace, WrappedTable(DEST, table))
+    b = await open_wrapped(postgresql_url + sep + "TimeZone=Asia/Tokyo", namespace, WrappedTable(DEST, table))
+    try:
+        assert len(await claim(a, owner="a")) == 1
+        assert await claim(b, owner="b") == []
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_lease_token_is_never_handed_out_twice(
+    postgresql_url: str, namespace: str, table: str, conn: asyncpg.Connection
+) -> None:
+    # An ACK deletes the lease row; the next lease of that key started again at token 1, so a stale consumer's ACK
+    # under token 1 took effect on a later delivery of the row.
+    await one_row_table(conn, table, "id integer PRIMARY KEY, status text", "(1, 'new')")
+    wrap = WrappedTable(DEST, table, filter={"status": "new"}, ack_set={"status": "done"})
+    ds = await open_wrapped(postgresql_url, namespace, wrap)
+    try:
+        [stale] = await claim(ds, owner="a", lease_ms=1_000)
+        [b] = await claim(ds, owner="b", now_ms=NOW + 2_000)
+        await ds.queues.ack([b.message_id], [b.lease])
+        await conn.execute(f"UPDATE \"{table}\" SET status = 'new' WHERE id = 1")
+        [c] = await claim(ds, owner="c", now_ms=NOW + 3_000)
+        assert len({stale.lease, b.lease, c.lease}) == 3
+        await ds.queues.ack([stale.message_id], [stale.lease])
+        assert await conn.fetchval(f'SELECT status FROM "{table}" WHERE id = 1') == "new"
+    finally:
+        await ds.close()
+
+
+@pytest.mark.parametrize("how", ["ack", "dead-letter"])
+async def test_a_row_the_application_moved_out_of_the_filter_is_left_alone(
+    how: str, postgresql_url: str, namespace: str, table: str, conn: asyncpg.Connection
+) -> None:
+    await one_row_table(conn, table, "id integer PRIMARY KEY, status text", "(1, 'new')")
+    ds = await open_wrapped(postgresql_url, namespace, WrappedTable(DEST, table, filter={"status": "new"}))
+    try:
+        [m] = await claim(ds)
+        await conn.execute(f"UPDATE \"{table}\" SET status = 'cancelled' WHERE id = 1")
+        if how == "ack":
+            await ds.queues.ack([m.message_id], [m.lease])
+        else:
+            await ds.queues.release([m.message_id], Release.DEAD_LETTER, [m.lease])
+            assert await ds.queues.stats(f"{DEST}.DLQ", now_ms=NOW) == QueueStats(ready=0, unacked=0)
+        assert await conn.fetchval(f'SELECT status FROM "{table}" WHERE id = 1') == "cancelled"
+    finally:
+        await ds.close()
+
+
+async def test_a_rest_purge_of_a_wrapped_table_is_a_409_problem(
+    postgresql_url: str, namespace: str, table: str, conn: asyncpg.Connection
+) -> None:
+    # The backend refuses to delete an application's rows in bulk; that is the caller's request refused, not a 500.
+    await make_orders(conn, table, [(1, "new")])
+    wrap = [{"destination": DEST, "table": table}]
+    async with api_client(raise_app_exceptions=False, store=postgresql_url, namespace=namespace, wrap=wrap) as api:
+        response = await api.client.delete(f"/messages/queue/{DEST.removeprefix('/queue/')}")
+        assert response.status_code == 409, response.text
+        assert response.headers["content-type"] == "application/problem+json"
+        assert "refusing to delete its rows" in response.json()["detail"]
+    assert await table_ids(conn, table) == [1]

@@ -270,12 +270,15 @@ async def test_wait_times_out_without_work(datasource: Datasource) -> None:
 
 
 async def test_wait_ignores_other_destinations(datasource: Datasource) -> None:
-    waiter = asyncio.ensure_future(datasource.queues.wait(Q, 0.3))
+    # The waiter's own timeout is far beyond the look below, so that a loaded machine cannot end it first.
+    waiter = asyncio.ensure_future(datasource.queues.wait(Q, 30))
     await asyncio.sleep(0.02)
     await datasource.queues.put([msg(1, destination="/queue/other")])
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # the other destination's wake-up, and its echo from the database, have had time
     assert not waiter.done()
-    await waiter
+    waiter.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiter
 
 
 async def test_stats_peek_destinations_purge(datasource: Datasource) -> None:

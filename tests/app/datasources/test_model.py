@@ -79,6 +79,7 @@ BACKENDS = [
     pytest.param(
         Backend("{server}", examples=50, steps=80, server="postgresql_url"), id="postgresql", marks=pytest.mark.postgresql
     ),
+    pytest.param(Backend("{server}", examples=50, steps=80, server="redis_url"), id="redis", marks=pytest.mark.redis),
     *(
         pytest.param(Backend("{server}", 30, 80, server=SERVER_FIXTURES[name]), id=f"mongodb-{name}", marks=pytest.mark.mongodb)
         for name in mongodb_servers()

@@ -45,12 +45,20 @@ class RedisServer:
     """A private redis-server: ``start()``, ``stop()`` (SIGTERM, or SIGKILL with ``kill=True``), ``start()`` again on
     the same port and data directory (its append-only file is read back)."""
 
-    def __init__(self, *, appendfsync: str = "always", password: str | None = None, port: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        appendfsync: str = "always",
+        password: str | None = None,
+        port: int | None = None,
+        extra: list[str] | None = None,
+    ) -> None:
         self.binary = require_redis_server()
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="stompgate-redis-")
         self.appendfsync = appendfsync
         self.password = password
+        self.extra = extra or []
         self.process: subprocess.Popen[bytes] | None = None
         atexit.register(self.cleanup)
 
@@ -67,6 +75,7 @@ class RedisServer:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        args += self.extra
         self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:

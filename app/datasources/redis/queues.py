@@ -121,7 +121,8 @@ class RedisPollQueue(PollQueue):
         # The book's version before the window is read: a put or requeue this gateway learns of meanwhile makes the
         # mark stale (recording the version after the read would pass over it).
         before = ScanMark()
-        self._scans.record(destination, before, None, False)
+        if scan is not None:
+            self._scans.record(destination, before, None, False)
         start = self._scans.resume_after(destination, scan) if scan is not None else None
         budget = SCAN_BUDGET if scan is not None else None
         count = budget + 1 if budget is not None else -1  # one more than the budget: the scan knows there is more
@@ -152,16 +153,16 @@ class RedisPollQueue(PollQueue):
 
     async def ack(self, message_ids: Sequence[str], leases: Sequence[int] | None = None) -> None:
         if message_ids:
-            await self._store.write(acks=_held(message_ids, leases))
+            await self._store.write(acks=_held(message_ids, leases), buffered=False)
 
     async def release(self, message_ids: Sequence[str], how: Release, leases: Sequence[int] | None = None) -> None:
         if not message_ids:
             return
         held = _held(message_ids, leases)
         if how is Release.REQUEUE:
-            result = await self._store.write(requeue=held)
+            result = await self._store.write(requeue=held, buffered=False)
         else:
-            result = await self._store.write(dead_letter=held)
+            result = await self._store.write(dead_letter=held, buffered=False)
         self.after_release(result.woken)
 
     async def renew(self, owner: str, *, lease_ms: int, now_ms: int) -> None:

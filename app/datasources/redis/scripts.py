@@ -35,11 +35,11 @@ destinations are not. Cluster support would split these scripts per slot (see th
 
 from __future__ import annotations
 
-__all__ = ["FIELDS", "APPLY", "CLAIM", "CLAIM_IDS", "SCAN", "PEEK", "STATS", "RENEW", "PURGE", "PUBLISH_MARK_MS"]
+__all__ = ["FIELDS", "APPLY", "CLAIM", "CLAIM_IDS", "SCAN", "PEEK", "STATS", "RENEW", "PURGE", "MARK_KEEP_MS"]
 
 # The message fields every script returns, in this order (see ``store.message_from``).
 FIELDS = ("i", "d", "h", "b", "p", "x", "t", "s", "n", "od", "l")
-PUBLISH_MARK_MS = 3_600_000
+MARK_KEEP_MS = 3_600_000
 
 _PRELUDE = r"""
 local ns = ARGV[1]
@@ -106,15 +106,18 @@ local function take(p, id, owner, lease_until)
 end
 """
 
-# ARGV: ns, token, retention, nq, nt, na, nr, nd, then 7 per queue message (id, destination, priority, expires_at or
+# ARGV: ns, token ('' for no mark: ACKs and releases alone), retention, nq, nt, na, nr, nd, then 7 per queue message (id, destination, priority, expires_at or
 # '', published_at, headers, body), 7 per topic message, then 2 per ack, requeue and dead-letter (id, lease or '').
 # Returns {replayed (0/1), newest topic position (0: none), {destinations woken by releases}}.
 APPLY = _PRELUDE + r"""
 local token, retention = ARGV[2], ARGV[3]
 local nq, nt, na, nr, nd = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
-local mark = '{' .. ns .. '}:w:' .. token
-local prior = redis.call('GET', mark)
-if prior then return {1, tonumber(prior), {}} end
+local mark = nil
+if token ~= '' then
+  mark = '{' .. ns .. '}:w:' .. token
+  local prior = redis.call('GET', mark)
+  if prior then return {1, tonumber(prior), {}} end
+end
 local base = 8
 -- first every check, then every change: a refused write changes nothing
 local seen = {}
@@ -210,7 +213,7 @@ if nt > 0 then
   end
   redis.call('PUBLISH', CHANNEL, 't' .. num(newest))
 end
-redis.call('SET', mark, newest, 'PX', """ + str(PUBLISH_MARK_MS) + r""")
+if mark then redis.call('SET', mark, newest, 'PX', """ + str(MARK_KEEP_MS) + r""") end
 return {0, newest, woken}
 """
 

@@ -249,10 +249,16 @@ class Store:
         acks: Sequence[tuple[str, int | None]] = (),
         requeue: Sequence[tuple[str, int | None]] = (),
         dead_letter: Sequence[tuple[str, int | None]] = (),
+        *,
+        buffered: bool = True,
     ) -> WriteResult:
         """One atomic write (``scripts.APPLY``) through the failover buffer. Its token makes a replay take effect
-        once: the script stores it as a mark with its changes, and a replay that finds the mark does nothing."""
-        token = uuid.uuid4().hex
+        once: the script stores it as a mark with its changes, and a replay that finds the mark does nothing.
+
+        Not ``buffered`` (ACKs and releases alone, which the broker retries itself): run at once, without a mark
+        (running one twice changes nothing more, as each is fenced by its lease token and by the message's state);
+        an unreachable server is ``DatasourceUnavailable`` to the caller."""
+        token = uuid.uuid4().hex if buffered else ""
         args: list[Any] = [token, self.options.topic_retention, len(queue), len(topic), len(acks), len(requeue)]
         args += [len(dead_letter), *new_args(queue), *new_args(topic)]
         for held in (acks, requeue, dead_letter):
@@ -263,6 +269,8 @@ class Store:
             replayed, newest, woken = await self.script("APPLY", args)
             return WriteResult(bool(replayed), int(newest), [_text(d) for d in woken])
 
+        if not buffered:
+            return await attempt(False)
         return await self.writer.run(len(queue) + len(topic), attempt)
 
     # -- notifications ---------------------------------------------------------------------------------------------

@@ -317,6 +317,29 @@ def test_start_up_failures_exit_with_one_line(password_server: RedisServer, tmp_
         assert "s3cret" not in result.stderr and "wrong-pass" not in result.stderr
 
 
+async def test_acks_are_not_buffered_but_fail_for_the_broker_to_retry(namespace: str) -> None:
+    """While Redis is down, an ACK raises DatasourceUnavailable (the broker retries it, then gives the message back)
+    instead of waiting in the failover buffer, whose room is for SENDs; a put waits there and completes later."""
+    server = RedisServer().start()
+    ds = await open_redis(server.url, namespace)
+    try:
+        await ds.queues.put([msg(1)])
+        [got] = await ds.queues.claim(Q, owner="a", limit=1, lease_ms=LEASE, now_ms=NOW)
+        server.stop(kill=True)
+        with pytest.raises(DatasourceUnavailable):
+            await ds.queues.ack([got.message_id], [got.lease])
+        put = asyncio.ensure_future(ds.queues.put([msg(2)]))
+        await asyncio.sleep(0.3)
+        assert not put.done() and ds.store.writer.waiting == 1
+        server.start()
+        await asyncio.wait_for(put, 20)
+        await ds.queues.ack([got.message_id], [got.lease])
+        assert [m.headers["n"] for m in await ds.queues.claim(Q, owner="a", limit=5, lease_ms=LEASE, now_ms=NOW)] == ["2"]
+    finally:
+        await ds.close()
+        server.cleanup()
+
+
 # -- failover: Redis restarted under load ------------------------------------------------------------------------------
 
 

@@ -299,7 +299,7 @@ local dest, now = ARGV[2], tonumber(ARGV[3])
 local p = qp(dest)
 sweep(dest, p, now)
 local ready = redis.call('ZCARD', p .. ':ready') + redis.call('ZCOUNT', p .. ':leased', '-inf', now)
-return {ready, redis.call('ZCOUNT', p .. ':leased', '(' .. now, '+inf')}
+return {ready, redis.call('ZCOUNT', p .. ':leased', '(' .. ARGV[3], '+inf')}
 """
 
 # ARGV: ns, owner, lease_until. Extends every lease ``owner`` holds; forgets ids it no longer holds.

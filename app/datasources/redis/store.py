@@ -35,6 +35,7 @@ CONNECT_TIMEOUT_S = 5.0
 SOCKET_TIMEOUT_S = 30.0
 LISTEN_RETRY_S = (0.1, 2.0)
 LISTEN_POLL_S = 1.0
+HEALTH_CHECK_S = 15
 ORDER_BAND = 2**44  # claim-order score = (9 - priority) * ORDER_BAND + seq
 
 
@@ -135,7 +136,12 @@ class Store:
         self.dests = f"{{{self.ns}}}:dests"
         try:
             self.client: aioredis.Redis = aioredis.from_url(
-                url, socket_connect_timeout=CONNECT_TIMEOUT_S, socket_timeout=SOCKET_TIMEOUT_S, decode_responses=False
+                url,
+                socket_connect_timeout=CONNECT_TIMEOUT_S,
+                socket_timeout=SOCKET_TIMEOUT_S,
+                # a connection idle this long is PINGed before use: the listener finds a server gone silent
+                health_check_interval=HEALTH_CHECK_S,
+                decode_responses=False,
             )
         except ValueError as exc:
             raise DatasourceError(f"the Redis URL is not valid: {self.scrub(str(exc))}") from None

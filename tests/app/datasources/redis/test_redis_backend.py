@@ -25,6 +25,7 @@ from app.datasources.interface import (
     Gap,
     NewMessage,
     Published,
+    ScanMark,
 )
 from app.datasources.redis import RedisDatasource
 from app.datasources.registry import open_datasource
@@ -116,6 +117,42 @@ async def test_another_gateways_publish_reaches_a_follower(two_gateways: tuple[R
     await asyncio.sleep(0.1)
     assert a.topics.follow(after=None) is not None
     assert await a.topics.last_position() == position
+
+
+async def test_a_lapsed_lease_requeued_by_a_claim_reaches_other_gateways(
+    two_gateways: tuple[RedisDatasource, RedisDatasource],
+) -> None:
+    """A claim that finds lapsed leases makes them ready again at their old places and says so on the channel: the
+    other gateway's waiters wake and its selector scans start over (the message sorts before their marks)."""
+    a, b = two_gateways
+    await a.queues.put([msg("red")])
+    await a.queues.put([msg(n) for n in range(5)])
+    [red] = await a.queues.claim(Q, owner="a", limit=1, lease_ms=LEASE, now_ms=NOW)
+    mark = ScanMark()
+    wanted = lambda h: h["n"] == "red"  # noqa: E731
+    assert await b.queues.claim(Q, owner="b", limit=1, lease_ms=LEASE, now_ms=NOW, selector=wanted, scan=mark) == []
+    assert mark.after is not None and not mark.more  # a finished scan: its mark is past the red message's place
+    token = b.queues.wake_token(Q)
+    later = NOW + LEASE + 1
+    assert await a.queues.claim(Q, owner="a", limit=1, lease_ms=LEASE, now_ms=later, selector=lambda h: False) == []
+    await asyncio.wait_for(b.queues.wait(Q, 30, token), 5)  # woken by the requeue of the lapsed lease
+    [again] = await b.queues.claim(Q, owner="b", limit=1, lease_ms=LEASE, now_ms=later, selector=wanted, scan=mark)
+    assert again.message_id == red.message_id and again.deliveries == 2
+
+
+async def test_another_gateways_higher_priority_put_is_seen_by_a_finished_scan(
+    two_gateways: tuple[RedisDatasource, RedisDatasource],
+) -> None:
+    a, b = two_gateways
+    await a.queues.put([msg(n) for n in range(5)])
+    mark = ScanMark()
+    wanted = lambda h: h["n"] == "urgent"  # noqa: E731
+    assert await b.queues.claim(Q, owner="b", limit=1, lease_ms=LEASE, now_ms=NOW, selector=wanted, scan=mark) == []
+    token = b.queues.wake_token(Q)
+    await a.queues.put([msg("urgent", priority=9)])
+    await asyncio.wait_for(b.queues.wait(Q, 30, token), 5)
+    [got] = await b.queues.claim(Q, owner="b", limit=1, lease_ms=LEASE, now_ms=NOW, selector=wanted, scan=mark)
+    assert got.headers["n"] == "urgent"
 
 
 # -- COMMIT and replays ------------------------------------------------------------------------------------------------

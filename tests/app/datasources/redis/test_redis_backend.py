@@ -113,10 +113,18 @@ async def test_another_gateways_publish_reaches_a_follower(two_gateways: tuple[R
         assert isinstance(event, Published) and event.position == position
     finally:
         await follower.aclose()  # type: ignore[attr-defined]
-    # and a live follower opened after that publish starts after it (the notification carried the position)
-    await asyncio.sleep(0.1)
-    assert a.topics.follow(after=None) is not None
-    assert await a.topics.last_position() == position
+    # a live follower opened after B's next publish starts after it: the notification carried the position
+    [skipped] = await b.topics.publish([msg(2, destination="/topic/rd")])
+    await asyncio.sleep(0.2)
+    live = a.topics.follow(after=None)
+    try:
+        first = asyncio.ensure_future(anext(live))
+        await asyncio.sleep(0.2)
+        [newest] = await b.topics.publish([msg(3, destination="/topic/rd")])
+        event = await asyncio.wait_for(first, 5.0)
+        assert isinstance(event, Published) and event.position == newest == skipped + 1
+    finally:
+        await live.aclose()  # type: ignore[attr-defined]
 
 
 async def test_a_lapsed_lease_requeued_by_a_claim_reaches_other_gateways(

@@ -19,10 +19,12 @@ COMMIT: ``apply`` is one script, which checks everything that can refuse the wri
 before changing anything, so a COMMIT is all or nothing on one Redis server. (A script that fails part-way for
 another reason, out of memory, would keep its first changes: Redis scripts do not roll back.)
 
-Failover: puts, publishes, ACKs, releases and COMMITs that meet an unreachable server wait in a bounded buffer
-(``failover_buffer`` messages; their RECEIPTs wait with them) and are replayed in order once it answers again. Each
-write carries a token the script stores (``{ns}:w:<token>``, kept an hour) with its changes: a replay of a write whose
-answer was lost finds it and does nothing, so a write takes effect once, even if what it stored was consumed since.
+Failover: puts, publishes and COMMITs that meet an unreachable server wait in a bounded buffer (``failover_buffer``
+messages; their RECEIPTs wait with them) and are replayed in order once it answers again. Each such write carries a
+token the script stores (``{ns}:w:<token>``, kept an hour) with its changes: a replay of a write whose answer was lost
+finds it and does nothing, so a write takes effect once, even if what it stored was consumed since. ACKs and releases
+alone are not buffered: an unreachable server is ``DatasourceUnavailable`` to the broker, which retries them and then
+gives the messages back (running one twice changes nothing more: each is fenced by its lease token and state).
 
 Not done: Redis Cluster. A destination's keys share one hash tag, so its scripts' per-destination keys live in one
 slot, but the scripts also use namespace-wide keys (the message-id index, the destination set, the owners' lease sets,

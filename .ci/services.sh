@@ -58,6 +58,16 @@ if [ -z "${MONGODB_URL:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql
 fi
 
+# Redis (Debian 12: 7.0) for the Redis datasource's tests: tests/redis_server.py starts private redis-server processes
+# (127.0.0.1, a temp dir, fsynced append-only file); the system service the package sets up is not used.
+if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+  echo "installing Redis (apt)"
+  SUDO=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server
+fi
+
 # Browser tests: Debian's Chromium (driven by playwright-core, no downloaded browser) and the npm packages pinned by
 # tests/browser/package-lock.json (@stomp/stompjs, playwright-core). In CI the browser tests fail when these are missing.
 if [ ! -x /usr/bin/chromium ]; then

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address both listeners bind to (loopback unless told otherwise).")
     stomp_port: int = Field(61613, ge=0, le=65535, description="STOMP over TCP port (0 picks a free one).")
     http_port: int = Field(8000, ge=0, le=65535, description="HTTP port: WebSocket /stomp, REST, /health, /metrics.")
-    store: str = Field(DEFAULT_URL, description="Datasource URL: sqlite:///path, mongodb://..., postgresql://..., memory://")
+    store: str = Field(DEFAULT_URL, description="Datasource URL: sqlite:///path, mongodb://..., postgresql://..., redis://..., memory://")
     max_connections: int = Field(10_000, ge=1, description="Most STOMP connections at once (TCP + WebSocket).")
     max_connections_per_address: int = Field(
         256,
@@ -81,7 +81,7 @@ class Settings(BaseSettings):
     write_concern: str = Field("majority", description="MongoDB write concern (w).")
     server_selection_timeout_ms: int = Field(5_000, ge=100, description="MongoDB server selection timeout.")
     failover_buffer: int = Field(
-        10_000, ge=0, description="SENDs held in memory while the database (MongoDB, PostgreSQL) cannot be reached."
+        10_000, ge=0, description="SENDs held in memory while the database (MongoDB, PostgreSQL, Redis) cannot be reached."
     )
     sqlite_synchronous: str = Field("FULL", pattern="^(FULL|NORMAL|EXTRA)$", description="SQLite PRAGMA synchronous.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="debug, info, warning or error.")
@@ -106,8 +106,8 @@ class Settings(BaseSettings):
     namespace: str = Field(
         "stompgate",
         pattern="^[A-Za-z_][A-Za-z0-9_]{0,63}$",
-        description="Prefix of the gateway's own collections (MongoDB) or tables (SQLite, PostgreSQL): several "
-        "gateways with different namespaces can share one database.",
+        description="Prefix of the gateway's own collections (MongoDB) or tables (SQLite, PostgreSQL) or keys (Redis): "
+        "several gateways with different namespaces can share one database.",
     )
     claim_batch: int = Field(256, ge=1, le=10_000, description="Most messages one claim round trip takes for one subscription.")
     max_inflight_per_session: int = Field(

@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("app.datasources.memory", "app.datasources.sqlite", "app.datasources.mongodb", "app.datasources.postgresql")
+BACKENDS = (
+    "app.datasources.memory", "app.datasources.sqlite", "app.datasources.mongodb", "app.datasources.postgresql",
+    "app.datasources.redis",
+)  # fmt: skip
 
 
 def module_name(path: Path) -> str:
@@ -82,7 +85,7 @@ SHARED = (
     "app.datasources.interface", "app.datasources.rules", "app.datasources.wakeups", "app.datasources.scanning",
     "app.datasources.failover", "app.datasources.sql_rows",
 )
-BACKEND_PACKAGES = ("app.datasources.sqlite", "app.datasources.mongodb", "app.datasources.postgresql")
+BACKEND_PACKAGES = ("app.datasources.sqlite", "app.datasources.mongodb", "app.datasources.postgresql", "app.datasources.redis")
 
 
 @pytest.mark.parametrize("path", [ROOT / (m.replace(".", "/") + ".py") for m in SHARED], ids=lambda p: p.name)
@@ -112,7 +115,7 @@ BACKEND_BENCHMARKS = {ROOT / "app" / "bench" / "baseline.py"}
 
 def test_only_the_registry_names_backends() -> None:
     for path in ROOT.joinpath("app").rglob("*.py"):
-        if path.parent.name == "datasources" and path.stem in {"registry", "memory"} or {"mongodb", "sqlite", "postgresql"} & set(path.parts):
+        if path.parent.name == "datasources" and path.stem in {"registry", "memory"} or {"mongodb", "sqlite", "postgresql", "redis"} & set(path.parts):
             continue
         if path in BACKEND_BENCHMARKS:
             continue

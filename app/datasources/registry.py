@@ -19,11 +19,13 @@ BACKENDS: dict[str, str] = {
     "mongodb+srv": "app.datasources.mongodb",
     "postgresql": "app.datasources.postgresql",
     "postgres": "app.datasources.postgresql",
+    "redis": "app.datasources.redis",
+    "rediss": "app.datasources.redis",
 }
 
 
 # the pyproject extra that brings a scheme's driver, where it is not named like the scheme
-_EXTRAS = {"mongodb+srv": "mongodb", "postgres": "postgresql"}
+_EXTRAS = {"mongodb+srv": "mongodb", "postgres": "postgresql", "rediss": "redis"}
 
 
 async def open_datasource(url: str, options: DatasourceOptions | None = None) -> Datasource:

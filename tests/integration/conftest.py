@@ -12,8 +12,9 @@ from tests.raw_stomp import RawClient
 
 GATEWAY_ARGS = ["--heartbeat-ms", "1000", "--lease-ms", "5000"]
 
-# The STOMP behaviour suites (test_tcp_raw, test_stomppy) run on every SQL store: they take ``gateway`` over these.
-SQL_STORES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)]
+# The STOMP behaviour suites (test_tcp_raw, test_stomppy) run on every SQL store, and on Redis: they take ``gateway``
+# over these.
+SQL_STORES = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql), pytest.param("redis", marks=pytest.mark.redis)]
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
 
 
 def gateway_on(store: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    """A module's gateway on ``store`` ("sqlite", or "postgresql": the session's database, a namespace of its own)."""
+    """A module's gateway on ``store`` ("sqlite"; "postgresql" or "redis": the session's server, a namespace of its
+    own)."""
     tmp: Path = tmp_path_factory.mktemp("gateway")
-    if store == "postgresql":
-        url = request.getfixturevalue("postgresql_url")
+    if store in ("postgresql", "redis"):
+        url = request.getfixturevalue(f"{store}_url")
         extra = [*GATEWAY_ARGS, "--namespace", f"g{uuid.uuid4().hex[:12]}"]
         with run_gateway(tmp, url, extra=extra) as gw:
             yield gw

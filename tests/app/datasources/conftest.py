@@ -21,7 +21,8 @@ TOPIC_RETENTION = 50
 # "mongodb:mongo-java-server" MongoDB's own; with MONGODB_URL set, "mongodb:env" is that server.
 MONGODB = [pytest.param(f"mongodb:{server}", marks=pytest.mark.mongodb) for server in mongodb_servers()]
 POSTGRESQL = [pytest.param("postgresql", marks=pytest.mark.postgresql)]
-BACKENDS = [pytest.param("memory"), pytest.param("sqlite"), *POSTGRESQL, *MONGODB]
+REDIS = [pytest.param("redis", marks=pytest.mark.redis)]
+BACKENDS = [pytest.param("memory"), pytest.param("sqlite"), *POSTGRESQL, *REDIS, *MONGODB]
 
 
 async def _open(backend: str, request: pytest.FixtureRequest, tmp_path: os.PathLike[str]) -> Datasource:
@@ -33,6 +34,8 @@ async def _open(backend: str, request: pytest.FixtureRequest, tmp_path: os.PathL
         url = f"sqlite:///{tmp_path}/contract.db"
     elif backend == "postgresql":
         url = request.getfixturevalue("postgresql_url")  # one database; each test its own namespace
+    elif backend == "redis":
+        url = request.getfixturevalue("redis_url")  # one server; each test its own key namespace
     else:
         name, _, mode = backend.partition("/")
         url = request.getfixturevalue(SERVER_FIXTURES[name.partition(":")[2]])

@@ -7,7 +7,9 @@ The delivery rules are ``app.datasources.rules``' Python forms, in Lua:
 * claimable: in ``ready``, or in ``leased`` with ``lease_until <= now``; and not expired (``expires_at <= now``
   messages are deleted by ``sweep`` before any claim, stats or peek looks, unless held under a live lease).
 * claim order: the ``ready`` sorted set's score, ``(9 - priority) * 2^44 + seq``: priority descending, then FIFO
-  by the destination's ``seq`` (exact in a double while seq < 2^44). A requeue or a dead-letter keeps the score.
+  by ``seq``, one counter for the namespace (exact in a double while seq < 2^44). A requeue or a dead-letter keeps
+  the score: one counter, so that a dead letter never shares its score with a message put on the .DLQ itself (a
+  scan resuming after a score would pass the second of two equal ones).
 * a claim: ``st = 1``, owner, ``lease_until = now + lease_ms``, ``deliveries + 1``, ``lease + 1`` (the fencing
   token: per message, grows with every claim, never reused).
 * requeue: back to ``ready`` at its old score, deliveries kept, lease token kept.
@@ -17,9 +19,9 @@ The delivery rules are ``app.datasources.rules``' Python forms, in Lua:
 Keys (``ns`` is the namespace; a destination's keys share the hash tag ``{ns:q:<destination>}``):
 
 * ``{ns:q:D}:ready`` (zset id -> claim order), ``{ns:q:D}:leased`` (zset id -> lease_until), ``{ns:q:D}:exp``
-  (zset id -> expires_at, messages with an expiry only), ``{ns:q:D}:seq`` (counter), ``{ns:q:D}:m:<id>`` (hash: the
+  (zset id -> expires_at, messages with an expiry only), ``{ns:q:D}:m:<id>`` (hash: the
   message, fields below).
-* ``{ns}:ids`` (hash message id -> destination: ids are unique per store, and ACKs name only ids), ``{ns}:dests``
+* ``{ns}:seq`` (the put counter), ``{ns}:ids`` (hash message id -> destination: ids are unique per store, and ACKs name only ids), ``{ns}:dests``
   (set of destinations holding messages), ``{ns}:own:<owner>`` (set of ids claimed by owner, for renew),
   ``{ns}:w:<token>`` (a write's mark, kept an hour: a replay of a write that took effect does nothing).
 * ``{ns:t}:log`` (the topic stream, entry ids ``0-<position>``), ``{ns:t}:head`` (the newest position),
@@ -46,6 +48,7 @@ local ns = ARGV[1]
 local IDS = '{' .. ns .. '}:ids'
 local DESTS = '{' .. ns .. '}:dests'
 local OWN = '{' .. ns .. '}:own:'
+local SEQ = '{' .. ns .. '}:seq'
 local CHANNEL = ns .. ':wake'
 local TWO44 = 17592186044416
 local FIELDS = {'i', 'd', 'h', 'b', 'p', 'x', 't', 's', 'n', 'od', 'l'}
@@ -53,7 +56,14 @@ local FIELDS = {'i', 'd', 'h', 'b', 'p', 'x', 't', 's', 'n', 'od', 'l'}
 local function qp(dest) return '{' .. ns .. ':q:' .. dest .. '}' end
 local function num(n) return string.format('%.0f', n) end
 
+-- the message leaves its owner's lease set (which RENEW walks): kept to what the owner holds now
+local function disown(k, id)
+  local o = redis.call('HGET', k, 'o')
+  if o and o ~= '' then redis.call('SREM', OWN .. o, id) end
+end
+
 local function forget(p, id)
+  disown(p .. ':m:' .. id, id)
   redis.call('DEL', p .. ':m:' .. id)
   redis.call('ZREM', p .. ':ready', id)
   redis.call('ZREM', p .. ':leased', id)
@@ -88,6 +98,7 @@ local function requeue_lapsed(dest, p, now)
     local k = p .. ':m:' .. id
     redis.call('ZREM', p .. ':leased', id)
     redis.call('ZADD', p .. ':ready', redis.call('HGET', k, 'r'), id)
+    disown(k, id)
     redis.call('HSET', k, 'st', 0, 'o', '', 'u', 0)
   end
   if #lapsed > 0 then redis.call('PUBLISH', CHANNEL, 'r:' .. dest) end
@@ -128,12 +139,26 @@ for i = 0, nq - 1 do
   end
   seen[id] = true
 end
+-- the topic head must be past the stream's last id (a lost or older head would make XADD fail after the queue part
+-- was written, and a script does not roll back): checked, and moved on, before any change
+if nt > 0 then
+  local log, head = '{' .. ns .. ':t}:log', '{' .. ns .. ':t}:head'
+  if redis.call('EXISTS', log) == 1 then
+    local info = redis.call('XINFO', 'STREAM', log)
+    for i = 1, #info, 2 do
+      if info[i] == 'last-generated-id' then
+        local last = tonumber(string.match(info[i + 1], '%-(%d+)$'))
+        if last > (tonumber(redis.call('GET', head)) or 0) then redis.call('SET', head, num(last)) end
+      end
+    end
+  end
+end
 local top = {}
 for i = 0, nq - 1 do
   local o = base + 7 * i
   local id, dest, prio, exp = ARGV[o + 1], ARGV[o + 2], tonumber(ARGV[o + 3]), ARGV[o + 4]
   local p = qp(dest)
-  local seq = redis.call('INCR', p .. ':seq')
+  local seq = redis.call('INCR', SEQ)
   local score = num((9 - prio) * TWO44 + seq)
   redis.call('HSET', p .. ':m:' .. id, 'i', id, 'd', dest, 'h', ARGV[o + 6], 'b', ARGV[o + 7], 'p', prio, 'x', exp,
     't', ARGV[o + 5], 's', seq, 'r', score, 'n', 0, 'l', 0, 'st', 0, 'o', '', 'u', 0)
@@ -176,6 +201,7 @@ for i = 0, nr + nd - 1 do
       redis.call('ZREM', p .. ':leased', id)
       if i < nr then
         redis.call('ZADD', p .. ':ready', redis.call('HGET', k, 'r'), id)
+        disown(k, id)
         redis.call('HSET', k, 'st', 0, 'o', '', 'u', 0)
         wake(dest)
       else
@@ -183,6 +209,7 @@ for i = 0, nr + nd - 1 do
         local np = qp(to)
         local nk = np .. ':m:' .. id
         local exp, od, r = unpack(redis.call('HMGET', k, 'x', 'od', 'r'))
+        disown(k, id)
         redis.call('RENAME', k, nk)
         if exp ~= '' then
           redis.call('ZREM', p .. ':exp', id)
@@ -333,6 +360,7 @@ local p = qp(dest)
 local n = 0
 for _, set in ipairs({':ready', ':leased'}) do
   for _, id in ipairs(redis.call('ZRANGE', p .. set, 0, -1)) do
+    disown(p .. ':m:' .. id, id)
     redis.call('DEL', p .. ':m:' .. id)
     redis.call('HDEL', IDS, id)
     n = n + 1

@@ -219,6 +219,14 @@ class Store:
             )  # fmt: skip
         else:
             log.info("Redis at %s: appendonly yes, appendfsync always: a RECEIPT means stored on disk", self.where)
+        policy = _text((await self.client.config_get("maxmemory-policy")).get("maxmemory-policy", "noeviction"))
+        if policy != "noeviction":
+            log.warning(
+                "Redis at %s evicts keys when its memory is full (maxmemory-policy %s): stored messages, the topic "
+                "head and the marks that make a replayed write take effect once may then vanish; set "
+                "maxmemory-policy noeviction (writes are then refused when memory is full, and wait in the buffer)",
+                self.where, policy,
+            )  # fmt: skip
 
     async def close(self) -> None:
         self._closed = True
@@ -240,6 +248,8 @@ class Store:
         except UNAVAILABLE as exc:
             raise DatasourceUnavailable(f"Redis: {self.scrub(str(exc)) or type(exc).__name__}") from exc
         except rexc.ResponseError as exc:
+            if str(exc).startswith("BUSY"):  # a long script holds the server: nothing of ours ran, try again later
+                raise DatasourceUnavailable(f"Redis: {self.scrub(str(exc))}") from exc
             raise DatasourceError(f"Redis: {self.scrub(str(exc))}") from None
         except rexc.RedisError as exc:
             raise DatasourceError(f"Redis: {type(exc).__name__}: {self.scrub(str(exc))}") from None

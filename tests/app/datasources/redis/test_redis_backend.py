@@ -25,8 +25,11 @@ from app.datasources.interface import (
     Gap,
     NewMessage,
     Published,
+    Release,
     ScanMark,
+    StoredMessage,
 )
+from app.datasources.interface import SCAN_BUDGET
 from app.datasources.redis import RedisDatasource
 from app.datasources.registry import open_datasource
 from tests.gateway_process import free_port
@@ -295,6 +298,18 @@ async def test_a_weaker_fsync_setting_is_warned_about(caplog: pytest.LogCaptureF
         server.cleanup()
 
 
+async def test_an_evicting_memory_policy_is_warned_about(caplog: pytest.LogCaptureFixture, namespace: str) -> None:
+    server = RedisServer(extra=["--maxmemory-policy", "allkeys-lru"]).start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="stompgate.datasource.redis"):
+            ds = await open_redis(server.url, namespace)
+            await ds.close()
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and "maxmemory-policy allkeys-lru" in warnings[0], warnings
+    finally:
+        server.cleanup()
+
+
 async def test_always_fsync_gives_no_warning(caplog: pytest.LogCaptureFixture, redis_url: str, namespace: str) -> None:
     if os.environ.get("REDIS_URL"):
         pytest.skip("REDIS_URL names a server whose settings this test does not know")
@@ -447,3 +462,78 @@ async def test_redis_killed_under_load_loses_nothing_receipted(namespace: str, c
     finally:
         await ds.close()
         server.cleanup()
+
+
+# -- found by review: each of these failed before its fix --------------------------------------------------------
+
+
+def review_msg(message_id: str, destination: str, n: str = "x") -> NewMessage:
+    return NewMessage(message_id=message_id, destination=destination, headers={"n": n}, body=b"x", published_at=NOW)
+
+
+async def dead_letter_beside_direct_puts(ds: RedisDatasource, q: str, count: int) -> str:
+    """``count`` messages put on ``q.DLQ`` itself, and the last of ``count`` messages of ``q`` dead-lettered into it.
+    With a seq counter per destination the two last ones had one score, and a scan resuming after a score (exclusive)
+    passed the second of them."""
+    for start in range(0, count, 500):
+        await ds.queues.put([review_msg(f"a-{i:06d}", q + ".DLQ") for i in range(start, min(count, start + 500))])
+    for start in range(0, count, 500):
+        await ds.queues.put([review_msg(f"q-{i:06d}", q, "dead") for i in range(start, min(count, start + 500))])
+    claimed = await ds.queues.claim(q, owner="g", limit=count, lease_ms=LEASE, now_ms=NOW)
+    await ds.queues.release([claimed[-1].message_id], Release.DEAD_LETTER, [claimed[-1].lease])
+    return claimed[-1].message_id
+
+
+async def test_a_peek_with_a_selector_sees_a_dead_letter_beside_direct_puts(redis_url: str, namespace: str) -> None:
+    ds = await open_redis(redis_url, namespace)
+    try:
+        await dead_letter_beside_direct_puts(ds, "/queue/tie", 256)  # 256: a peek page ends on the last put
+        assert len(await ds.queues.peek("/queue/tie.DLQ", limit=1000, now_ms=NOW, selector=lambda h: True)) == 257
+    finally:
+        await ds.close()
+
+
+async def test_a_selector_scan_reaches_a_dead_letter_beside_direct_puts(redis_url: str, namespace: str) -> None:
+    ds = await open_redis(redis_url, namespace)
+    try:
+        dead = await dead_letter_beside_direct_puts(ds, "/queue/tie2", SCAN_BUDGET)  # a scan window ends there
+        mark = ScanMark()
+        got: list[StoredMessage] = []
+        for _ in range(4):  # the subscription's claims, as the broker makes them
+            got += await ds.queues.claim(
+                "/queue/tie2.DLQ", owner="s", limit=1, lease_ms=LEASE, now_ms=NOW,
+                selector=lambda h: h.get("n") == "dead", scan=mark,
+            )  # fmt: skip
+        assert [m.message_id for m in got] == [dead]
+    finally:
+        await ds.close()
+
+
+async def test_a_commit_with_a_lost_topic_head_is_stored_whole(redis_url: str, namespace: str) -> None:
+    # The head counter gone (evicted, deleted, an older restore): the append's explicit stream id failed after the
+    # queue part was written, and a script does not roll back. The head is now checked against the stream first.
+    ds = await open_redis(redis_url, namespace)
+    try:
+        await ds.topics.publish([review_msg("t-1", "/topic/a"), review_msg("t-2", "/topic/a")])
+        await ds.store.client.delete(ds.store.topic_head)
+        await ds.apply(Changes(queue=[review_msg("c-1", "/queue/commit")], topic=[review_msg("t-3", "/topic/a")]))
+        assert [m.message_id for m in await ds.queues.peek("/queue/commit", limit=10, now_ms=NOW)] == ["c-1"]
+        assert await ds.topics.last_position() == 3
+    finally:
+        await ds.close()
+
+
+async def test_an_owners_lease_set_holds_only_what_it_holds(redis_url: str, namespace: str) -> None:
+    # RENEW walks the owner's set: ACKed, requeued and dead-lettered ids stayed in it, so every renewal walked every
+    # id ever claimed since the last one (and a crashed gateway's set stayed for good).
+    ds = await open_redis(redis_url, namespace)
+    try:
+        await ds.queues.put([review_msg(f"m-{i}", "/queue/own") for i in range(4)])
+        got = await ds.queues.claim("/queue/own", owner="o", limit=4, lease_ms=LEASE, now_ms=NOW)
+        await ds.queues.ack([got[0].message_id], [got[0].lease])
+        await ds.queues.release([got[1].message_id], Release.REQUEUE, [got[1].lease])
+        await ds.queues.release([got[2].message_id], Release.DEAD_LETTER, [got[2].lease])
+        owned = await ds.store.client.smembers(f"{{{namespace}}}:own:o")
+        assert {m.decode() if isinstance(m, bytes) else m for m in owned} == {got[3].message_id}
+    finally:
+        await ds.close()

@@ -5,10 +5,7 @@ every gateway sees every topic message in order."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 import uuid
-from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,66 +13,9 @@ import asyncpg
 import pytest
 
 from tests.gateway_process import Gateway, start_gateway
-from tests.raw_stomp import RawClient
+from tests.integration.scale_out import DESTINATION, LEASE_MS, TOTAL, check_topic_on_both_gateways, run_queue
 
 pytestmark = [pytest.mark.postgresql, pytest.mark.slow, pytest.mark.timeout(300)]
-
-TOTAL = 20_000
-LEASE_MS = 2_000
-
-
-class Consumer(threading.Thread):
-    """A client-individual subscriber that ACKs each message; ``finish()`` ends it with a DISCONNECT receipt, so every
-    MESSAGE the gateway sent before is counted."""
-
-    def __init__(self, gateway: Gateway, destination: str, received: list[str]) -> None:
-        super().__init__(daemon=True)
-        self.gateway = gateway
-        self.client = RawClient(gateway.stomp_port)
-        self.client.connect()
-        self.client.frame("SUBSCRIBE", {"id": "s", "destination": destination, "ack": "client-individual",
-                                        "prefetch-count": "50", "receipt": "sub"})  # fmt: skip
-        assert self.client.read(timeout=10).command == "RECEIPT"
-        self.received = received
-        self.errors: list[str] = []
-        self.stop = threading.Event()
-        self.dead = False  # its gateway was killed: the socket is gone
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                try:
-                    frame = self.client.read(timeout=0.5)
-                except EOFError:
-                    continue
-                self._take(frame)
-        except OSError:
-            self.dead = True
-
-    def _take(self, frame: object) -> None:
-        command, headers, body = frame.command, frame.headers, frame.body  # type: ignore[attr-defined]
-        if command == "MESSAGE":
-            self.received.append(body.decode())
-            self.client.frame("ACK", {"id": headers["ack"]})
-        elif command == "ERROR":
-            self.errors.append(f"{headers.get('message')}: {body.decode(errors='replace')}")
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.join(timeout=10)
-        if not self.dead:
-            self.client.frame("DISCONNECT", {"receipt": "bye"})
-            while (frame := self.client.read(timeout=10)).command != "RECEIPT":
-                self._take(frame)
-        self.client.close()
-
-
-def produce(gateway: Gateway, destination: str, numbers: range) -> RawClient:
-    producer = RawClient(gateway.stomp_port)
-    producer.connect()
-    producer.send(b"".join(f"SEND\ndestination:{destination}\n\nm{i}\x00".encode() for i in numbers))
-    producer.frame("SEND", {"destination": destination + ".done", "receipt": "last"}, b"x")  # receipts come in order
-    return producer
 
 
 def stored(url: str, namespace: str, destination: str) -> int:
@@ -102,76 +42,21 @@ def two_gateways(tmp_path: Path, postgresql_url: str) -> Iterator[tuple[list[Gat
             gw.stop()
 
 
-def run_queue(gateways: list[Gateway], url: str, namespace: str, kill_second_at: int | None) -> Counter[str]:
-    destination = "/queue/scale"
-    received: list[str] = []
-    consumers = [Consumer(gw, destination, received) for gw in gateways for _ in range(2)]
-    for consumer in consumers:
-        consumer.start()
-    # producers on the first gateway only: the second sees the work through the database
-    producers = [produce(gateways[0], destination, range(half, TOTAL, 2)) for half in (0, 1)]
-    for producer in producers:
-        while producer.read(timeout=120).command != "RECEIPT":
-            pass
-        producer.close()
-    if kill_second_at is not None:
-        deadline = time.monotonic() + 120
-        while len(received) < kill_second_at and time.monotonic() < deadline:
-            time.sleep(0.01)
-        gateways[1].kill()
-        for consumer in consumers:
-            consumer.dead = consumer.dead or consumer.gateway is gateways[1]
-    # Done when every message is acknowledged (deleted): then none can be delivered again.
-    deadline = time.monotonic() + 180
-    while stored(url, namespace, destination) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    for consumer in consumers:
-        consumer.finish()
-    errors = [e for c in consumers for e in c.errors]
-    assert not errors, errors
-    assert stored(url, namespace, destination) == 0, "messages left unacknowledged"
-    counts = Counter(received)
-    missing = {f"m{i}" for i in range(TOTAL)} - set(counts)
-    assert not missing, f"{len(missing)} messages never delivered, e.g. {sorted(missing)[:5]}"
-    return counts
-
-
 def test_two_gateways_four_consumers_each_message_exactly_once(
     two_gateways: tuple[list[Gateway], str], postgresql_url: str
 ) -> None:
     gateways, namespace = two_gateways
-    counts = run_queue(gateways, postgresql_url, namespace, kill_second_at=None)
+    counts = run_queue(gateways, lambda: stored(postgresql_url, namespace, DESTINATION), kill_second_at=None)
     duplicates = {body: n for body, n in counts.items() if n > 1}
     assert not duplicates, f"{len(duplicates)} messages delivered more than once, e.g. {list(duplicates)[:5]}"
 
 
 def test_a_gateway_killed_mid_run_loses_nothing(two_gateways: tuple[list[Gateway], str], postgresql_url: str) -> None:
     gateways, namespace = two_gateways
-    counts = run_queue(gateways, postgresql_url, namespace, kill_second_at=TOTAL // 4)
+    counts = run_queue(gateways, lambda: stored(postgresql_url, namespace, DESTINATION), kill_second_at=TOTAL // 4)
     # What the killed gateway had delivered but not seen acknowledged came back through the other: at least once.
     assert len(counts) == TOTAL
 
 
-def test_topic_reaches_every_subscriber_on_both_gateways_in_order(
-    two_gateways: tuple[list[Gateway], str],
-) -> None:
-    gateways, _ = two_gateways
-    subscribers = []
-    try:
-        for gw in gateways:
-            for n in range(2):
-                sub = RawClient(gw.stomp_port)
-                subscribers.append(sub)
-                sub.connect()
-                sub.frame("SUBSCRIBE", {"id": f"t{n}", "destination": "/topic/news", "receipt": "sub"})
-                assert sub.read(timeout=10).command == "RECEIPT"
-        producer = RawClient(gateways[0].stomp_port)
-        subscribers.append(producer)
-        producer.connect()
-        producer.send(b"".join(f"SEND\ndestination:/topic/news\n\nn{i}\x00".encode() for i in range(500)))
-        for sub in subscribers[:4]:
-            bodies = [sub.read(timeout=30).body.decode() for _ in range(500)]
-            assert bodies == [f"n{i}" for i in range(500)]
-    finally:
-        for client in subscribers:
-            client.close()
+def test_topic_reaches_every_subscriber_on_both_gateways_in_order(two_gateways: tuple[list[Gateway], str]) -> None:
+    check_topic_on_both_gateways(two_gateways[0])

@@ -5,7 +5,6 @@ receipted message is delivered, and nothing acknowledged (with a RECEIPT) is del
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from tests.gateway_process import start_gateway
-from tests.raw_stomp import RawClient
+from tests.integration.durability import consume_every_message, send_through_a_crash
 from tests.redis_server import RedisServer
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow, pytest.mark.timeout(300)]
@@ -46,41 +45,13 @@ def stored(url: str) -> int:
 def test_redis_killed_mid_stream_loses_nothing_receipted(tmp_path: Path, server: RedisServer) -> None:
     gateway = start_gateway(tmp_path, server.url, ["--namespace", NAMESPACE, "--lease-ms", "5000"])
     try:
-        producer = RawClient(gateway.stomp_port)
-        producer.connect()
-        receipted: list[str] = []
-        crashed = threading.Event()
-        for start in range(0, TOTAL, WINDOW):
-            batch = range(start, start + WINDOW)
-            producer.send(b"".join(f"SEND\ndestination:/queue/crash\nreceipt:r{i}\n\nm{i}\x00".encode() for i in batch))
-            if start == TOTAL // 4:  # some receipted, a window in flight: crash Redis, then bring it back
-                server.stop(kill=True)
-                crashed.set()
-                server.start()
-            for _ in batch:
-                frame = producer.read(timeout=120)
-                assert frame.command == "RECEIPT", (frame.command, frame.headers, frame.body[:300])
-                receipted.append("m" + frame.headers["receipt-id"][1:])
-        assert crashed.is_set() and len(receipted) == TOTAL
-        assert "Redis unreachable" in gateway.log()  # writes met the outage and waited in the buffer
-        producer.close()
+        def crash_and_restart() -> None:
+            server.stop(kill=True)
+            server.start()
 
-        consumer = RawClient(gateway.stomp_port)
-        consumer.connect()
-        consumer.frame("SUBSCRIBE", {"id": "s", "destination": "/queue/crash", "ack": "client-individual"})
-        delivered: list[str] = []
-        acks = receipts = 0
-        while len(set(delivered)) < TOTAL or receipts < acks:  # every message, and every ACK durably applied
-            frame = consumer.read(timeout=60)
-            if frame.command == "RECEIPT":
-                receipts += 1
-                continue
-            assert frame.command == "MESSAGE", (frame.command, frame.headers, frame.body[:300])
-            delivered.append(frame.body.decode())
-            consumer.frame("ACK", {"id": frame.headers["ack"], "receipt": f"a{acks}"})
-            acks += 1
-        assert set(delivered) == set(receipted)
-        consumer.close()
+        receipted = send_through_a_crash(gateway, crash_and_restart, TOTAL, WINDOW)
+        assert "Redis unreachable" in gateway.log()  # writes met the outage and waited in the buffer
+        assert set(consume_every_message(gateway, TOTAL)) == set(receipted)
     finally:
         gateway.stop()
     # A second crash after the acknowledgements: nothing comes back, as nothing is stored any more.

@@ -62,6 +62,7 @@ from app.datasources.interface import (
 from app.datasources.mongodb import DEFAULT_DATABASE, MongoDatasource
 from app.datasources.mongodb._common import detect_server
 from app.datasources.postgresql import PgDatasource
+from app.datasources.postgresql.store import TABLES as PG_TABLES
 from app.datasources.registry import open_datasource as open_any_datasource
 
 __all__ = ["VARIANTS", "default_variants", "run_baseline"]
@@ -74,7 +75,6 @@ CLAIM_BATCH = 256  # BrokerConfig.claim_batch
 DEFAULT_PREFETCH = 100  # BrokerConfig.default_prefetch
 LEASE_MS = 60_000  # BrokerConfig.lease_ms
 COLLECTIONS = ("queue", "claims", "counters", "topics", "cursors")  # the backend's, under its namespace
-PG_TABLES = ("messages", "topic_log", "topic_head", "cursors", "writes", "schema")  # PostgreSQL's, under its namespace
 
 
 def default_variants(kind: str, ferretdb: bool, postgresql: bool = False) -> list[str]:

@@ -27,7 +27,7 @@ import asyncpg
 from app.datasources.failover import FailoverWriter
 from app.datasources.interface import DatasourceError, DatasourceOptions, DatasourceUnavailable
 
-__all__ = ["Store", "UNAVAILABLE", "quote", "SCHEMA_VERSION", "WriteAttempt"]
+__all__ = ["Store", "UNAVAILABLE", "quote", "SCHEMA_VERSION", "TABLES", "WriteAttempt"]
 
 log = logging.getLogger("stompgate.datasource.postgresql")
 
@@ -50,6 +50,8 @@ IDENTIFIER_SUFFIXES = (
     "messages", "messages_ready", "messages_leased", "messages_owner", "topic_log", "topic_head", "cursors", "schema",
     "wake", "writes", "writes_at", "wrap_leases", "wrap_owner",
 )  # fmt: skip
+# every table the migrations create, under the namespace (the bench drops them after a run)
+TABLES = ("messages", "topic_log", "topic_head", "cursors", "writes", "wrap_leases", "schema")
 MARK_KEEP_MS = 3_600_000  # write marks are kept an hour (a replay comes when the database answers again)
 MARK_GC_S = 60.0
 RETRIES_AFTER_ROLLBACK = 3  # a deadlock or serialization failure rolled the transaction back: run it again

@@ -6,11 +6,13 @@ Uses the ``mongodb_url`` fixture, which fails (not skips) when FerretDB is missi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 pytestmark = pytest.mark.timeout(120)
@@ -86,6 +88,7 @@ def test_gateways_needs_spawn(tmp_path: Path) -> None:
 @pytest.mark.postgresql
 @pytest.mark.parametrize(("kind", "variant", "deliveries"), [("queue", "queue-claim", 600), ("topic", "topic-log", 1200)])
 def test_postgresql_baseline(tmp_path: Path, postgresql_url: str, kind: str, variant: str, deliveries: int) -> None:
+    tables_before = count_tables(postgresql_url)
     code, report = run_baseline(
         tmp_path, postgresql_url, "--destination-kind", kind, "--messages", "600", "--producers", "2",
         "--consumers", "2", "--gateways", "2", "--baseline-batch", "32",
@@ -95,3 +98,15 @@ def test_postgresql_baseline(tmp_path: Path, postgresql_url: str, kind: str, var
     assert run["variant"] == variant
     assert (run["sent"], run["deliveries"], run["lost"], run["duplicated"]) == (600, deliveries, 0, 0)
     assert code == 0
+    assert count_tables(postgresql_url) == tables_before  # the bench dropped every table it made
+
+
+def count_tables(url: str) -> int:
+    async def count() -> int:
+        conn = await asyncpg.connect(url)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(count())

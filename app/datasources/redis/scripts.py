@@ -139,16 +139,16 @@ for i = 0, nq - 1 do
   end
   seen[id] = true
 end
--- the topic head must be past the stream's last id (a lost or older head would make XADD fail after the queue part
--- was written, and a script does not roll back): checked, and moved on, before any change
+-- a lost topic head (evicted, deleted) would make XADD fail after the queue part was written, and a script does not
+-- roll back: before any change it is restored from the stream's last id. Only when it is missing: XINFO STREAM also
+-- copies the first and last entries, bodies and all, which every publish would pay for.
 if nt > 0 then
   local log, head = '{' .. ns .. ':t}:log', '{' .. ns .. ':t}:head'
-  if redis.call('EXISTS', log) == 1 then
+  if redis.call('EXISTS', head) == 0 and redis.call('EXISTS', log) == 1 then
     local info = redis.call('XINFO', 'STREAM', log)
     for i = 1, #info, 2 do
       if info[i] == 'last-generated-id' then
-        local last = tonumber(string.match(info[i + 1], '%-(%d+)$'))
-        if last > (tonumber(redis.call('GET', head)) or 0) then redis.call('SET', head, num(last)) end
+        redis.call('SET', head, string.match(info[i + 1], '%-(%d+)$'))
       end
     end
   end

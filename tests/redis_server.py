@@ -6,6 +6,10 @@ skipped, or fail when ``CI=true``.
 ``redis_url`` (session) is one server for a whole run (each test keeps apart by key namespace). Set ``REDIS_URL`` to
 run the same tests against a server of your own instead. ``RedisServer`` starts extra servers (a password, other
 persistence settings, a restart under load).
+
+``redis_cluster_url`` (session) is a Redis Cluster of three masters (no replicas) made with ``redis-cli --cluster
+create`` on loopback ports; its URL names the first node (the datasource finds the others). ``REDIS_CLUSTER_URL``
+names a cluster of your own instead.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import pytest
 
 from tests.mongodb_server import _unavailable, free_port
 
-__all__ = ["RedisServer", "redis_server_binary", "require_redis_server", "redis_url", "new_redis_url"]
+__all__ = [
+    "RedisServer", "ClusterOfThree", "redis_server_binary", "require_redis_server", "redis_url", "new_redis_url",
+    "redis_cluster_url",
+]  # fmt: skip
 
 START_TIMEOUT_S = 10.0
 
@@ -113,7 +120,65 @@ class RedisServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _port_with_bus() -> int:
+    """A free port whose cluster bus port (the port + 10,000) is a port too, and free."""
+    while True:
+        port = free_port()
+        if port + 10_000 > 65_535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port + 10_000))
+            except OSError:
+                continue
+        return port
+
+
+class ClusterOfThree:
+    """Three cluster-enabled redis-servers joined by ``redis-cli --cluster create`` into one cluster of three masters,
+    each serving a third of the slots."""
+
+    def __init__(self) -> None:
+        cluster = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
+        self.nodes = [RedisServer(port=_port_with_bus(), extra=cluster) for _ in range(3)]
+        cli = shutil.which("redis-cli")
+        if cli is None:
+            _unavailable("redis-cli not found (Debian package redis-tools, a dependency of redis-server)")
+        assert cli is not None
+        self.cli = cli
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> ClusterOfThree:
+        for node in self.nodes:
+            node.start()
+        addresses = [f"127.0.0.1:{node.port}" for node in self.nodes]
+        subprocess.run(
+            [self.cli, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60,
+        )  # fmt: skip
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not all(self._state_ok(node) for node in self.nodes):  # every node has learned every slot's owner
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster on {addresses} did not reach cluster_state:ok")
+            time.sleep(0.05)
+        return self
+
+    def _state_ok(self, node: RedisServer) -> bool:
+        info = subprocess.run(
+            [self.cli, "-p", str(node.port), "cluster", "info"], capture_output=True, text=True, timeout=10
+        ).stdout
+        return "cluster_state:ok" in info
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.cleanup()
+
+
 _shared: RedisServer | None = None
+_shared_cluster: ClusterOfThree | None = None
 
 
 def new_redis_url() -> str:
@@ -128,3 +193,13 @@ def new_redis_url() -> str:
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     return new_redis_url()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_url() -> str:
+    global _shared_cluster
+    if os.environ.get("REDIS_CLUSTER_URL"):
+        return os.environ["REDIS_CLUSTER_URL"]
+    if _shared_cluster is None:
+        _shared_cluster = ClusterOfThree().start()
+    return _shared_cluster.url

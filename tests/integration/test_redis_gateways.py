@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import redis.asyncio as aioredis
 
+from app.datasources.redis.store import queue_prefix
 from tests.gateway_process import Gateway, start_gateway
 from tests.integration.scale_out import DESTINATION, LEASE_MS, TOTAL, check_topic_on_both_gateways, run_queue
 
@@ -22,7 +23,7 @@ def stored(url: str, namespace: str, destination: str) -> int:
     async def count() -> int:
         client = aioredis.from_url(url)
         try:
-            prefix = f"{{{namespace}:q:{destination}}}"
+            prefix = queue_prefix(namespace, destination)
             return int(await client.zcard(f"{prefix}:ready")) + int(await client.zcard(f"{prefix}:leased"))
         finally:
             await client.aclose()

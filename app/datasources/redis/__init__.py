@@ -26,12 +26,13 @@ finds it and does nothing, so a write takes effect once, even if what it stored 
 alone are not buffered: an unreachable server is ``DatasourceUnavailable`` to the broker, which retries them and then
 gives the messages back (running one twice changes nothing more: each is fenced by its lease token and state).
 
-Not done: Redis Cluster. A destination's keys share one hash tag, so its scripts' per-destination keys live in one
-slot, but the scripts also use namespace-wide keys (the message-id index, the destination set, the owners' lease sets,
-the write marks), build key names from their arguments instead of declaring them, and a dead-letter or a COMMIT may
-span destinations. On Cluster these would need splitting per slot: a dead-letter as copy-then-delete (idempotent by
-message id), a COMMIT across slots as one script per slot with the marks making each replay-safe, which is no longer
-all or nothing (``atomic_changes`` False there).
+Redis Cluster: a URL naming a cluster node (``INFO cluster`` says ``cluster_enabled:1``) switches the store to
+redis-py's cluster client. Every key of a namespace shares the hash tag ``{ns}`` (``scripts``), so the namespace is
+one slot on one master: every script keeps working unchanged and a COMMIT stays all or nothing. Each script call
+declares one key of the namespace, which routes it to that master. Notifications: ``PUBLISH`` reaches subscribers on
+every node of a cluster. Per-destination slots would spread one namespace over the masters, but a COMMIT across
+destinations, a dead-letter and an ACK (which names only a message id) would then span slots and no longer be atomic;
+several namespaces spread over the masters instead.
 
 Options used: ``topic_retention``, ``poll_interval``, ``failover_buffer``, ``namespace`` (key prefix). Others are
 ignored.

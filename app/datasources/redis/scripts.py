@@ -16,32 +16,36 @@ The delivery rules are ``app.datasources.rules``' Python forms, in Lua:
 * dead-letter: to ``<destination>.DLQ`` (rules.DLQ_SUFFIX), ready, deliveries 0, ``original_destination`` kept from
   the first time.
 
-Keys (``ns`` is the namespace; a destination's keys share the hash tag ``{ns:q:<destination>}``):
+Keys. Every key of a namespace ``ns`` shares the hash tag ``{ns}``, so a namespace lives in one slot: on Redis
+Cluster too, each script (a COMMIT across destinations, a dead-letter, the message-id index) is atomic and touches
+one node. A destination ``D`` is written with its length, ``{ns}:q:<len(D)>:D``, so that no destination's keys can
+be another's with a message id appended (``a:m:x`` + ``:ready`` against ``a`` + ``:m:`` + ``x:ready``).
 
-* ``{ns:q:D}:ready`` (zset id -> claim order), ``{ns:q:D}:leased`` (zset id -> lease_until), ``{ns:q:D}:exp``
-  (zset id -> expires_at, messages with an expiry only), ``{ns:q:D}:m:<id>`` (hash: the
-  message, fields below).
-* ``{ns}:seq`` (the put counter), ``{ns}:ids`` (hash message id -> destination: ids are unique per store, and ACKs name only ids), ``{ns}:dests``
-  (set of destinations holding messages), ``{ns}:own:<owner>`` (set of ids claimed by owner, for renew),
-  ``{ns}:w:<token>`` (a write's mark, kept an hour: a replay of a write that took effect does nothing).
-* ``{ns:t}:log`` (the topic stream, entry ids ``0-<position>``), ``{ns:t}:head`` (the newest position),
+* ``{ns}:q:<n>:D:ready`` (zset id -> claim order), ``...:leased`` (zset id -> lease_until), ``...:exp`` (zset id ->
+  expires_at, messages with an expiry only), ``...:m:<id>`` (hash: the message, fields below).
+* ``{ns}:seq`` (the put counter), ``{ns}:ids`` (hash message id -> destination: ids are unique per store, and ACKs
+  name only ids), ``{ns}:dests`` (set of destinations holding messages), ``{ns}:own:<owner>`` (set of ids claimed
+  by owner, for renew), ``{ns}:w:<token>`` (a write's mark, kept an hour: a replay of a write that took effect does
+  nothing), ``{ns}:layout`` (the key layout's version, ``store.LAYOUT``).
+* ``{ns}:t:log`` (the topic stream, entry ids ``0-<position>``), ``{ns}:t:head`` (the newest position),
   ``{ns}:cursors`` (hash name -> position).
 * channel ``ns:wake``: ``p<priority>:<destination>`` after a put, ``r:<destination>`` after a requeue (or lapsed
   leases made ready again), ``t<position>`` after a publish.
 
-Scripts build key names from their arguments. That is allowed on a single Redis server (and on Sentinel). Redis
-Cluster needs every key declared and in one slot: the per-destination keys are (one hash tag), but ``{ns}:ids``,
-``{ns}:dests``, ``{ns}:own:*``, the write marks, a dead-letter (two destinations) and a COMMIT touching several
-destinations are not. Cluster support would split these scripts per slot (see the package docstring).
+Scripts build key names from their arguments; each call declares one key of the namespace (``KEYS[1]``,
+``{ns}:seq``), which routes it to the node that serves the namespace's slot on Cluster. Redis allows a script
+undeclared keys of the slot its declared key is in.
 """
 
 from __future__ import annotations
 
-__all__ = ["FIELDS", "APPLY", "CLAIM", "CLAIM_IDS", "SCAN", "PEEK", "STATS", "RENEW", "PURGE", "MARK_KEEP_MS"]
+__all__ = ["FIELDS", "NAMES", "APPLY", "CLAIM", "CLAIM_IDS", "SCAN", "PEEK", "STATS", "RENEW", "PURGE", "MARK_KEEP_MS"]
 
 # The message fields every script returns, in this order (see ``store.message_from``).
 FIELDS = ("i", "d", "h", "b", "p", "x", "t", "s", "n", "od", "l")
 MARK_KEEP_MS = 3_600_000
+# the scripts the store loads at start-up
+NAMES = ("APPLY", "CLAIM", "CLAIM_IDS", "SCAN", "PEEK", "STATS", "RENEW", "PURGE")
 
 _PRELUDE = r"""
 local ns = ARGV[1]
@@ -53,7 +57,8 @@ local CHANNEL = ns .. ':wake'
 local TWO44 = 17592186044416
 local FIELDS = {'i', 'd', 'h', 'b', 'p', 'x', 't', 's', 'n', 'od', 'l'}
 
-local function qp(dest) return '{' .. ns .. ':q:' .. dest .. '}' end
+-- the prefix of a destination's keys: store.queue_prefix in Python
+local function qp(dest) return '{' .. ns .. '}:q:' .. #dest .. ':' .. dest end
 local function num(n) return string.format('%.0f', n) end
 
 -- the message leaves its owner's lease set (which RENEW walks): kept to what the owner holds now
@@ -143,7 +148,7 @@ end
 -- roll back: before any change it is restored from the stream's last id. Only when it is missing: XINFO STREAM also
 -- copies the first and last entries, bodies and all, which every publish would pay for.
 if nt > 0 then
-  local log, head = '{' .. ns .. ':t}:log', '{' .. ns .. ':t}:head'
+  local log, head = '{' .. ns .. '}:t:log', '{' .. ns .. '}:t:head'
   if redis.call('EXISTS', head) == 0 and redis.call('EXISTS', log) == 1 then
     local info = redis.call('XINFO', 'STREAM', log)
     for i = 1, #info, 2 do
@@ -230,7 +235,7 @@ for dest, prio in pairs(top) do redis.call('PUBLISH', CHANNEL, 'p' .. prio .. ':
 for _, dest in ipairs(woken) do redis.call('PUBLISH', CHANNEL, 'r:' .. dest) end
 local newest = 0
 if nt > 0 then
-  local log, head = '{' .. ns .. ':t}:log', '{' .. ns .. ':t}:head'
+  local log, head = '{' .. ns .. '}:t:log', '{' .. ns .. '}:t:head'
   newest = redis.call('INCRBY', head, nt)
   local first = newest - nt
   for i = 0, nt - 1 do

@@ -12,6 +12,7 @@ from urllib.parse import unquote, urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as rexc
+from redis.asyncio.cluster import RedisCluster
 
 from app.datasources.failover import FailoverWriter
 from app.datasources.interface import (
@@ -24,11 +25,13 @@ from app.datasources.interface import (
 from app.datasources.redis import scripts
 from app.datasources.sql_rows import decode_headers, headers_text
 
-__all__ = ["Store", "WriteResult", "message_from", "new_args", "ORDER_BAND", "order_score", "order_key"]
+__all__ = ["Store", "WriteResult", "queue_prefix", "LAYOUT", "message_from", "new_args", "ORDER_BAND", "order_score", "order_key"]
 
 log = logging.getLogger("stompgate.datasource.redis")
 
 T = TypeVar("T")
+# a single server (or a Sentinel-managed primary) or a Redis Cluster: both take the same calls (``Store.open``)
+Client = aioredis.Redis | RedisCluster
 
 CONNECT_TIMEOUT_S = 5.0
 # a silent server is found after this long; blocking reads (topic followers) block for less
@@ -36,6 +39,7 @@ SOCKET_TIMEOUT_S = 30.0
 LISTEN_RETRY_S = (0.1, 2.0)
 LISTEN_POLL_S = 1.0
 HEALTH_CHECK_S = 15
+LAYOUT = 2  # the key layout's version (``{ns}:layout``); 1 is the first build's, which wrote none
 ORDER_BAND = 2**44  # claim-order score = (9 - priority) * ORDER_BAND + seq
 
 
@@ -105,6 +109,21 @@ class WriteResult:
         self.woken = woken
 
 
+def queue_prefix(namespace: str, destination: str) -> str:
+    """The prefix of a destination's keys, as the scripts' ``qp`` makes it (its length in bytes, then itself)."""
+    return f"{{{namespace}}}:q:{len(destination.encode())}:{destination}"
+
+
+def _client_options() -> dict[str, Any]:
+    return {
+        "socket_connect_timeout": CONNECT_TIMEOUT_S,
+        "socket_timeout": SOCKET_TIMEOUT_S,
+        # a connection idle this long is PINGed before use: the listener finds a server gone silent
+        "health_check_interval": HEALTH_CHECK_S,
+        "decode_responses": False,
+    }
+
+
 def where(url: str) -> str:
     parts = urlsplit(url)
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
@@ -130,25 +149,19 @@ class Store:
         if "{" in self.ns or "}" in self.ns:
             raise DatasourceError(f"the namespace {self.ns!r} may not contain braces (they make Redis hash tags)")
         self.channel = f"{self.ns}:wake"
-        self.topic_log = f"{{{self.ns}:t}}:log"
-        self.topic_head = f"{{{self.ns}:t}}:head"
-        self.cursors = f"{{{self.ns}}}:cursors"
-        self.dests = f"{{{self.ns}}}:dests"
+        tag = f"{{{self.ns}}}"  # every key of the namespace in one hash slot (see ``scripts``)
+        self.topic_log = f"{tag}:t:log"
+        self.topic_head = f"{tag}:t:head"
+        self.cursors = f"{tag}:cursors"
+        self.dests = f"{tag}:dests"
+        self.layout_key = f"{tag}:layout"
+        self.anchor = f"{tag}:seq"  # the key each script declares: it routes the call to the namespace's node
+        self.cluster = False
         try:
-            self.client: aioredis.Redis = aioredis.from_url(
-                url,
-                socket_connect_timeout=CONNECT_TIMEOUT_S,
-                socket_timeout=SOCKET_TIMEOUT_S,
-                # a connection idle this long is PINGed before use: the listener finds a server gone silent
-                health_check_interval=HEALTH_CHECK_S,
-                decode_responses=False,
-            )
+            self.client: Client = aioredis.from_url(url, **_client_options())
         except ValueError as exc:
             raise DatasourceError(f"the Redis URL is not valid: {self.scrub(str(exc))}") from None
-        self.scripts = {
-            name: self.client.register_script(getattr(scripts, name))
-            for name in ("APPLY", "CLAIM", "CLAIM_IDS", "SCAN", "PEEK", "STATS", "RENEW", "PURGE")
-        }
+        self.scripts: dict[str, Any] = {}
         self.writer = FailoverWriter(options.failover_buffer, unavailable=(DatasourceUnavailable,), database="Redis")
         self.listening = False
         self._listener_task: asyncio.Task[None] | None = None
@@ -166,7 +179,11 @@ class Store:
     async def open(self) -> None:
         try:
             await self.client.ping()
+            if await self._cluster_enabled():
+                await self._switch_to_cluster()
+            await self.check_layout()
             await self.check_persistence()
+            self.scripts = {name: self.client.register_script(getattr(scripts, name)) for name in scripts.NAMES}
             for script in self.scripts.values():  # loaded once; called by hash from now on (reloaded on NOSCRIPT)
                 await self.client.script_load(script.script)
         except DatasourceError:
@@ -181,6 +198,46 @@ class Store:
         except asyncio.TimeoutError:
             log.warning("Redis notifications are not flowing yet: consumers poll until they do")
 
+    async def _cluster_enabled(self) -> bool:
+        try:
+            info = await self.client.info("cluster")
+        except rexc.ResponseError:  # INFO refused (a managed service): taken as a single server
+            return False
+        return str(info.get("cluster_enabled", 0)) == "1"
+
+    async def _switch_to_cluster(self) -> None:
+        """The URL names a node of a Redis Cluster: from here on a cluster client, which finds the other nodes and
+        sends each call to the node that serves its key's slot. A cluster has database 0 only."""
+        if urlsplit(self.url).path.lstrip("/") not in ("", "0"):
+            raise DatasourceError(self.cluster_database_refusal())
+        await self.client.aclose()
+        self.client = RedisCluster.from_url(self.url, **_client_options())
+        await self.client.initialize()
+        self.cluster = True
+        log.info("Redis at %s is a cluster node: namespace %r lives in one hash slot", self.where, self.ns)
+
+    def cluster_database_refusal(self) -> str:
+        db = urlsplit(self.url).path.lstrip("/")
+        return f"Redis at {self.where} is a cluster node, and a cluster has database 0 only, not {db}"
+
+    async def check_layout(self) -> None:
+        """Refuse a namespace written by a build whose key layout differs (a newer one, or the first Redis build,
+        which kept a destination's keys under a hash tag of their own and wrote no layout version)."""
+        stored = await self.client.get(self.layout_key)
+        if stored is None:
+            earlier = (self.anchor, self.dests, f"{{{self.ns}:t}}:head")  # one by one: on Cluster they are two slots
+            if any([await self.client.exists(key) for key in earlier]):
+                raise DatasourceError(
+                    f"Redis namespace {self.ns!r} at {self.where} holds data in the key layout of an earlier stompgate "
+                    f"build: drain it with that build, or choose another --namespace"
+                )
+            await self.client.set(self.layout_key, LAYOUT, nx=True)
+        elif _text(stored) != str(LAYOUT):
+            raise DatasourceError(
+                f"Redis namespace {self.ns!r} at {self.where} has key layout {_text(stored)}, and this build knows "
+                f"layout {LAYOUT} only: upgrade stompgate, or choose another --namespace"
+            )
+
     def connect_failure(self, exc: BaseException) -> str:
         """One sentence for a failure at start-up, naming the server but never the password."""
         reason = self.scrub(str(exc)) or type(exc).__name__
@@ -188,12 +245,14 @@ class Store:
             return f"Redis at {self.where} refused the login ({reason}): check the password in the URL"
         if isinstance(exc, UNAVAILABLE):
             return f"cannot reach Redis at {self.where}: {reason}"
+        if "SELECT is not allowed in cluster mode" in reason:  # the URL names a database other than 0
+            return self.cluster_database_refusal()
         return f"cannot open Redis at {self.where}: {type(exc).__name__}: {reason}"
 
     async def check_persistence(self) -> None:
         """Say what a RECEIPT means with this server's settings: stored durably only with an fsync per write."""
         try:
-            got = await self.client.config_get("append*")
+            got = await self._config_get("append*")
         except rexc.ResponseError as exc:  # CONFIG renamed or refused (managed Redis)
             log.warning(
                 "could not check the persistence settings of Redis at %s (CONFIG GET refused: %s): a RECEIPT means "
@@ -219,7 +278,7 @@ class Store:
             )  # fmt: skip
         else:
             log.info("Redis at %s: appendonly yes, appendfsync always: a RECEIPT means stored on disk", self.where)
-        policy = _text((await self.client.config_get("maxmemory-policy")).get("maxmemory-policy", "noeviction"))
+        policy = _text((await self._config_get("maxmemory-policy")).get("maxmemory-policy", "noeviction"))
         if policy != "noeviction":
             log.warning(
                 "Redis at %s evicts keys when its memory is full (maxmemory-policy %s): stored messages, the topic "
@@ -227,6 +286,13 @@ class Store:
                 "maxmemory-policy noeviction (writes are then refused when memory is full, and wait in the buffer)",
                 self.where, policy,
             )  # fmt: skip
+
+    async def _config_get(self, pattern: str) -> dict[Any, Any]:
+        """CONFIG GET on the server that holds the namespace: on Cluster, the node serving its slot."""
+        if isinstance(self.client, RedisCluster):
+            node = self.client.get_node_from_key(self.anchor)
+            return dict(await self.client.config_get(pattern, target_nodes=node))
+        return dict(await self.client.config_get(pattern))
 
     async def close(self) -> None:
         self._closed = True
@@ -256,7 +322,7 @@ class Store:
 
     async def script(self, name: str, args: Sequence[Any]) -> Any:
         script = self.scripts[name]
-        return await self.call(lambda: script(keys=[], args=[self.ns, *args]))
+        return await self.call(lambda: script(keys=[self.anchor], args=[self.ns, *args]))
 
     async def write(
         self,

@@ -21,7 +21,8 @@ TOPIC_RETENTION = 50
 # "mongodb:mongo-java-server" MongoDB's own; with MONGODB_URL set, "mongodb:env" is that server.
 MONGODB = [pytest.param(f"mongodb:{server}", marks=pytest.mark.mongodb) for server in mongodb_servers()]
 POSTGRESQL = [pytest.param("postgresql", marks=pytest.mark.postgresql)]
-REDIS = [pytest.param("redis", marks=pytest.mark.redis)]
+# "redis:cluster": the same on a Redis Cluster of three masters (the namespace's slot on one of them)
+REDIS = [pytest.param("redis", marks=pytest.mark.redis), pytest.param("redis:cluster", marks=pytest.mark.redis)]
 BACKENDS = [pytest.param("memory"), pytest.param("sqlite"), *POSTGRESQL, *REDIS, *MONGODB]
 
 
@@ -36,6 +37,8 @@ async def _open(backend: str, request: pytest.FixtureRequest, tmp_path: os.PathL
         url = request.getfixturevalue("postgresql_url")  # one database; each test its own namespace
     elif backend == "redis":
         url = request.getfixturevalue("redis_url")  # one server; each test its own key namespace
+    elif backend == "redis:cluster":
+        url = request.getfixturevalue("redis_cluster_url")
     else:
         name, _, mode = backend.partition("/")
         url = request.getfixturevalue(SERVER_FIXTURES[name.partition(":")[2]])

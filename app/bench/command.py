@@ -11,6 +11,7 @@ import json
 import signal
 import uuid
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -110,6 +111,62 @@ def _run_baseline(url: str, *, kind: str, producers: int, consumers: int, messag
         for error in report.get("errors", []):
             typer.echo(f"error             {error}")
     raise typer.Exit(0 if report["ok"] else 1)
+
+
+def _compare_targets(specs: list[str], chart: Path | None, *, idle: bool, gateways: int) -> list[Any]:
+    from app.bench.compare import parse_target
+
+    if not specs:
+        if chart is not None:
+            typer.echo("stompgate bench: --chart needs --compare", err=True)
+            raise typer.Exit(2)
+        return []
+    if idle or gateways > 1:
+        typer.echo("stompgate bench: --compare runs a workload against one gateway (not with --idle-connections or --gateways)", err=True)
+        raise typer.Exit(2)
+    if chart is not None and chart.suffix.lower() != ".png":
+        typer.echo(f"stompgate bench: --chart writes a PNG: name it *.png, not {chart.name!r}", err=True)
+        raise typer.Exit(2)
+    try:
+        targets = [parse_target(spec) for spec in specs]
+    except ValueError as exc:
+        typer.echo(f"stompgate bench: {exc}", err=True)
+        raise typer.Exit(2) from None
+    names = [t.name for t in targets]
+    if len(set(names)) != len(names) or "stompgate" in names:
+        typer.echo("stompgate bench: --compare names must differ from each other and from 'stompgate'", err=True)
+        raise typer.Exit(2)
+    return targets
+
+
+def _run_compare(
+    cfg: Any, others: list[Any], *, pids: list[int], rounds: int, chart: Path | None, fresh: bool, json_output: bool
+) -> None:
+    """The gateway (named ``stompgate``) and the other brokers, alternating; exits with the bench's code."""
+    from app.bench.compare import ChartUnavailable, Target, format_table, run_compare, write_chart
+
+    gateway = Target("stompgate", cfg.host, cfg.port, cfg.login, cfg.passcode, (), tuple(pids))
+    result = run_compare(
+        cfg, [gateway, *others], rounds=rounds, fresh_destination=(lambda: _destination(cfg.kind, None)) if fresh else None,
+        progress=lambda line: None if json_output else typer.echo(line, err=True),
+    )  # fmt: skip
+    if chart is not None:
+        try:
+            write_chart(result, chart)
+        except ChartUnavailable as exc:
+            typer.echo(f"stompgate bench: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:
+            typer.echo(f"stompgate bench: cannot write the chart {str(chart)!r}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+        result["chart"] = str(chart)
+    if json_output:
+        typer.echo(json.dumps(result))
+    else:
+        typer.echo(format_table(result))
+        if chart is not None:
+            typer.echo(f"chart: {chart}")
+    raise typer.Exit(0 if result["ok"] else 1)
 
 
 def _fmt(value: Any, unit: str = "") -> str:
@@ -237,6 +294,16 @@ def bench(
     baseline_batch: int = typer.Option(
         64, "--baseline-batch", min=1, help="With --baseline: messages per insert_many (default: the bench's SEND chunk)."
     ),
+    compare: list[str] = typer.Option(
+        [], "--compare", metavar="NAME=HOST:PORT[,login=U][,passcode=P][,header=K:V][,pid=N]",
+        help="Also run the workload against this STOMP broker (repeatable), alternating with the gateway, and print "
+        "one table: e.g. rabbitmq=127.0.0.1:61613,login=guest,passcode=guest or "
+        "artemis=127.0.0.1:61616,header=consumer-window-size:-1. pid= adds its CPU per message. See app/bench/compare.py.",
+    ),  # fmt: skip
+    rounds: int = typer.Option(3, "--rounds", min=1, max=100, help="With --compare: alternating rounds (each target once per round)."),
+    chart: Optional[Path] = typer.Option(
+        None, "--chart", metavar="PATH.png", help="With --compare: also draw the table as a PNG bar chart (needs matplotlib: stompgate[bench])."
+    ),
     loop: LoopKind = typer.Option(LoopKind.auto, "--loop", help="Event loop: uvloop when installed (auto), or force one."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
@@ -256,6 +323,7 @@ def bench(
     if gateways > 1 and spawn is None:
         typer.echo("stompgate bench: --gateways needs --spawn (or --baseline)", err=True)
         raise typer.Exit(2)
+    targets = _compare_targets(compare, chart, idle=idle_connections is not None, gateways=gateways)
     gateway: SpawnedGateway | None = None
     spawned: list[SpawnedGateway] = []
     pids: list[int] = []
@@ -300,6 +368,10 @@ def bench(
                 processes=processes, drain_timeout=drain_timeout, connect_timeout=connect_timeout, loop=loop.value,
                 extra_endpoints=tuple((g.host, g.stomp_port) for g in spawned[1:]), persistent=persistent,
             )  # fmt: skip
+            if targets:
+                _run_compare(
+                    cfg, targets, pids=pids, rounds=rounds, chart=chart, fresh=destination is None, json_output=json_output,
+                )  # fmt: skip
             cpu_before = _cpu_sum(pids)
             own_before = _own_cpu()
             raw = run_workload(cfg)

@@ -61,6 +61,8 @@ class BenchConfig:
     # ``persistent:true`` on every SEND: RabbitMQ and ActiveMQ then write the message to disk before confirming it
     # (stompgate stores every message durably anyway, so it makes no difference there)
     persistent: bool = False
+    # extra SUBSCRIBE headers (``--compare``'s ``header=``), e.g. Artemis's consumer-window-size
+    subscribe_headers: tuple[tuple[str, str], ...] = ()
 
     def endpoint(self, index: int) -> tuple[str, int]:
         endpoints = ((self.host, self.port), *self.extra_endpoints)
@@ -254,9 +256,10 @@ class Consumer:
         self.client = client
         client.on_messages = self._on_messages
         client.on_failure = self._on_failure
-        headers = {"prefetch-count": str(cfg.prefetch)} if cfg.prefetch is not None else None
+        headers = {"prefetch-count": str(cfg.prefetch)} if cfg.prefetch is not None else {}
+        headers.update(cfg.subscribe_headers)
         waiter = client.expect_receipt("bench-sub")
-        client.conn.subscribe(cfg.destination, f"bench-{self.cid}", ack=cfg.ack, headers=headers, receipt="bench-sub")  # type: ignore[arg-type]
+        client.conn.subscribe(cfg.destination, f"bench-{self.cid}", ack=cfg.ack, headers=headers or None, receipt="bench-sub")  # type: ignore[arg-type]
         client.flush()
         await asyncio.wait_for(waiter, cfg.connect_timeout)
 

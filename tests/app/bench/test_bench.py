@@ -88,3 +88,81 @@ def test_a_gateway_that_refuses_connections_is_reported_without_tracebacks(tmp_p
     assert "never retrieved" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert "Cannot send CONNECT" not in json.dumps(report)
     assert proc.returncode == 1
+
+
+# -- --compare ------------------------------------------------------------------------------------------------------
+
+
+def test_compare_alternates_runs_sends_the_targets_headers_and_draws_a_chart(tmp_path: Path) -> None:
+    """The other broker is a second gateway. Its SUBSCRIBEs carry a selector no message matches (header=), so its
+    runs deliver nothing: that shows the target's headers reached it, and that a failed run makes the exit code 1."""
+    from app.bench.spawn import spawn_gateway
+
+    other = spawn_gateway("memory://")
+    try:
+        chart = tmp_path / "compare.png"
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", "bench", "--json", "--drain-timeout", "1", "--spawn", "memory://",
+             "--messages", "200", "--ack", "client-individual", "--rounds", "2", "--chart", str(chart),
+             "--compare", f"other=127.0.0.1:{other.stomp_port},header=selector:n = 'no such',pid={other.pid}",
+             "--compare", f"twin=127.0.0.1:{other.stomp_port}"],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        other.stop()
+    assert "Traceback" not in proc.stderr, proc.stderr
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [t["name"] for t in report["targets"]] == ["stompgate", "other", "twin"]
+    assert report["targets"][1]["subscribe_headers"] == {"selector": "n = 'no such'"}
+    for name, lost in (("stompgate", 0), ("other", 200), ("twin", 0)):
+        runs = report["runs"][name]
+        assert len(runs) == 2
+        assert [r["lost"] for r in runs] == [lost, lost], name
+        assert len({r["config"]["destination"] for r in runs}) == 2  # a fresh destination each run
+    assert all(r.get("server_cpu_us_per_msg") is not None for r in report["runs"]["other"])  # from pid=
+    assert proc.returncode == 1  # the selector's runs lost every message
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 5_000
+
+
+def test_compare_prints_one_table(tmp_path: Path) -> None:
+    from app.bench.spawn import spawn_gateway
+
+    other = spawn_gateway("memory://")
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "app.cli", "bench", "--spawn", "memory://", "--messages", "200", "--rounds", "1",
+             "--destination-kind", "topic", "--compare", f"peer=127.0.0.1:{other.stomp_port}"],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        )  # fmt: skip
+    finally:
+        other.stop()
+    assert proc.returncode == 0, proc.stderr
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| target | median deliveries/s |")
+    assert [row.split("|")[1].strip() for row in table[1:]] == ["stompgate", "peer"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--compare", "rabbit"], "expected NAME=HOST:PORT"),
+        (["--compare", "rabbit=localhost"], "expected HOST:PORT after 'rabbit='"),
+        (["--compare", "rabbit=localhost:99999"], "expected HOST:PORT"),
+        (["--compare", "rabbit=localhost:61613,colour=blue"], "unknown option 'colour'"),
+        (["--compare", "rabbit=localhost:61613,header=novalue"], "expected header=KEY:VALUE"),
+        (["--compare", "rabbit=localhost:61613,pid=x"], "pid must be a process id"),
+        (["--compare", "stompgate=localhost:61613"], "must differ"),
+        (["--compare", "a=localhost:1", "--compare", "a=localhost:2"], "must differ"),
+        (["--chart", "x.png"], "--chart needs --compare"),
+        (["--compare", "a=localhost:1", "--chart", "x.svg"], "name it *.png"),
+        (["--compare", "a=localhost:1", "--idle-connections", "3"], "not with --idle-connections"),
+    ],
+)
+def test_bad_compare_arguments_are_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "bench", "--port", "1", *args],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr

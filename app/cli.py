@@ -162,7 +162,7 @@ def server_options(settings: Settings) -> dict[str, Any]:
     margin = min(settings.max_frame_bytes_before_connect, frame_limit)
     return {
         "http": _http_protocol(),
-        "ws": "websockets-sansio" if _has_sansio_ws() else "auto",
+        "ws": _websocket_protocol(),
         "ws_max_size": frame_limit + margin,
         "ws_per_message_deflate": False,
         "proxy_headers": False,
@@ -199,12 +199,17 @@ def _is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve anywhere
 
 
-def _has_sansio_ws() -> bool:
+def _websocket_protocol() -> Any:
+    """STOMP's WebSocket paths on the connection's own Protocol (app/transports/websocket.py); any other
+    WebSocket path on uvicorn's sans-I/O websockets implementation (or what uvicorn picks where it has none)."""
+    from app.transports.websocket import stomp_websocket_protocol
+
+    fallback: Any
     try:
-        import uvicorn.protocols.websockets.websockets_sansio_impl  # noqa: F401
+        from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol as fallback
     except ImportError:
-        return False
-    return True
+        from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol as fallback
+    return stomp_websocket_protocol(fallback)
 
 
 def _serve(config: Path | None = None, **values: Any) -> None:

@@ -23,7 +23,6 @@ from app.security import load_authorizer, tls_context
 from app.settings import Settings
 from app.console import router as console_router
 from app.transports.tcp import start_tcp_listener
-from app.transports.websocket import router as websocket_router
 from stomp_core import Limits
 
 __all__ = ["create_app", "AppState", "broker_config", "datasource_options", "redact_url"]
@@ -122,7 +121,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_api(app)
     _install_documents(app)
-    app.include_router(websocket_router)
     app.include_router(console_router)
 
     @app.get("/health", tags=["operations"], summary="Liveness: the process is up", operation_id="health")

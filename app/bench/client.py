@@ -8,6 +8,8 @@ One :class:`BenchClient` is one TCP connection. It is an ``asyncio.Protocol`` (n
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import time
 from collections.abc import Callable
 from typing import Any, cast
@@ -21,7 +23,7 @@ from stomp_core import (
     ReceiptReceived,
 )
 
-__all__ = ["BenchClient", "BenchClientError", "open_client"]
+__all__ = ["BenchClient", "WebSocketBenchClient", "BenchClientError", "open_client"]
 
 
 class BenchClientError(Exception):
@@ -145,6 +147,93 @@ class BenchClient(asyncio.Protocol):
             self.transport.close()
 
 
+class WebSocketBenchClient(BenchClient):
+    """The same client over STOMP-over-WebSocket (``--transport websocket``): an HTTP upgrade to ``path`` offering the
+    STOMP subprotocols, then every STOMP chunk one BINARY message each way. Kept as small as a TCP client so that one
+    load generator can hold ten thousand of them: no WebSocket library per connection, the server's (unmasked)
+    frames parsed here, and ours masked with an all-zero key (RFC 6455 wants a key, any key; the bench does not need
+    the masking's protection against proxy cache poisoning, and XOR with zero leaves the payload as it is)."""
+
+    def __init__(self, host: str, port: int, path: str) -> None:
+        super().__init__()
+        self._request = (
+            f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {base64.b64encode(os.urandom(16)).decode()}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: v12.stomp, v11.stomp, v10.stomp\r\n\r\n"
+        ).encode()
+        self._upgraded = False
+        self._in = bytearray()
+        self._early = b""  # STOMP written before the server's 101: a client must wait for it (RFC 6455 4.1)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        cast(asyncio.Transport, transport).write(self._request)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._in
+        buf += data
+        if not self._upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            status = bytes(buf[: buf.find(b"\r\n")])
+            if not status.startswith(b"HTTP/1.1 101"):
+                self._fail(f"the WebSocket upgrade was refused: {status.decode(errors='replace')}")
+                self.close()
+                return
+            del buf[: end + 4]
+            self._upgraded = True
+            if self._early:
+                self._send_frame(0x82, self._early)
+                self._early = b""
+        payload = bytearray()
+        pos, size = 0, len(buf)
+        while size - pos >= 2:
+            first, second = buf[pos], buf[pos + 1]
+            length, head = second & 0x7F, 2
+            if length == 126:
+                if size - pos < 4:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 4], "big"), 4
+            elif length == 127:
+                if size - pos < 10:
+                    break
+                length, head = int.from_bytes(buf[pos + 2 : pos + 10], "big"), 10
+            if size - pos < head + length:
+                break
+            opcode = first & 0x0F
+            body = buf[pos + head : pos + head + length]
+            pos += head + length
+            if opcode in (0, 1, 2):
+                payload += body
+            elif opcode == 9:  # PING: answer with its payload
+                self._send_frame(0x8A, bytes(body))
+            # CLOSE: the server closes the TCP connection next (connection_lost); PONG and others: nothing to do
+        del buf[:pos]
+        if payload:
+            super().data_received(bytes(payload))
+
+    def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if not data:
+            return
+        if not self._upgraded:
+            self._early += data
+        elif self.transport is not None and not self.closed:
+            self._send_frame(0x82, data)
+
+    def _send_frame(self, first: int, data: bytes) -> None:
+        length = len(data)
+        if length < 126:
+            head = bytes((first, 0x80 | length))
+        elif length < 65536:
+            head = bytes((first, 0x80 | 126)) + length.to_bytes(2, "big")
+        else:
+            head = bytes((first, 0x80 | 127)) + length.to_bytes(8, "big")
+        if self.transport is not None and not self.closed:
+            self.transport.writelines((head, b"\0\0\0\0", data))
+
+
 async def open_client(
     host: str,
     port: int,
@@ -154,10 +243,14 @@ async def open_client(
     login: str | None,
     passcode: str | None,
     timeout: float,
+    websocket_path: str | None = None,
 ) -> BenchClient:
-    """Connect over TCP and exchange CONNECT/CONNECTED."""
+    """Connect over TCP (or, with ``websocket_path``, over WebSocket to that path) and exchange CONNECT/CONNECTED."""
     loop = asyncio.get_running_loop()
-    _, client = await asyncio.wait_for(loop.create_connection(BenchClient, host, port), timeout)
+    factory: Callable[[], BenchClient] = BenchClient
+    if websocket_path is not None:
+        factory = lambda: WebSocketBenchClient(host, port, websocket_path)  # noqa: E731
+    _, client = await asyncio.wait_for(loop.create_connection(factory, host, port), timeout)
     try:
         # A server over its connection limit may send ERROR and close before our CONNECT; then the failure is
         # already on the CONNECTED future, and awaiting it reports the server's reason.

@@ -36,6 +36,11 @@ class Version(str, Enum):
     v12 = "1.2"
 
 
+class TransportKind(str, Enum):
+    tcp = "tcp"
+    websocket = "websocket"
+
+
 class LoopKind(str, Enum):
     auto = "auto"
     uvloop = "uvloop"
@@ -304,6 +309,12 @@ def bench(
     chart: Optional[Path] = typer.Option(
         None, "--chart", metavar="PATH.png", help="With --compare: also draw the table as a PNG bar chart (needs matplotlib: stompgate[bench])."
     ),
+    transport: TransportKind = typer.Option(
+        TransportKind.tcp, "--transport",
+        help="tcp (the STOMP port), or websocket: STOMP over WebSocket on the HTTP port (--port is then the HTTP port; "
+        "with --spawn the gateway's), one BINARY message per chunk.",
+    ),  # fmt: skip
+    ws_path: str = typer.Option("/stomp", "--ws-path", help="With --transport websocket: the path to upgrade."),
     loop: LoopKind = typer.Option(LoopKind.auto, "--loop", help="Event loop: uvloop when installed (auto), or force one."),
     json_output: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
 ) -> None:
@@ -324,6 +335,10 @@ def bench(
         typer.echo("stompgate bench: --gateways needs --spawn (or --baseline)", err=True)
         raise typer.Exit(2)
     targets = _compare_targets(compare, chart, idle=idle_connections is not None, gateways=gateways)
+    websocket_path = ws_path if transport is TransportKind.websocket else None
+    if websocket_path is not None and (not websocket_path.startswith("/") or any(c in websocket_path for c in " \r\n\0")):
+        typer.echo(f"stompgate bench: --ws-path must be a path such as /stomp, not {websocket_path!r}", err=True)
+        raise typer.Exit(2)
     gateway: SpawnedGateway | None = None
     spawned: list[SpawnedGateway] = []
     pids: list[int] = []
@@ -338,7 +353,7 @@ def bench(
             typer.echo(f"stompgate bench: {exc}", err=True)
             raise typer.Exit(2) from None
         gateway = spawned[0]
-        host, port = gateway.host, gateway.stomp_port
+        host, port = gateway.host, (gateway.http_port if transport is TransportKind.websocket else gateway.stomp_port)
         if pid is None:
             pids = [g.pid for g in spawned]
             pid = gateway.pid
@@ -353,7 +368,7 @@ def bench(
                 run_idle(
                     host=host, port=port, count=idle_connections, hold=hold, pid=pid, version=version.value,
                     vhost=vhost, login=login, passcode=passcode, connect_timeout=connect_timeout,
-                    subscriptions=subscriptions_per_connection,
+                    subscriptions=subscriptions_per_connection, websocket_path=websocket_path,
                 ),
                 loop.value,
             )  # fmt: skip
@@ -366,7 +381,10 @@ def bench(
                 duration=duration, body_size=body_size, receipts=receipts, window=window, ack=ack.value,
                 prefetch=prefetch, version=version.value, vhost=vhost, login=login, passcode=passcode,
                 processes=processes, drain_timeout=drain_timeout, connect_timeout=connect_timeout, loop=loop.value,
-                extra_endpoints=tuple((g.host, g.stomp_port) for g in spawned[1:]), persistent=persistent,
+                extra_endpoints=tuple(
+                    (g.host, g.http_port if websocket_path is not None else g.stomp_port) for g in spawned[1:]
+                ),
+                persistent=persistent, websocket_path=websocket_path,
             )  # fmt: skip
             if targets:
                 _run_compare(

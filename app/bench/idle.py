@@ -38,6 +38,7 @@ async def run_idle(
     passcode: str | None,
     connect_timeout: float,
     subscriptions: int = 0,
+    websocket_path: str | None = None,
 ) -> dict[str, Any]:
     raise_fd_limit(count)
     rss_before = read_rss_kb(pid) if pid else None
@@ -49,7 +50,8 @@ async def run_idle(
         async with gate:
             try:
                 client = await open_client(
-                    host, port, version=version, vhost=vhost, login=login, passcode=passcode, timeout=connect_timeout
+                    host, port, version=version, vhost=vhost, login=login, passcode=passcode, timeout=connect_timeout,
+                    websocket_path=websocket_path,
                 )
                 clients.append(client)
                 if subscriptions:

@@ -87,6 +87,17 @@ def _stomp_ready(host: str, port: int) -> bool:
         return False
 
 
+def _http_ready(host: str, port: int) -> bool:
+    """uvicorn listens on the HTTP port only after the app started (the STOMP port opens during start-up)."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            s.settimeout(1.0)
+            return s.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
 def spawn_gateway(store: str, *, host: str = "127.0.0.1", extra: Sequence[str] = (), timeout: float = 30.0) -> SpawnedGateway:
     stomp_port, http_port = free_port(host), free_port(host)
     fd, name = tempfile.mkstemp(prefix=f"stompgate-bench-{stomp_port}-", suffix=".log")
@@ -104,7 +115,7 @@ def spawn_gateway(store: str, *, host: str = "127.0.0.1", extra: Sequence[str] =
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"the gateway exited with {process.returncode}:\n{gateway.log_tail()}")
-        if _stomp_ready(host, stomp_port):
+        if _stomp_ready(host, stomp_port) and _http_ready(host, http_port):
             return gateway
         time.sleep(0.05)
     gateway.stop()

@@ -63,6 +63,8 @@ class BenchConfig:
     persistent: bool = False
     # extra SUBSCRIBE headers (``--compare``'s ``header=``), e.g. Artemis's consumer-window-size
     subscribe_headers: tuple[tuple[str, str], ...] = ()
+    # ``--transport websocket``: the clients speak STOMP over WebSocket to this path of the (HTTP) port
+    websocket_path: str | None = None
 
     def endpoint(self, index: int) -> tuple[str, int]:
         endpoints = ((self.host, self.port), *self.extra_endpoints)
@@ -119,7 +121,7 @@ class Producer:
         host, port = cfg.endpoint(self.pid)
         self.client = await open_client(
             host, port, version=cfg.version, vhost=cfg.vhost, login=cfg.login, passcode=cfg.passcode,
-            timeout=cfg.connect_timeout,
+            timeout=cfg.connect_timeout, websocket_path=cfg.websocket_path,
         )  # fmt: skip
         self.client.on_receipts = self._on_receipts
         self.client.on_failure = self._on_failure
@@ -251,7 +253,7 @@ class Consumer:
         host, port = cfg.endpoint(self.cid)
         client = await open_client(
             host, port, version=cfg.version, vhost=cfg.vhost, login=cfg.login, passcode=cfg.passcode,
-            timeout=cfg.connect_timeout,
+            timeout=cfg.connect_timeout, websocket_path=cfg.websocket_path,
         )  # fmt: skip
         self.client = client
         client.on_messages = self._on_messages

@@ -10,7 +10,6 @@ import httpx
 import pytest
 
 from app.console import router as console_router
-from app.transports.websocket import router as websocket_router
 from tests.app.transports.live_app import LiveApp, live_app
 from tests.browser.conftest import BrowserKit
 
@@ -21,7 +20,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
-    with live_app(tmp_path_factory.mktemp("console"), routers=[websocket_router, console_router]) as live:
+    with live_app(tmp_path_factory.mktemp("console"), routers=[console_router]) as live:
         yield live
 
 
@@ -109,7 +108,7 @@ def test_console_under_traffic_and_its_picture(
     shot = REPO / "docs" / "console.png" if refresh else tmp / "console.png"
     points = 100 if refresh else 8
     # A gateway of its own, so the picture shows only the scene's destinations.
-    with live_app(tmp, routers=[websocket_router, console_router]) as live:
+    with live_app(tmp, routers=[console_router]) as live:
         url = live.http_url + "/"
         report = browser_kit.run("console_scene.js", url, str(shot), str(points), timeout=points * 1.5 + 40)
     assert report["ok"], report

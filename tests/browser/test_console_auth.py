@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import pytest
 
 from app.console import router as console_router
-from app.transports.websocket import router as websocket_router
 from tests.app.api.users import BOB_TOKEN, ROOT_TOKEN, write_users_file
 from tests.app.transports.live_app import LiveApp, live_app
 from tests.browser.conftest import BrowserKit
@@ -22,7 +21,7 @@ ROOT_PASSCODE = "root-secret"  # root's passcode in write_users_file's users
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     tmp = tmp_path_factory.mktemp("console-auth")
-    with live_app(tmp, routers=[websocket_router, console_router], users_file=str(write_users_file(tmp))) as live:
+    with live_app(tmp, routers=[console_router], users_file=str(write_users_file(tmp))) as live:
         yield live
 
 

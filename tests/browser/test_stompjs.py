@@ -9,7 +9,6 @@ import pytest
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse
 
-from app.transports.websocket import router as websocket_router
 from tests.app.transports.live_app import LiveApp, live_app
 from tests.browser.conftest import STOMPJS_BUNDLE, BrowserKit
 
@@ -45,7 +44,7 @@ def page_router() -> APIRouter:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory, browser_kit: BrowserKit) -> Iterator[LiveApp]:
     with live_app(
-        tmp_path_factory.mktemp("browser"), routers=[websocket_router], extra_routers=[page_router()]
+        tmp_path_factory.mktemp("browser"), extra_routers=[page_router()]
     ) as live:
         yield live
 

@@ -166,3 +166,24 @@ def test_bad_compare_arguments_are_one_line(tmp_path: Path, args: list[str], mes
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("kind", ["queue", "topic"])
+def test_over_websocket(tmp_path: Path, kind: str) -> None:
+    """--transport websocket: the same workload as STOMP over WebSocket on the gateway's HTTP port."""
+    code, report = run_bench(
+        tmp_path, "--spawn", "memory://", "--transport", "websocket", "--destination-kind", kind, "--messages", "2000",
+        "--ack", "client-individual",
+    )  # fmt: skip
+    assert report["errors"] == []
+    assert (report["sent"], report["lost"], report["duplicated"]) == (2000, 0, 0)
+    assert report["deliveries"] == (2000 if kind == "queue" else 4000)
+    assert code == 0
+
+
+def test_idle_websocket_connections(tmp_path: Path) -> None:
+    code, report = run_bench(
+        tmp_path, "--spawn", "memory://", "--transport", "websocket", "--idle-connections", "50", "--hold", "0.2"
+    )
+    assert report["connected"] == report["alive_at_end"] == 50
+    assert code == 0

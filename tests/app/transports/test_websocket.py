@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from app.transports.websocket import choose_subprotocol, router
+from app.transports.websocket import choose_subprotocol
 from tests.app.transports.live_app import LiveApp, live_app
 from tests.app.transports.ws_stomp import WsStomp
 from tests.raw_stomp import RawClient
@@ -25,7 +25,7 @@ def unique(prefix: str) -> str:
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveApp]:
     # Short server heart-beats (500 ms) so the heart-beat test is quick; clients here mostly ask for none.
-    with live_app(tmp_path_factory.mktemp("ws"), routers=[router], heartbeat_ms=500) as live:
+    with live_app(tmp_path_factory.mktemp("ws"), heartbeat_ms=500) as live:
         yield live
 
 
@@ -235,7 +235,7 @@ async def test_disconnect_receipt_then_close(clients: object) -> None:
 
 
 async def test_refused_session_closes_with_1013(tmp_path: Path) -> None:
-    with live_app(tmp_path, routers=[router], max_connections=1) as small:
+    with live_app(tmp_path, max_connections=1) as small:
         first = await WsStomp.open(small.ws_url + "/stomp")
         try:
             await first.connect()
@@ -251,3 +251,77 @@ async def test_refused_session_closes_with_1013(tmp_path: Path) -> None:
                 await second.close()
         finally:
             await first.close()
+
+
+# -- the connection's own Protocol (app/transports/websocket.py): what uvicorn's ASGI path used to do for us ---------
+
+
+async def test_another_websocket_path_still_reaches_the_app(gateway: LiveApp) -> None:
+    """Only /stomp and /ws are served by the STOMP protocol; any other path goes to the ASGI app, which has no
+    WebSocket route there and refuses the handshake with 403."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import InvalidStatus
+
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(gateway.ws_url + "/not-stomp", open_timeout=5)
+    assert refused.value.response.status_code == 403
+
+
+async def test_a_plain_http_request_to_the_stomp_path_is_answered(gateway: LiveApp) -> None:
+    """Not an upgrade: the app answers (no WebSocket route for GET), the protocol is never involved."""
+    import httpx
+
+    async with httpx.AsyncClient() as http:
+        response = await http.get(gateway.http_url + "/stomp")
+    assert response.status_code == 404
+
+
+@pytest.mark.parametrize("fragmented", [False, True], ids=["whole", "fragmented"])
+async def test_a_text_message_that_is_not_utf8_closes_with_1007(clients: object, fragmented: bool) -> None:
+    from websockets.frames import Frame, Opcode
+
+    client = await clients()  # type: ignore[operator]
+    await client.connect()
+    bad = "SEND\ndestination:/queue/x\n\nü".encode()[:-1]  # the first byte of a two-byte sequence, then the end
+    protocol = client.ws.protocol
+    if fragmented:
+        protocol.send_frame(Frame(Opcode.TEXT, b"SEND\ndestination:/queue/x\n\n", fin=False))
+        protocol.send_frame(Frame(Opcode.CONT, bad[-1:], fin=True))
+    else:
+        protocol.send_frame(Frame(Opcode.TEXT, bad, fin=True))
+    client.ws.send_data()  # type: ignore[attr-defined]
+    with pytest.raises(ConnectionClosed):
+        while True:
+            await asyncio.wait_for(client.ws.recv(), timeout=5)
+    assert client.ws.close_code == 1007
+
+
+async def test_a_frame_in_a_fragmented_message_is_received(clients: object) -> None:
+    from websockets.frames import Frame, Opcode
+
+    queue = unique("/queue")
+    client = await clients()  # type: ignore[operator]
+    await client.connect()
+    client.ws.protocol.send_frame(Frame(Opcode.TEXT, f"SEND\ndestination:{queue}\nreceipt:r\n\nü".encode()[:-1], fin=False))
+    client.ws.protocol.send_frame(Frame(Opcode.CONT, "ü\0".encode()[1:], fin=True))
+    client.ws.send_data()  # type: ignore[attr-defined]
+    assert (await client.read()).headers["receipt-id"] == "r"
+    await client.frame("SUBSCRIBE", {"id": "s", "destination": queue})
+    message = await client.read()
+    assert message.body == "ü".encode()
+
+
+async def test_a_ping_is_answered(clients: object) -> None:
+    client = await clients()  # type: ignore[operator]
+    await client.connect()
+    pong = await client.ws.ping(b"are you there")
+    await asyncio.wait_for(pong, 5)
+
+
+async def test_server_shutdown_closes_with_1012(tmp_path: Path) -> None:
+    with live_app(tmp_path) as live:
+        client = await WsStomp.open(live.ws_url + "/stomp")
+        await client.connect()
+    with pytest.raises(ConnectionClosed):
+        await asyncio.wait_for(client.ws.recv(), timeout=5)
+    assert client.ws.close_code == 1012

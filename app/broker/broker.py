@@ -30,7 +30,6 @@ from app.datasources.interface import (
     NewMessage,
     Published,
     Release,
-    StoredMessage,
 )
 
 __all__ = ["Broker", "Refusal"]
@@ -308,14 +307,6 @@ class Broker:
                 self.metrics.redelivered(len(held))
             else:
                 self.metrics.dead_lettered(len(held))
-
-    def release_claim_result(self, claim: asyncio.Future[list[StoredMessage]]) -> None:
-        """Done-callback for a claim whose subscriber went away mid-flight: give its messages back."""
-        if claim.cancelled() or claim.exception() is not None:
-            return
-        held = [(m.message_id, m.lease) for m in claim.result()]
-        if held:
-            self.spawn(self.release(held, Release.REQUEUE))
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
         task = asyncio.ensure_future(coro)

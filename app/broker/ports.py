@@ -68,8 +68,6 @@ class BrokerPort(Protocol):
 
     def spawn(self, coro: Coroutine[Any, Any, Any]) -> None: ...  # a release no caller waits for, kept alive and logged
 
-    def release_claim_result(self, claim: asyncio.Future[list[StoredMessage]]) -> None: ...  # a claim cut short
-
     def ack_in_background(self, held: list[Held]) -> None: ...  # auto mode: messages the connection took
 
     def metrics_delivered(self, destination: str, count: int) -> None: ...  # a queue subscription's deliveries

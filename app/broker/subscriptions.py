@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import TypedDict, Unpack
 
 from app.broker.destinations import Destination
-from app.broker.ports import SessionPort
+from app.broker.ports import BrokerPort, SessionPort
 from app.broker.selectors import Selector
 from app.datasources.interface import DatasourceUnavailable, Gap, Held, Published, Release, ScanMark, StoredMessage
 from stomp_core import AckMode
@@ -142,7 +142,6 @@ class QueueSubscription(Subscription):
     """Competing consumer on a PollQueue: claims up to its credit, delivers, and acks or waits for acks."""
 
     _task: asyncio.Task[None] | None = None
-    _claiming: asyncio.Task[list[StoredMessage]] | None = None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name=f"queue-sub {self.destination_text}")
@@ -216,33 +215,27 @@ class QueueSubscription(Subscription):
         native = self.selector.native if (self.selector is not None and broker.datasource.native_selectors) else None
         predicate = self.selector.matches if self.selector is not None and native is None else None
         wake = queues.wake_token(self.destination_text)  # before the claim: work arriving meanwhile still wakes us
-        claim = asyncio.ensure_future(
-            queues.claim(
-                self.destination_text,
-                owner=broker.gateway_id,
-                limit=limit,
-                lease_ms=config.lease_ms,
-                now_ms=broker.now_ms(),
-                selector=predicate,
-                native_selector=native,
-                scan=self._scan if predicate is not None else None,
-            )
+        answer: asyncio.Future[list[StoredMessage]] = asyncio.get_running_loop().create_future()
+        claiming = queues.claim(
+            self.destination_text,
+            owner=broker.gateway_id,
+            limit=limit,
+            lease_ms=config.lease_ms,
+            now_ms=broker.now_ms(),
+            selector=predicate,
+            native_selector=native,
+            scan=self._scan if predicate is not None else None,
         )
-        self._claiming = claim
+        # The claim runs in a task of its own: if we are cancelled mid-claim, it still completes and its messages are
+        # released instead of staying leased to this gateway until the lease lapses.
+        broker.spawn(_answer(answer, claiming, broker))
         try:
-            # Shielded: if we are cancelled mid-claim, the claim still completes and its messages are released
-            # instead of staying leased to this gateway forever.
-            messages = await asyncio.shield(claim)
-        except asyncio.CancelledError:
-            claim.add_done_callback(broker.release_claim_result)
-            raise
+            messages = await answer
         except DatasourceUnavailable as exc:
             log.warning("claim on %s failed, retrying: %s", self.destination_text, exc)
             await asyncio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 2.0)
             return None
-        finally:
-            self._claiming = None
         self._backoff = 0.05
         if not messages:
             if predicate is not None and self._scan.more:
@@ -311,6 +304,30 @@ class QueueSubscription(Subscription):
         self._held.clear()
         self._auto_in_flight = []
         return released
+
+
+async def _answer(
+    answer: asyncio.Future[list[StoredMessage]], claiming: Awaitable[list[StoredMessage]], broker: BrokerPort
+) -> None:
+    """Run a claim for a subscription waiting on ``answer``, and answer it from the claim's own last step: the
+    subscription resumes one event-loop turn sooner than if it waited for the task to end (as ``asyncio.shield``
+    does), a turn that under load is milliseconds of every claim. If the subscription stopped waiting (it was
+    cancelled), what the claim took goes back to the queue."""
+    try:
+        messages = await claiming
+    except asyncio.CancelledError:
+        answer.cancel()
+        raise
+    except Exception as exc:
+        if not answer.done():
+            answer.set_exception(exc)
+        return
+    if answer.cancelled():
+        held = [(m.message_id, m.lease) for m in messages]
+        if held:
+            broker.spawn(broker.release(held, Release.REQUEUE))
+        return
+    answer.set_result(messages)
 
 
 class TopicSubscription(Subscription):

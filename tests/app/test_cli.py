@@ -197,3 +197,16 @@ def test_help_at_80_columns_shows_every_flag_and_variable_whole(tmp_path: Path) 
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in text, name
         assert f"STOMPGATE_{name.upper()}" in text, name
+
+
+
+def test_the_server_freezes_what_start_up_made_and_collects_the_young_generation_less_often(tmp_path: Path) -> None:
+    # ``serve`` up to the point where uvicorn would run, which reports the collector's settings instead; in a process
+    # of its own, since frozen objects are never collected, which a test process must not do to itself
+    probe = (
+        "import gc, uvicorn; from app.cli import main; "
+        "uvicorn.Server.run = lambda self: print(gc.get_freeze_count() > 10_000, gc.get_threshold()[0]); main()"
+    )
+    args = ["serve", "--store", "memory://", "--stomp-port", str(free_port()), "--http-port", str(free_port())]
+    result = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert result.stdout.split()[:2] == ["True", "10000"], result.stdout + result.stderr

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
 from app.broker.broker import Broker
 from app.broker.config import BrokerConfig
 from app.broker.supervision import FAILING_AFTER
-from app.datasources.interface import Datasource, DatasourceOptions
+from app.datasources.interface import Datasource, DatasourceOptions, StoredMessage
 from app.datasources.registry import open_datasource
 from app.transports.tcp import start_tcp_listener
 from stomp_core import ClientConnection, Connected, MessageReceived, ReceiptReceived
@@ -118,5 +119,51 @@ async def test_a_durable_acks_receipt_waits_until_the_position_is_saved(memory: 
         client.writer.close()
     finally:
         release.set()  # never leave the injected save blocked (it would hold up the shutdown)
+        server.close()
+        await broker.stop()
+
+
+async def test_a_subscription_closed_while_its_claim_is_in_flight_gives_the_claimed_messages_back(memory: Datasource) -> None:
+    """The claim runs on in a task of its own when the subscription goes away mid-claim: what it took goes back to
+    the queue at once instead of staying leased to this gateway until the lease lapses (a minute here)."""
+    broker = Broker(memory, BrokerConfig(lease_ms=60_000))
+    await broker.start()
+    server = await start_tcp_listener(broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    claim = memory.queues.claim
+    claimed = asyncio.Event()
+    answer = asyncio.Event()
+
+    async def slow_answer(destination: str, **kwargs: Any) -> list[StoredMessage]:
+        messages = await claim(destination, **kwargs)
+        if messages:
+            claimed.set()  # leased in the store; the subscription has not heard of them yet
+            await answer.wait()
+        return messages
+
+    memory.queues.claim = slow_answer  # type: ignore[method-assign]
+    try:
+        await broker.publish("/queue/q", {}, b"hello")
+        client = StompSocket(*await asyncio.open_connection("127.0.0.1", port))
+        client.conn.connect(host="/", login="me")
+        await client.flush()
+        assert isinstance(await client.next(), Connected)
+        client.conn.subscribe("/queue/q", "1", ack="client-individual")
+        await client.flush()
+        await asyncio.wait_for(claimed.wait(), 5)
+        client.conn.unsubscribe("1", receipt="gone")
+        await client.flush()
+        receipt = await asyncio.wait_for(client.next(), 5)
+        assert isinstance(receipt, ReceiptReceived) and receipt.receipt_id == "gone"
+        assert (await memory.queues.stats("/queue/q", now_ms=broker.now_ms())).ready == 0  # still leased
+        answer.set()
+        for _ in range(100):
+            if (await memory.queues.stats("/queue/q", now_ms=broker.now_ms())).ready == 1:
+                break
+            await asyncio.sleep(0.05)
+        assert (await memory.queues.stats("/queue/q", now_ms=broker.now_ms())).ready == 1
+        client.writer.close()
+    finally:
+        answer.set()
         server.close()
         await broker.stop()

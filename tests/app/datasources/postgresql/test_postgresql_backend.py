@@ -361,6 +361,21 @@ async def test_commits_wait_for_the_disk_whatever_the_servers_default(postgresql
         await ds.close()
 
 
+async def test_a_connection_goes_back_to_the_pool_without_a_round_trip(postgresql_url: str, namespace: str) -> None:
+    # asyncpg's pool sends "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL" at every release, and
+    # the operation waits for it: a second round trip per claim. The store leaves no session state to undo.
+    ds = await open_pg(postgresql_url, namespace)
+    probe = await asyncpg.connect(postgresql_url)
+    try:
+        pid = await ds.store.run(lambda conn: conn.fetchval("SELECT pg_backend_pid()"), transaction=False)
+        assert await probe.fetchval("SELECT query FROM pg_stat_activity WHERE pid = $1", pid) == "SELECT pg_backend_pid()"
+        async with ds.store.connection() as conn:  # and the session's settings are still the store's
+            assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    finally:
+        await probe.close()
+        await ds.close()
+
+
 async def test_a_version_1_schema_is_upgraded(postgresql_url: str, namespace: str) -> None:
     ds = await open_pg(postgresql_url, namespace)
     await ds.close()

@@ -254,6 +254,10 @@ def bench(
     duration: Optional[float] = typer.Option(None, "--duration", min=0.1, help="Send for this many seconds instead of a fixed --messages count."),
     body_size: int = typer.Option(256, "--body-size", min=16, help="Body size in bytes (producer id and sequence number, padded)."),
     receipts: bool = typer.Option(True, "--receipts/--no-receipts", help="Ask for a RECEIPT on every SEND (producers pipeline up to --window unreceipted SENDs)."),
+    rate: Optional[float] = typer.Option(
+        None, "--rate", min=0.1, max=10_000_000, help="Send this many messages per second in all (spread over the producers, one "
+        "at a time on a schedule), to measure latency at a given load rather than at saturation.",
+    ),  # fmt: skip
     window: int = typer.Option(500, "--window", min=1, help="Most SENDs a producer has waiting for their RECEIPT."),
     persistent: bool = typer.Option(False, "--persistent", help="Send persistent:true on every SEND (RabbitMQ/ActiveMQ then store messages on disk; stompgate always does)."),
     ack: AckMode = typer.Option(AckMode.auto, "--ack", help="Subscription ack mode (client-individual ACKs every message; client ACKs the last of each read)."),
@@ -384,7 +388,7 @@ def bench(
                 extra_endpoints=tuple(
                     (g.host, g.http_port if websocket_path is not None else g.stomp_port) for g in spawned[1:]
                 ),
-                persistent=persistent, websocket_path=websocket_path,
+                persistent=persistent, websocket_path=websocket_path, rate=rate,
             )  # fmt: skip
             if targets:
                 _run_compare(

@@ -65,6 +65,9 @@ class BenchConfig:
     subscribe_headers: tuple[tuple[str, str], ...] = ()
     # ``--transport websocket``: the clients speak STOMP over WebSocket to this path of the (HTTP) port
     websocket_path: str | None = None
+    # ``--rate``: messages per second over all producers, sent one at a time on a schedule (latency at a given load
+    # instead of at saturation); None sends as fast as the window allows
+    rate: float | None = None
 
     def endpoint(self, index: int) -> tuple[str, int]:
         endpoints = ((self.host, self.port), *self.extra_endpoints)
@@ -154,6 +157,8 @@ class Producer:
         prefix = f"{self.pid}:"
         limit = self.count
         deadline = time.monotonic() + cfg.duration if cfg.duration is not None else None
+        interval = cfg.producers / cfg.rate if cfg.rate else None  # this producer's share of the rate
+        started = time.monotonic()
         seq = 0
         self.first_send = time.time_ns()
         try:
@@ -163,6 +168,11 @@ class Producer:
                 if deadline is not None and time.monotonic() >= deadline:
                     break
                 batch = SEND_BATCH
+                if interval is not None:  # paced: one message, at its time
+                    batch = 1
+                    delay = started + seq * interval - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
                 if receipts:
                     free = window - len(pending)
                     if free <= 0:

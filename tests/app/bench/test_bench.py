@@ -187,3 +187,10 @@ def test_idle_websocket_connections(tmp_path: Path) -> None:
     )
     assert report["connected"] == report["alive_at_end"] == 50
     assert code == 0
+
+
+def test_rate_paces_the_producers(tmp_path: Path) -> None:
+    code, report = run_bench(tmp_path, "--spawn", "memory://", "--messages", "200", "--rate", "400", "--producers", "2")
+    assert (report["sent"], report["lost"]) == (200, 0)
+    assert report["send_per_s"] <= 440  # the schedule spaces the sends; without --rate this workload sends >10,000/s
+    assert code == 0

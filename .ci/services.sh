@@ -59,13 +59,14 @@ if [ -z "${MONGODB_URL:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null
 fi
 
 # Redis (Debian 12: 7.0) for the Redis datasource's tests: tests/redis_server.py starts private redis-server processes
-# (127.0.0.1, a temp dir, fsynced append-only file); the system service the package sets up is not used.
-if [ -z "${REDIS_URL:-}" ] && ! command -v redis-server >/dev/null 2>&1 && [ ! -x /usr/bin/redis-server ]; then
+# (127.0.0.1, a temp dir, fsynced append-only file); the system service the package sets up is not used. redis-cli
+# (redis-tools) joins three of them into the Redis Cluster the cluster tests run on.
+if [ -z "${REDIS_URL:-}" ] && { ! command -v redis-server >/dev/null 2>&1 || ! command -v redis-cli >/dev/null 2>&1; }; then
   echo "installing Redis (apt)"
   SUDO=""
   if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then SUDO="sudo"; fi
   $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server redis-tools
 fi
 
 # Browser tests: Debian's Chromium (driven by playwright-core, no downloaded browser) and the npm packages pinned by

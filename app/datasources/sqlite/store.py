@@ -154,6 +154,10 @@ class Store:
             if str(mode).lower() != "wal":
                 raise DatasourceError(f"SQLite refused WAL mode for {self.path!r} (journal_mode is {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+            # Debian builds SQLite with secure_delete on: every delete overwrote the row's body with zeros, through the
+            # WAL and again at the checkpoint (an ACK of a 1 MiB message wrote 1 MiB more). FAST zeroes only what costs
+            # no extra I/O; consumed messages are not scrubbed, as RabbitMQ and Artemis do not scrub their journals.
+            conn.execute("PRAGMA secure_delete = FAST")
             m, t, c = self.messages, self.topic_log, self.cursors
             conn.executescript(
                 f"""

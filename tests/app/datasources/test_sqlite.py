@@ -108,6 +108,25 @@ async def test_dead_letter_and_requeue_survive_reopen(tmp_path: Path) -> None:
         await ds.close()
 
 
+async def test_an_ack_does_not_write_the_body_again_as_zeros(tmp_path: Path) -> None:
+    """Debian's SQLite is built with secure_delete on: deleting a row overwrote its body with zeros, through the WAL
+    and again at the checkpoint, so every ACK of a 1 MiB message wrote 1 MiB more. The store turns that off (FAST);
+    RabbitMQ and Artemis do not scrub consumed messages from their journals either."""
+    db = tmp_path / "d.db"
+    wal = Path(f"{db}-wal")
+    ds = await open_db(db)
+    try:
+        body = os.urandom(256 * 1024)  # 64 pages: well under the WAL's automatic checkpoint (1,000 pages)
+        await ds.queues.put([NewMessage("big", Q, {}, body, 4, None, NOW)])
+        [got] = await ds.queues.claim(Q, owner="o", limit=1, lease_ms=30_000, now_ms=NOW)
+        await ds.store.write(lambda conn: None)  # the claim is answered before its commit: wait for that commit
+        before = wal.stat().st_size
+        await ds.queues.ack([got.message_id], [got.lease])
+        assert wal.stat().st_size - before < len(body) // 4
+    finally:
+        await ds.close()
+
+
 async def test_synchronous_option_is_applied(tmp_path: Path) -> None:
     ds = await open_db(tmp_path / "d.db", sqlite_synchronous="NORMAL")
     try:

@@ -1,11 +1,16 @@
-"""``stompgate bench --baseline mongodb://...`` (or ``postgresql://...``): the backend driven directly, with no
-STOMP and no gateway in between: the same datastore operations the gateway makes for this workload, as the database
-can take them.
+"""``stompgate bench --baseline mongodb://...`` (or ``postgresql://...``, ``redis://...``): the backend driven
+directly, with no STOMP and no gateway in between: the same datastore operations the gateway makes for this workload,
+as the database can take them.
 
 On PostgreSQL it runs ``app.datasources.postgresql`` on a fresh namespace (tables dropped afterwards): its claim
 statement, fenced deletes, and topic appends under the head row's lock, which is the bare asyncpg loop of those
 statements plus the backend's thin bookkeeping. Variants there: ``queue-claim`` and ``topic-log`` (each simulated
 gateway follows the log once and fans out).
+
+On Redis (``redis://``, ``rediss://``) it runs ``app.datasources.redis`` the same way, on a fresh namespace whose keys
+are all deleted afterwards (the write marks, kept an hour, included): its Lua scripts called by hash through
+redis-py (APPLY for puts, publishes and ACKs, CLAIM), which is the bare redis-py loop of those scripts. Variants:
+``queue-claim`` and ``topic-log`` (one blocking ``XREAD`` follower per simulated gateway, fanned out).
 
 It runs the backend itself (``app.datasources.mongodb``: ``MongoPollQueue`` and ``MongoTailQueue`` on a fresh
 namespace ``bench-<random>`` in the URL's database, dropped afterwards) with the bench's concurrency, in this one
@@ -48,6 +53,8 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import replace
 from typing import Any
 
+import redis.asyncio as aioredis
+import redis.exceptions
 from pymongo import AsyncMongoClient
 
 from app.bench.workload import SEND_BATCH, TS_HEADER, BenchConfig, summarize
@@ -63,6 +70,8 @@ from app.datasources.mongodb import DEFAULT_DATABASE, MongoDatasource
 from app.datasources.mongodb._common import detect_server
 from app.datasources.postgresql import PgDatasource
 from app.datasources.postgresql.store import TABLES as PG_TABLES
+from app.datasources.redis import RedisDatasource
+from app.datasources.redis.store import _text
 from app.datasources.registry import open_datasource as open_any_datasource
 
 __all__ = ["VARIANTS", "default_variants", "run_baseline"]
@@ -71,14 +80,16 @@ VARIANTS = (
     "queue-claim", "queue-fam-unsafe", "topic-blocks", "topic-shared-cursor", "topic-cursor-per-subscriber", "topic-log",
 )
 POSTGRESQL_SCHEMES = ("postgresql://", "postgres://")
+REDIS_SCHEMES = ("redis://", "rediss://")
 CLAIM_BATCH = 256  # BrokerConfig.claim_batch
 DEFAULT_PREFETCH = 100  # BrokerConfig.default_prefetch
 LEASE_MS = 60_000  # BrokerConfig.lease_ms
 COLLECTIONS = ("queue", "claims", "counters", "topics", "cursors")  # the backend's, under its namespace
 
 
-def default_variants(kind: str, ferretdb: bool, postgresql: bool = False) -> list[str]:
-    if postgresql:
+def default_variants(kind: str, ferretdb: bool, one_log: bool = False) -> list[str]:
+    """``one_log``: the backend's topics are one log that each gateway follows once (PostgreSQL, Redis)."""
+    if one_log:
         return ["queue-claim"] if kind == "queue" else ["topic-log"]
     if kind == "queue":
         return ["queue-claim", "queue-fam-unsafe"] if ferretdb else ["queue-claim"]
@@ -126,6 +137,9 @@ class _Run:
             tables = ", ".join(first.store.table(name) for name in PG_TABLES)
             with contextlib.suppress(Exception):
                 await first.store.run(lambda conn: conn.execute(f"DROP TABLE IF EXISTS {tables}"))
+        elif isinstance(first, RedisDatasource):
+            with contextlib.suppress(Exception):
+                await _delete_redis_namespace(first, self.options.namespace)
         for ds in self.sources:
             with contextlib.suppress(Exception):
                 await ds.close()
@@ -272,9 +286,8 @@ class _Run:
             with contextlib.suppress(Exception):  # the deletes still queued (their failures are in the consumers)
                 async with asyncio.timeout(30):
                     await acker.close()
-        finally:
-            for task in consumer_tasks:  # a follower runs until cancelled; a queue consumer may be waiting
-                task.cancel()
+        finally:  # a follower runs until cancelled; a queue consumer may be waiting
+            await _cancel(consumer_tasks)
             await asyncio.gather(*consumer_tasks, return_exceptions=True)
             await self.close()
         raw = {
@@ -295,15 +308,28 @@ class _Run:
         return summary
 
 
+async def _cancel(tasks: Sequence[asyncio.Future[None]]) -> None:
+    """Cancel until each is done. On Python 3.11 a cancel can be lost: redis-py sends a command under
+    ``asyncio.wait_for``, which returns the send's result when the cancel lands as the send completes, and a Redis
+    topic follower then goes on reading for ever."""
+    pending = {task for task in tasks if not task.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.5)
+
+
 async def run_baseline(
     url: str, cfg: BenchConfig, *, variants: list[str] | None, gateways: int = 1, batch: int = SEND_BATCH
 ) -> dict[str, Any]:
     """Run each variant against ``url``; returns ``{"mode": "baseline", "server", "runs": [summary, ...], "ok"}``."""
-    postgresql = url.startswith(POSTGRESQL_SCHEMES)
+    one_log = url.startswith(POSTGRESQL_SCHEMES + REDIS_SCHEMES)
+    ferretdb = False
     server: dict[str, str | None]
-    if postgresql:
-        ferretdb = False
+    if url.startswith(POSTGRESQL_SCHEMES):
         server = {"postgresql": await _postgresql_version(url)}
+    elif url.startswith(REDIS_SCHEMES):
+        server = await _redis_server(url)
     else:
         probe: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(url, appname="stompgate-bench-baseline")
         try:
@@ -313,7 +339,7 @@ async def run_baseline(
         ferretdb = info.is_ferretdb
         server = {"version": info.version, "ferretdb_version": info.ferretdb_version}
     runs = []
-    for variant in variants or default_variants(cfg.kind, ferretdb, postgresql):
+    for variant in variants or default_variants(cfg.kind, ferretdb, one_log):
         kind = "queue" if variant.startswith("queue") else "topic"
         vcfg = replace(cfg, kind=kind, destination=f"/{kind}/bench-{uuid.uuid4().hex[:12]}")
         started = time.process_time()
@@ -342,3 +368,35 @@ async def _postgresql_version(url: str) -> str:
     finally:
         await ds.close()
     return str(version)
+
+
+async def _redis_server(url: str) -> dict[str, str | None]:
+    """The version and the persistence settings: what a figure on Redis depends on most (``appendfsync``)."""
+    client: aioredis.Redis = aioredis.from_url(url, socket_connect_timeout=10)
+    try:
+        version = (await client.info("server")).get("redis_version")
+        try:
+            settings = {_text(k): _text(v) for k, v in (await client.config_get("append*")).items()}
+        except redis.exceptions.ResponseError:  # CONFIG refused (managed Redis): the figures say so
+            settings = {}
+    finally:
+        await client.aclose()
+    return {
+        "redis": None if version is None else str(version),
+        "appendonly": settings.get("appendonly"),
+        "appendfsync": settings.get("appendfsync"),
+    }
+
+
+async def _delete_redis_namespace(ds: RedisDatasource, namespace: str) -> None:
+    """Every key of ``namespace``: ``{ns}:...`` and ``{ns:<what>}:...`` (see ``app.datasources.redis.scripts``), the
+    write marks included, which would otherwise stay an hour. The namespace is ``bench_<hex>``: no glob characters."""
+    client = ds.store.client
+    batch: list[bytes] = []
+    async for key in client.scan_iter(match=f"{{{namespace}[}}:]*", count=1000):
+        batch.append(key)
+        if len(batch) == 500:
+            await client.delete(*batch)
+            batch = []
+    if batch:
+        await client.delete(*batch)

@@ -84,8 +84,8 @@ def _run_baseline(url: str, *, kind: str, producers: int, consumers: int, messag
     if unknown:
         typer.echo(f"stompgate bench: unknown --baseline-variant {unknown[0]!r} (one of {', '.join(VARIANTS)})", err=True)
         raise typer.Exit(2)
-    if not url.startswith(("mongodb://", "mongodb+srv://", "postgresql://", "postgres://")):
-        typer.echo("stompgate bench: --baseline takes a mongodb:// or postgresql:// URL", err=True)
+    if not url.startswith(("mongodb://", "mongodb+srv://", "postgresql://", "postgres://", "redis://", "rediss://")):
+        typer.echo("stompgate bench: --baseline takes a mongodb://, postgresql:// or redis:// URL", err=True)
         raise typer.Exit(2)
     cfg = BenchConfig(
         host=url, port=0, kind=kind, destination=_destination(kind, None), producers=producers, consumers=consumers,
@@ -103,6 +103,9 @@ def _run_baseline(url: str, *, kind: str, producers: int, consumers: int, messag
         server = report.get("server") or {}
         if server.get("postgresql"):
             name = f"PostgreSQL {server['postgresql']}"
+        elif "redis" in server:  # its figures depend on the fsync setting most of all
+            name = (f"Redis {server['redis'] or '?'} (appendonly {server['appendonly'] or '?'}, "
+                    f"appendfsync {server['appendfsync'] or '?'})")  # fmt: skip
         elif server.get("ferretdb_version"):
             name = f"FerretDB {server['ferretdb_version']}"
         else:
@@ -288,7 +291,7 @@ def bench(
     ),  # fmt: skip
     baseline: Optional[str] = typer.Option(
         None, "--baseline", metavar="DATABASE_URL",
-        help="No gateway: drive the MongoDB or PostgreSQL backend directly with this workload (same producers, consumers and "
+        help="No gateway: drive the MongoDB, PostgreSQL or Redis backend directly with this workload (same producers, consumers and "
         "batch size, no STOMP) against this database, and report it in the same format: the database's own ceiling "
         "for the gateway's datastore operations. See app/bench/baseline.py.",
     ),  # fmt: skip
@@ -297,7 +300,7 @@ def bench(
         help="With --baseline (repeatable): queue-claim (the backend's claim), queue-fam-unsafe (plain "
         "find_one_and_update; not exactly-once on FerretDB), topic-blocks (FerretDB's topic path: batch and block "
         "reads), topic-shared-cursor (one tailable cursor per gateway, fanned out: what the gateway does on "
-        "MongoDB), topic-cursor-per-subscriber, topic-log (PostgreSQL: the log followed once per gateway). Default: the "
+        "MongoDB), topic-cursor-per-subscriber, topic-log (PostgreSQL, Redis: the log followed once per gateway). Default: the "
         "ones that apply to the kind and the server.",
     ),  # fmt: skip
     baseline_batch: int = typer.Option(

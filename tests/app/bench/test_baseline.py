@@ -1,5 +1,5 @@
 """``stompgate bench --baseline MONGODB_URL``: the MongoDB backend driven without a gateway, against the test
-MongoDB server (FerretDB).
+MongoDB server (FerretDB); the same with PostgreSQL and Redis, on their test servers.
 
 Uses the ``mongodb_url`` fixture, which fails (not skips) when FerretDB is missing and ``CI=true``.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -110,3 +111,29 @@ def count_tables(url: str) -> int:
             await conn.close()
 
     return asyncio.run(count())
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("kind", "variant", "deliveries"), [("queue", "queue-claim", 600), ("topic", "topic-log", 1200)])
+def test_redis_baseline(tmp_path: Path, redis_url: str, kind: str, variant: str, deliveries: int) -> None:
+    keys_before = count_keys(redis_url)
+    code, report = run_baseline(
+        tmp_path, redis_url, "--destination-kind", kind, "--messages", "600", "--producers", "2",
+        "--consumers", "2", "--gateways", "2", "--baseline-batch", "32",
+    )  # fmt: skip
+    assert report["server"]["redis"]
+    assert report["server"]["appendfsync"] == "always"  # the test server's; the report names it
+    (run,) = report["runs"]
+    assert run["variant"] == variant
+    assert run["errors"] == []
+    assert (run["sent"], run["deliveries"], run["lost"], run["duplicated"]) == (600, deliveries, 0, 0)
+    assert code == 0
+    assert count_keys(redis_url) == keys_before  # the bench deleted every key it made, the write marks included
+
+
+def count_keys(url: str) -> int:
+    client = redis.Redis.from_url(url)
+    try:
+        return int(client.dbsize())
+    finally:
+        client.close()

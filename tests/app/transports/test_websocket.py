@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import APIRouter, WebSocket
 from websockets.exceptions import ConnectionClosed
 
 from app.transports.websocket import choose_subprotocol
@@ -325,3 +326,34 @@ async def test_server_shutdown_closes_with_1012(tmp_path: Path) -> None:
     with pytest.raises(ConnectionClosed):
         await asyncio.wait_for(client.ws.recv(), timeout=5)
     assert client.ws.close_code == 1012
+
+
+async def test_another_websocket_path_is_served_by_uvicorns_protocol_to_the_end(tmp_path: Path) -> None:
+    """uvicorn's HTTP protocol calls the WebSocket protocol's data_received with the upgrade request and only then
+    sets it as the transport's protocol: the hand-over to uvicorn's own implementation was undone right away. The
+    app's WebSocket route accepted, but the messages that followed went to the STOMP protocol (nothing came back),
+    and uvicorn's protocol never saw connection_lost: it stayed in server_state.connections for good (a leak per
+    connection, and a shutdown that waits out its grace period)."""
+    from websockets.asyncio.client import connect
+
+    router = APIRouter()
+
+    @router.websocket("/echo")
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    with live_app(tmp_path, extra_routers=[router]) as live:
+        assert live.server is not None
+        async with connect(live.ws_url + "/echo", open_timeout=5) as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), 5) == "hello"
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+        connections = live.server.server_state.connections
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while connections and loop.time() < deadline:  # connection_lost runs on the server's thread
+            await asyncio.sleep(0.02)
+        assert not connections, connections

@@ -28,6 +28,7 @@ from urllib.parse import unquote
 
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -161,7 +162,7 @@ class StompWebSocketProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         if self.transport is None or self._closed:
             return
-        if self.session is not None and not self._closing:
+        if self.session is not None and not self._closing and self.conn.state is State.OPEN:
             self._closing = True
             self.conn.send_close(CLOSE_GOING_AWAY_RESTART)
             self._flush()
@@ -319,7 +320,10 @@ class StompWebSocketProtocol(asyncio.Protocol):
         if self._closing or self._closed or self.transport is None:
             return
         self._closing = True
-        self.conn.send_close(code, reason)
+        # Not OPEN: websockets already queued a close, the answer to the client's (parsed in this same read, its
+        # event not handled yet) or its own for a protocol error; a second one would raise InvalidState.
+        if self.conn.state is State.OPEN:
+            self.conn.send_close(code, reason)
         self._flush()
         self.transport.resume_reading()  # read on, so the client's answering close is seen
         self._cancel_timer()

@@ -357,3 +357,31 @@ async def test_another_websocket_path_is_served_by_uvicorns_protocol_to_the_end(
         while connections and loop.time() < deadline:  # connection_lost runs on the server's thread
             await asyncio.sleep(0.02)
         assert not connections, connections
+
+
+async def test_an_error_for_a_message_followed_by_a_close_in_the_same_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """websockets parses the whole read before the protocol looks at its events: a client's CLOSE after a message
+    that ends the session at once (here more than max_frame_bytes_before_connect before CONNECTED) is already
+    answered when the session closes for the ERROR. Our send_close then raised InvalidState out of data_received:
+    asyncio logged a traceback ("Fatal error: protocol.data_received() call failed") and aborted the connection, the
+    client's close never answered (1006). 300 bytes and a close: one read on loopback."""
+    from websockets.frames import Close, Frame, Opcode
+
+    with live_app(tmp_path, max_frame_bytes_before_connect=256) as live:
+        client = await WsStomp.open(live.ws_url + "/stomp")
+        try:
+            protocol = client.ws.protocol
+            protocol.send_frame(Frame(Opcode.TEXT, b"\n" * 300))  # heart-beat EOLs, past the limit
+            protocol.send_frame(Frame(Opcode.CLOSE, Close(1000, "bye").serialize()))
+            client.ws.transport.write(b"".join(protocol.data_to_send()))  # one write, so one read
+            received: list[str | bytes] = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    received.append(await asyncio.wait_for(client.ws.recv(), 5))
+        finally:
+            await client.close()
+    assert [r.getMessage() for r in caplog.records if "data_received" in r.getMessage()] == []
+    assert str(received[0]).startswith("ERROR"), received
+    assert client.ws.close_code == 1000  # the server's answer to our close

@@ -50,7 +50,7 @@ def parse_target(spec: str) -> Target:
     where, *options = rest.split(",")
     host, colon, port_text = where.rpartition(":")
     host = host.strip("[]")
-    if not colon or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not colon or not host or not _is_number(port_text, 5) or not 0 < int(port_text) < 65536:
         raise ValueError(f"--compare {name}: expected HOST:PORT after '{name}=', not {_show(where)}")
     login: str | None = None
     passcode: str | None = None
@@ -72,7 +72,7 @@ def parse_target(spec: str) -> Target:
             if len(headers) > MAX_HEADERS:
                 raise ValueError(f"--compare {name}: at most {MAX_HEADERS} headers")
         elif key == "pid":
-            if not value.isdigit() or not 0 < int(value) < 2**22:
+            if not _is_number(value, 7) or not 0 < int(value) < 2**22:
                 raise ValueError(f"--compare {name}: pid must be a process id, not {_show(value)}")
             pids.append(int(value))
         else:
@@ -81,6 +81,12 @@ def parse_target(spec: str) -> Target:
         if text is not None and any(c in text for c in "\r\n\0"):
             raise ValueError(f"--compare {name}: login and passcode may not hold line breaks or NUL")
     return Target(name, host, int(port_text), login, passcode, tuple(headers), tuple(pids))
+
+
+def _is_number(text: str, digits: int) -> bool:
+    """ASCII digits, at most ``digits`` of them: str.isdigit() alone lets through '²', which int() refuses, and
+    numbers too long for int() to convert."""
+    return 0 < len(text) <= digits and text.isascii() and text.isdigit()
 
 
 def _show(text: str) -> str:

@@ -231,6 +231,14 @@ class QueueSubscription(Subscription):
         broker.spawn(_answer(answer, claiming, broker))
         try:
             messages = await answer
+        except asyncio.CancelledError:
+            # Cancelled after the claim answered but before this task resumed (a stop handled in that turn): the
+            # answer holds messages no list of ours has, and lease renewal would keep them leased for good.
+            if answer.done() and not answer.cancelled() and answer.exception() is None:
+                held = [(m.message_id, m.lease) for m in answer.result()]
+                if held:
+                    broker.spawn(broker.release(held, Release.REQUEUE))
+            raise
         except DatasourceUnavailable as exc:
             log.warning("claim on %s failed, retrying: %s", self.destination_text, exc)
             await asyncio.sleep(self._backoff)

@@ -28,6 +28,7 @@ from urllib.parse import unquote
 
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
+from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
@@ -102,6 +103,9 @@ class StompWebSocketProtocol(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None  # set while the socket's write buffer is over HIGH
         self._timer: asyncio.TimerHandle | None = None  # the next keepalive ping, or the close handshake's deadline
         self._ping: bytes | None = None  # the payload of the ping awaiting its pong
+        # Another path's protocol (uvicorn's): every event goes on to it. uvicorn's HTTP protocol sets this object as
+        # the transport's protocol after our data_received returns, undoing our set_protocol, so we forward.
+        self._other: asyncio.Protocol | None = None
 
     # ---- asyncio.Protocol ----
 
@@ -110,6 +114,9 @@ class StompWebSocketProtocol(asyncio.Protocol):
         self._server_state.connections.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._other is not None:
+            self._other.connection_lost(exc)
+            return
         self._closed = self._closing = True
         self._server_state.connections.discard(self)
         self._cancel_timer()
@@ -118,16 +125,27 @@ class StompWebSocketProtocol(asyncio.Protocol):
             self.session.connection_lost()
 
     def eof_received(self) -> bool | None:
+        if self._other is not None:
+            return self._other.eof_received()
         return None
 
     def pause_writing(self) -> None:
+        if self._other is not None:
+            self._other.pause_writing()
+            return
         if self._writable is None:
             self._writable = asyncio.get_running_loop().create_future()
 
     def resume_writing(self) -> None:
+        if self._other is not None:
+            self._other.resume_writing()
+            return
         self._wake_writers()
 
     def data_received(self, data: bytes) -> None:
+        if self._other is not None:
+            self._other.data_received(data)
+            return
         if self._handshake is not None:
             self._handshake += data
         self.conn.receive_data(data)
@@ -144,7 +162,7 @@ class StompWebSocketProtocol(asyncio.Protocol):
     def shutdown(self) -> None:
         if self.transport is None or self._closed:
             return
-        if self.session is not None and not self._closing:
+        if self.session is not None and not self._closing and self.conn.state is State.OPEN:
             self._closing = True
             self.conn.send_close(CLOSE_GOING_AWAY_RESTART)
             self._flush()
@@ -161,6 +179,7 @@ class StompWebSocketProtocol(asyncio.Protocol):
         if path not in STOMP_PATHS:
             other = self.fallback(config=self._config, server_state=self._server_state, app_state=self._app_state)  # type: ignore[call-arg]
             self._server_state.connections.discard(self)
+            self._other = other
             self.transport.set_protocol(other)
             other.connection_made(self.transport)
             other.data_received(raw)
@@ -301,7 +320,10 @@ class StompWebSocketProtocol(asyncio.Protocol):
         if self._closing or self._closed or self.transport is None:
             return
         self._closing = True
-        self.conn.send_close(code, reason)
+        # Not OPEN: websockets already queued a close, the answer to the client's (parsed in this same read, its
+        # event not handled yet) or its own for a protocol error; a second one would raise InvalidState.
+        if self.conn.state is State.OPEN:
+            self.conn.send_close(code, reason)
         self._flush()
         self.transport.resume_reading()  # read on, so the client's answering close is seen
         self._cancel_timer()

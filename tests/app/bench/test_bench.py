@@ -151,6 +151,12 @@ def test_compare_prints_one_table(tmp_path: Path) -> None:
         (["--compare", "rabbit=localhost:61613,colour=blue"], "unknown option 'colour'"),
         (["--compare", "rabbit=localhost:61613,header=novalue"], "expected header=KEY:VALUE"),
         (["--compare", "rabbit=localhost:61613,pid=x"], "pid must be a process id"),
+        # str.isdigit() holds for '²' (int() refuses it) and for 5,000 digits (past int()'s 4,300): each was int()'s
+        # own message, naming neither the option nor the value
+        (["--compare", "rabbit=localhost:\u00b2"], "expected HOST:PORT after 'rabbit='"),
+        (["--compare", "rabbit=localhost:61613,pid=\u00b2"], "pid must be a process id"),
+        (["--compare", "rabbit=localhost:61613,pid=" + "9" * 5000], "pid must be a process id"),
+        (["--compare", "rabbit=localhost:" + "9" * 5000], "expected HOST:PORT after 'rabbit='"),
         (["--compare", "stompgate=localhost:61613"], "must differ"),
         (["--compare", "a=localhost:1", "--compare", "a=localhost:2"], "must differ"),
         (["--chart", "x.png"], "--chart needs --compare"),

@@ -167,3 +167,55 @@ async def test_a_subscription_closed_while_its_claim_is_in_flight_gives_the_clai
         answer.set()
         server.close()
         await broker.stop()
+
+
+async def test_a_subscription_cancelled_just_after_its_claim_answered_gives_the_claimed_messages_back(
+    memory: Datasource,
+) -> None:
+    """The claim answers the subscription (``set_result``) and the subscription's task resumes a loop turn later.
+    Cancelled in between (UNSUBSCRIBE, a disconnect or the shutdown stops the task in that turn), the task sees only
+    CancelledError at ``await answer``: the answered messages were in no list ``close`` releases, and lease renewal
+    (every lease of this gateway) kept them leased for as long as the gateway ran."""
+    broker = Broker(memory, BrokerConfig(lease_ms=60_000))
+    await broker.start()
+    server = await start_tcp_listener(broker, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    claim = memory.queues.claim
+    cancelled = asyncio.Event()
+
+    async def cancel_in_the_answering_turn(destination: str, **kwargs: Any) -> list[StoredMessage]:
+        messages = await claim(destination, **kwargs)
+        if messages:
+            (task,) = [t for t in asyncio.all_tasks() if t.get_name() == f"queue-sub {destination}"]
+            # Runs after the answer is set (it is set when this returns) and before the task resumes, as the
+            # subscription's _stop does when the client's UNSUBSCRIBE is handled in that turn.
+            loop = asyncio.get_running_loop()
+            loop.call_soon(lambda: (task.cancel(), cancelled.set()))
+        return messages
+
+    release = memory.queues.release
+    released = asyncio.Event()
+
+    async def noted_release(message_ids: Any, how: Any, leases: Any = None) -> None:
+        await release(message_ids, how, leases)
+        released.set()
+
+    memory.queues.claim = cancel_in_the_answering_turn  # type: ignore[method-assign]
+    memory.queues.release = noted_release  # type: ignore[method-assign]
+    client: StompSocket | None = None
+    try:
+        await broker.publish("/queue/q", {}, b"hello")
+        client = StompSocket(*await asyncio.open_connection("127.0.0.1", port))
+        client.conn.connect(host="/", login="me")
+        await client.flush()
+        assert isinstance(await client.next(), Connected)
+        client.conn.subscribe("/queue/q", "1", ack="client-individual")
+        await client.flush()
+        await asyncio.wait_for(cancelled.wait(), 5)
+        await asyncio.wait_for(released.wait(), 5)  # the release is a task of its own
+        assert (await memory.queues.stats("/queue/q", now_ms=broker.now_ms())).ready == 1
+    finally:
+        if client is not None:
+            client.writer.close()
+        server.close()
+        await broker.stop()

@@ -25,6 +25,7 @@ class LiveApp:
     app: FastAPI
     http_port: int
     stomp_port: int
+    server: uvicorn.Server | None = None  # its server_state: the connections uvicorn tracks
 
     @property
     def http_url(self) -> str:
@@ -80,7 +81,7 @@ def live_app(
             raise RuntimeError("the test gateway did not start")
         time.sleep(0.02)
     try:
-        yield LiveApp(app, http_port, stomp_port)
+        yield LiveApp(app, http_port, stomp_port, server)
     finally:
         server.should_exit = True
         thread.join(20)

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import APIRouter, WebSocket
 from websockets.exceptions import ConnectionClosed
 
 from app.transports.websocket import choose_subprotocol
@@ -325,3 +326,62 @@ async def test_server_shutdown_closes_with_1012(tmp_path: Path) -> None:
     with pytest.raises(ConnectionClosed):
         await asyncio.wait_for(client.ws.recv(), timeout=5)
     assert client.ws.close_code == 1012
+
+
+async def test_another_websocket_path_is_served_by_uvicorns_protocol_to_the_end(tmp_path: Path) -> None:
+    """uvicorn's HTTP protocol calls the WebSocket protocol's data_received with the upgrade request and only then
+    sets it as the transport's protocol: the hand-over to uvicorn's own implementation was undone right away. The
+    app's WebSocket route accepted, but the messages that followed went to the STOMP protocol (nothing came back),
+    and uvicorn's protocol never saw connection_lost: it stayed in server_state.connections for good (a leak per
+    connection, and a shutdown that waits out its grace period)."""
+    from websockets.asyncio.client import connect
+
+    router = APIRouter()
+
+    @router.websocket("/echo")
+    async def echo(websocket: WebSocket) -> None:
+        await websocket.accept()
+        await websocket.send_text(await websocket.receive_text())
+        await websocket.close()
+
+    with live_app(tmp_path, extra_routers=[router]) as live:
+        assert live.server is not None
+        async with connect(live.ws_url + "/echo", open_timeout=5) as ws:
+            await ws.send("hello")
+            assert await asyncio.wait_for(ws.recv(), 5) == "hello"
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 5)
+        connections = live.server.server_state.connections
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while connections and loop.time() < deadline:  # connection_lost runs on the server's thread
+            await asyncio.sleep(0.02)
+        assert not connections, connections
+
+
+async def test_an_error_for_a_message_followed_by_a_close_in_the_same_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """websockets parses the whole read before the protocol looks at its events: a client's CLOSE after a message
+    that ends the session at once (here more than max_frame_bytes_before_connect before CONNECTED) is already
+    answered when the session closes for the ERROR. Our send_close then raised InvalidState out of data_received:
+    asyncio logged a traceback ("Fatal error: protocol.data_received() call failed") and aborted the connection, the
+    client's close never answered (1006). 300 bytes and a close: one read on loopback."""
+    from websockets.frames import Close, Frame, Opcode
+
+    with live_app(tmp_path, max_frame_bytes_before_connect=256) as live:
+        client = await WsStomp.open(live.ws_url + "/stomp")
+        try:
+            protocol = client.ws.protocol
+            protocol.send_frame(Frame(Opcode.TEXT, b"\n" * 300))  # heart-beat EOLs, past the limit
+            protocol.send_frame(Frame(Opcode.CLOSE, Close(1000, "bye").serialize()))
+            client.ws.transport.write(b"".join(protocol.data_to_send()))  # one write, so one read
+            received: list[str | bytes] = []
+            with pytest.raises(ConnectionClosed):
+                while True:
+                    received.append(await asyncio.wait_for(client.ws.recv(), 5))
+        finally:
+            await client.close()
+    assert [r.getMessage() for r in caplog.records if "data_received" in r.getMessage()] == []
+    assert str(received[0]).startswith("ERROR"), received
+    assert client.ws.close_code == 1000  # the server's answer to our close

@@ -103,6 +103,7 @@ class RedisTailQueue(TailQueue):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
                 continue
+            _stop_if_cancelled()
             backoff = 0.05
             entries = _entries(reply)
             if not entries:
@@ -138,6 +139,15 @@ class RedisTailQueue(TailQueue):
 
     def close(self) -> None:
         self._closed = True
+
+
+def _stop_if_cancelled() -> None:
+    """A cancel of the follower may be lost inside redis-py: it sends each command under ``asyncio.wait_for``, which
+    on Python 3.11 returns normally when the cancel lands just as the send completes. The task still counts the
+    cancel (``cancelling()``), so the follower stops here instead of reading on forever (and holding up shutdown)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 def _entries(reply: Any) -> list[tuple[Any, dict[bytes, bytes]]]:

@@ -614,3 +614,36 @@ async def test_a_cluster_url_with_another_database_is_one_sentence(redis_cluster
     with pytest.raises(DatasourceError) as caught:
         await open_redis(url, namespace)
     assert "is a cluster node, and a cluster has database 0 only, not 3" in str(caught.value)
+
+
+async def test_a_follower_whose_cancel_the_client_swallowed_still_stops(redis_url: str, namespace: str) -> None:
+    """redis-py sends each command under asyncio.wait_for, which on Python 3.11 can return normally when a cancel
+    lands just as the send completes (the cancel is then lost, though the task still counts it). Injected here: a
+    read that swallows the cancel. A follower must stop all the same, or a gateway's shutdown waits on it forever."""
+    ds = await open_redis(redis_url, namespace)
+    reading = asyncio.Event()
+    try:
+        client = ds.store.client
+        real_xread = client.xread
+
+        async def xread_swallowing_cancel(*args: Any, **kwargs: Any) -> Any:
+            reading.set()
+            try:
+                return await real_xread(*args, **{**kwargs, "block": 200})
+            except asyncio.CancelledError:
+                return []  # what wait_for's race does: the cancel is gone, the call "succeeded"
+
+        client.xread = xread_swallowing_cancel  # type: ignore[method-assign]
+
+        async def follow() -> None:
+            async for _ in ds.topics.follow(after=0):
+                pass
+
+        follower = asyncio.ensure_future(follow())
+        await asyncio.wait_for(reading.wait(), 5)
+        follower.cancel()
+        done, _ = await asyncio.wait({follower}, timeout=5)
+        assert follower in done, "the follower read on after its cancel"
+        assert follower.cancelled()
+    finally:
+        await ds.close()

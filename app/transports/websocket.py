@@ -58,7 +58,7 @@ def choose_subprotocol(offered: Sequence[str]) -> str | None:
         if candidate in offered:
             return candidate
     return None
-_FIN_TEXT, _FIN_BINARY = 0x81, 0x82
+_FIN_TEXT, _FIN_BINARY, _FIN_PONG = 0x81, 0x82, 0x8A
 
 
 def _frame_head(first: int, length: int) -> bytes:
@@ -336,7 +336,11 @@ class StompWebSocketProtocol(asyncio.Protocol):
         transport = self.transport
         if not chunks or transport is None or self._closed:
             return
-        transport.writelines([c for c in chunks if c])
+        congested = self._writable is not None  # over the write buffer's high mark: the client is not reading
+        # websockets answers every ping with a pong (each frame a chunk of its own, first byte 0x8A). For a client that
+        # sends pings and does not read, those would pile up here at its upload rate: while congested they are
+        # dropped (RFC 6455 5.5.3 lets an endpoint answer only some pings).
+        transport.writelines([c for c in chunks if c and not (congested and c[0] == _FIN_PONG)])
         if b"" in chunks:
             self._closing = True
             self._cancel_timer()

@@ -385,3 +385,46 @@ async def test_an_error_for_a_message_followed_by_a_close_in_the_same_read(
     assert [r.getMessage() for r in caplog.records if "data_received" in r.getMessage()] == []
     assert str(received[0]).startswith("ERROR"), received
     assert client.ws.close_code == 1000  # the server's answer to our close
+
+
+def test_pings_from_a_client_that_never_reads_do_not_grow_the_write_buffer(tmp_path: Path) -> None:
+    """Every ping asks for a pong. A client that sends pings and never reads would make the gateway hold every pong
+    (its upload rate, in our memory): once the connection's write buffer is over its high mark, pongs are dropped
+    (RFC 6455 5.5.3 lets an endpoint answer only some pings)."""
+    import base64
+    import os
+    import socket
+    import time
+
+    from app.transports.websocket import StompWebSocketProtocol
+
+    with live_app(tmp_path) as live:
+        assert live.server is not None
+        sock = socket.create_connection(("127.0.0.1", live.http_port))
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # read nothing, and hold little in the kernel
+            key = base64.b64encode(os.urandom(16)).decode()
+            sock.sendall(
+                f"GET /stomp HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            answer = b""
+            while b"\r\n\r\n" not in answer:  # a client waits for the 101 before sending frames
+                answer += sock.recv(1024)
+            assert answer.startswith(b"HTTP/1.1 101")
+            ping = bytes((0x89, 0x80 | 125)) + b"\0\0\0\0" + b"p" * 125  # a masked ping (zero key), 125 bytes
+            sent = 0
+            sock.settimeout(10)
+            while sent < 24 * 1024 * 1024:  # 24 MiB of pongs asked for
+                sock.sendall(ping * 512)
+                sent += 125 * 512
+            protocols = [p for p in live.server.server_state.connections if isinstance(p, StompWebSocketProtocol)]
+            assert len(protocols) == 1
+            deadline = time.monotonic() + 5
+            backlog = protocols[0].write_backlog()
+            while time.monotonic() < deadline and backlog < 4 * 1024 * 1024:  # give the server time to read all
+                time.sleep(0.05)
+                backlog = protocols[0].write_backlog()
+            assert backlog < 4 * 1024 * 1024, f"{backlog:,} bytes of pongs held for a client that does not read"
+        finally:
+            sock.close()

@@ -31,7 +31,7 @@ from app.datasources.interface import (
 from app.datasources.scanning import ScanBook, scan_in_order
 from app.datasources.sqlite.rows import (
     IN_CHUNK,
-    MSG_COLUMNS,
+    MESSAGE_COLUMNS,
     SCAN_BATCH,
     chunks,
     decode_headers,
@@ -43,6 +43,9 @@ from app.datasources.wakeups import Signals
 
 __all__ = ["SqlitePollQueue"]
 
+# A body longer than this is stored in the bodies table (store.py says why); shorter ones stay in the message row,
+# where they fit its page (4 KiB) and a second insert would cost more than the rewrite saves.
+SIDE_BODY_MIN = 2048
 EXPIRED_SWEEP_S = 1.0  # how often a destination's expired messages are deleted (wall clock, at claim time)
 _NO_LEASE = 1 << 62
 
@@ -64,15 +67,19 @@ class SqlitePollQueue(PollQueue):
             f"INSERT INTO {m} (message_id, destination, priority, expires_at, published_at, headers, body) "
             "VALUES (?, ?, ?, ?, ?, ?, ?)"
         )
+        self._sql_put_body = f"INSERT INTO {store.bodies} (seq, body) VALUES (?, ?)"
+        # the message's columns with its body from the bodies table when it is there (an empty body in the row)
+        side_body = f"coalesce((SELECT b.body FROM {store.bodies} b WHERE b.seq = {m}.seq), {m}.body)"
+        columns = ", ".join(side_body if c == "body" else c for c in MESSAGE_COLUMNS)
         # Claimable, given that a claim first requeues its destination's lapsed leases (``_requeue_lapsed``): then
         # ``state = 0`` is the whole first half of the rule, and the claim index (destination, state, ...) serves it.
         ready = f"destination = ? AND state = 0 AND {_NOT_EXPIRED}"
         self._sql_claim = (
             f"UPDATE {m} SET {_CLAIM_SET} "
             f"WHERE seq IN (SELECT seq FROM {m} WHERE {ready} ORDER BY {_ORDER} LIMIT ?) "
-            f"RETURNING {MSG_COLUMNS}"
+            f"RETURNING {columns}"
         )
-        self._sql_claim_seqs = f"UPDATE {m} SET {_CLAIM_SET} WHERE seq IN ({{}}) RETURNING {MSG_COLUMNS}"
+        self._sql_claim_seqs = f"UPDATE {m} SET {_CLAIM_SET} WHERE seq IN ({{}}) RETURNING {columns}"
         self._sql_scan = f"SELECT priority, seq, headers FROM {m} WHERE {ready} ORDER BY {_ORDER}"
         # resuming a scan after (priority p, seq s): the rest of p's band, then the lower priorities
         self._sql_scan_band = f"SELECT priority, seq, headers FROM {m} WHERE {ready} AND priority = ? AND seq > ? ORDER BY seq"
@@ -84,7 +91,7 @@ class SqlitePollQueue(PollQueue):
         )
         self._sql_lease_floor = f"SELECT min(lease_until) FROM {m} WHERE destination = ? AND state = 1"
         self._sql_sweep = f"DELETE FROM {m} WHERE destination = ? AND state = 0 AND expires_at <= ?"
-        self._sql_peek = f"SELECT {MSG_COLUMNS} FROM {m} WHERE destination = ? AND {_CLAIMABLE} ORDER BY {_ORDER}"
+        self._sql_peek = f"SELECT {columns} FROM {m} WHERE destination = ? AND {_CLAIMABLE} ORDER BY {_ORDER}"
 
     # -- writer-thread helpers -------------------------------------------------------------------------------------
     def _rolled_back(self) -> None:
@@ -129,12 +136,22 @@ class SqlitePollQueue(PollQueue):
             )
             for m in messages
         ]
-        sql = self._sql_put
+        sql, sql_body = self._sql_put, self._sql_put_body
+        side = any(len(row[6]) > SIDE_BODY_MIN for row in rows)
 
         scans = self._scans
 
         def run(conn: sqlite3.Connection) -> None:
-            conn.executemany(sql, rows)
+            if not side:
+                conn.executemany(sql, rows)
+            else:  # one at a time, in order (seq is the FIFO order); long bodies into the bodies table
+                for row in rows:
+                    body = row[6]
+                    if len(body) > SIDE_BODY_MIN:
+                        seq = conn.execute(sql, (*row[:6], b"")).lastrowid
+                        conn.execute(sql_body, (seq, body))
+                    else:
+                        conn.execute(sql, row)
             for row in rows:
                 scans.put(row[1], row[2])
 

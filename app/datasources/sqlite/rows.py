@@ -8,7 +8,7 @@ from typing import TypeVar
 
 from app.datasources.sql_rows import MESSAGE_COLUMNS, decode_headers, headers_text, message_from_row
 
-__all__ = ["MSG_COLUMNS", "IN_CHUNK", "SCAN_BATCH", "headers_text", "decode_headers", "message_from_row", "chunks"]
+__all__ = ["MSG_COLUMNS", "MESSAGE_COLUMNS", "IN_CHUNK", "SCAN_BATCH", "headers_text", "decode_headers", "message_from_row", "chunks"]
 
 T = TypeVar("T")
 

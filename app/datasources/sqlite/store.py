@@ -90,6 +90,7 @@ class Store:
             raise DatasourceError(f"sqlite_synchronous must be one of OFF, NORMAL, FULL, EXTRA, not {synchronous!r}")
         self.synchronous = synchronous
         self.messages = f"{ns}_messages"
+        self.bodies = f"{ns}_messages_bodies"
         self.topic_log = f"{ns}_topic_log"
         self.cursors = f"{ns}_cursors"
         self.commits = 0  # committed write transactions; tests use it to see group commit at work
@@ -191,6 +192,12 @@ class Store:
                     published_at INTEGER NOT NULL
                 );
                 CREATE TABLE IF NOT EXISTS {c} (name TEXT PRIMARY KEY, position INTEGER NOT NULL);
+                -- bodies over SIDE_BODY_MIN bytes live here, their message row holding an empty body: a claim, a
+                -- requeue or a renewal rewrites the message row, and SQLite rewrites a row whole, overflow pages and
+                -- all, when its size changes (a claim sets the owner): a 1 MiB body was written again by every claim
+                CREATE TABLE IF NOT EXISTS {m}_bodies (seq INTEGER PRIMARY KEY, body BLOB NOT NULL);
+                CREATE TRIGGER IF NOT EXISTS {m}_bodies_gone AFTER DELETE ON {m} WHEN length(OLD.body) = 0
+                BEGIN DELETE FROM {m}_bodies WHERE seq = OLD.seq; END;
                 UPDATE {m} SET state = 0, owner = NULL, lease_until = NULL WHERE state = 1;
                 COMMIT;
                 """

@@ -127,6 +127,56 @@ async def test_an_ack_does_not_write_the_body_again_as_zeros(tmp_path: Path) -> 
         await ds.close()
 
 
+async def test_a_claim_does_not_write_a_long_body_again(tmp_path: Path) -> None:
+    """A claim changes the row's size (it sets the owner), and SQLite then rewrites the row whole, overflow pages and
+    all: a claim of a 1 MiB message wrote 1 MiB. Long bodies live in a table of their own, which claims do not touch."""
+    db = tmp_path / "d.db"
+    wal = Path(f"{db}-wal")
+    ds = await open_db(db)
+    try:
+        body = os.urandom(256 * 1024)
+        await ds.queues.put([NewMessage("big", Q, {}, body, 4, None, NOW)])
+        before = wal.stat().st_size
+        [got] = await ds.queues.claim(Q, owner="o", limit=1, lease_ms=30_000, now_ms=NOW)
+        await ds.store.write(lambda conn: None)  # the claim is answered before its commit: wait for that commit
+        assert got.body == body
+        assert wal.stat().st_size - before < len(body) // 4
+        await ds.queues.release([got.message_id], Release.REQUEUE, [got.lease])
+        [again] = await ds.queues.claim(Q, owner="o", limit=1, lease_ms=30_000, now_ms=NOW)
+        assert again.body == body and again.deliveries == 2
+        [peeked] = await ds.queues.peek(Q, limit=5, now_ms=NOW + 60_000)  # its lease lapsed: claimable, shown
+        assert peeked.body == body
+        await ds.queues.ack([again.message_id], [again.lease])
+        bodies = await ds.store.read(lambda conn: conn.execute(f"SELECT count(*) FROM {ds.store.bodies}").fetchone()[0])
+        assert bodies == 0  # the ACK took the body with it
+    finally:
+        await ds.close()
+
+
+async def test_long_bodies_stored_in_the_row_by_an_earlier_build_are_still_delivered(tmp_path: Path) -> None:
+    db = tmp_path / "d.db"
+    ds = await open_db(db)
+    body = os.urandom(64 * 1024)
+    m = ds.store.messages
+    try:  # a row as the earlier build wrote it: the body in the message row
+        await ds.store.write(
+            lambda conn: conn.execute(
+                f"INSERT INTO {m} (message_id, destination, priority, published_at, headers, body) VALUES (?, ?, 4, ?, '{{}}', ?)",
+                ("old", Q, NOW, body),
+            )
+        )
+        await ds.queues.put([NewMessage("empty", Q, {}, b"", 4, None, NOW), NewMessage("new", Q, {}, body, 4, None, NOW)])
+        got = await ds.queues.claim(Q, owner="o", limit=5, lease_ms=30_000, now_ms=NOW)
+        assert [(g.message_id, g.body) for g in got] == [("old", body), ("empty", b""), ("new", body)]
+        await ds.queues.ack([g.message_id for g in got], [g.lease for g in got])
+        await ds.queues.put([NewMessage("purged", Q, {}, body, 4, None, NOW)])
+        assert await ds.queues.purge(Q) == 1
+        bodies = await ds.store.read(lambda conn: conn.execute(f"SELECT count(*) FROM {ds.store.bodies}").fetchone()[0])
+        assert bodies == 0
+    finally:
+        await ds.close()
+
+
 async def test_synchronous_option_is_applied(tmp_path: Path) -> None:
     ds = await open_db(tmp_path / "d.db", sqlite_synchronous="NORMAL")
     try:

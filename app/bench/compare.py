@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import statistics
+import textwrap
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -213,7 +214,7 @@ def write_chart(result: dict[str, Any], path: Path, title: str | None = None) ->
             ax.scatter([i] * len(rates), rates, color="#1a202c", s=14, zorder=3)
         ax.bar_label(bars, labels=[f"{m:,.0f}" for m in medians], padding=3)
         ax.set_ylabel(f"{unit} (bar: median; dots: runs)")
-        ax.set_title(title or result["workload"], fontsize=9)
+        ax.set_title("\n".join(textwrap.wrap(title or result["workload"], 90)), fontsize=9)
         ax.set_ylim(0, max([*medians, *(max(_rates(result, n)) for n in names)]) * 1.15 or 1)
         ax.spines[["top", "right"]].set_visible(False)
         fig.tight_layout()

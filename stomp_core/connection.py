@@ -81,7 +81,7 @@ from .heartbeat import HeartbeatPlan, negotiate, parse_heartbeat
 from .limits import DEFAULT_LIMITS, Limits
 from .negotiation import SUPPORTED_VERSIONS, negotiate_version
 from .parser import FrameParser
-from .serializer import encode_frame, encode_message
+from .serializer import encode_frame, encode_message, encode_receipt
 from .states import TRANSITIONS, State
 
 __all__ = ["ServerConnection", "ClientConnection"]
@@ -356,8 +356,8 @@ class ServerConnection(_Endpoint):
             self._queue_out(encode_message(destination, subscription, message_id, ack, headers, body, self._version))
 
     def send_receipt(self, receipt_id: str) -> None:
-        if self._may_send("RECEIPT"):
-            self._queue_out(encode_frame("RECEIPT", (("receipt-id", receipt_id),), b"", self._version))
+        if self._state is State.OPEN or self._may_send("RECEIPT"):
+            self._queue_out(encode_receipt(receipt_id, self._version))
 
     def send_violation(self, violation: ProtocolViolation) -> None:
         """Queue the ERROR for a ``ProtocolViolation`` this connection reported, and close."""

@@ -12,7 +12,7 @@ from .errors import UsageError
 from .escaping import RAW_COMMANDS, can_carry, escape
 from .frame import Frame
 
-__all__ = ["serialize", "encode_frame", "encode_message"]
+__all__ = ["serialize", "encode_frame", "encode_message", "encode_receipt"]
 
 _BODY_COMMANDS = frozenset({"SEND", "MESSAGE", "ERROR"})
 _MESSAGE_RESERVED = frozenset({"destination", "subscription", "message-id", "ack", "content-length"})
@@ -52,6 +52,12 @@ def encode_frame(command: str, headers: Iterable[tuple[str, str]], body: bytes, 
 def serialize(frame: Frame, version: str = "1.2") -> bytes:
     """The wire form of ``frame`` for a connection speaking ``version``."""
     return encode_frame(frame.command, frame.headers.items(), frame.body, version)
+
+
+def encode_receipt(receipt_id: str, version: str) -> bytes:
+    """The RECEIPT hot path: the bytes of ``encode_frame("RECEIPT", (("receipt-id", receipt_id),), b"", version)``
+    (one per SEND that asks for it), without the general loop."""
+    return f"RECEIPT\nreceipt-id:{escape(receipt_id, version)}\n\n\0".encode()
 
 
 def encode_message(

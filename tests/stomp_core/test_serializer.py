@@ -3,7 +3,7 @@ import pytest
 from stomp_core.errors import UsageError
 from stomp_core.frame import Frame
 from stomp_core.parser import FrameParser
-from stomp_core.serializer import encode_frame, encode_message, serialize
+from stomp_core.serializer import encode_frame, encode_message, encode_receipt, serialize
 
 
 def test_send_always_has_content_length() -> None:
@@ -85,3 +85,17 @@ def test_escape_refuses_a_nul_in_every_version() -> None:
     for version in ("1.0", "1.1", "1.2"):
         with pytest.raises(UsageError):
             encode_frame("RECEIPT", [("receipt-id", "a\x00b")], b"", version)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+@pytest.mark.parametrize("receipt_id", ["r-1", "", "a:b", "back\\slash", "é", "line\nbreak", "cr\rhere", "nul\0"])
+def test_encode_receipt_is_encode_frame(version: str, receipt_id: str) -> None:
+    """The RECEIPT fast path writes the same bytes as the general one, and refuses what it refuses."""
+    try:
+        expected = encode_frame("RECEIPT", (("receipt-id", receipt_id),), b"", version)
+    except UsageError as exc:
+        with pytest.raises(UsageError) as raised:
+            encode_receipt(receipt_id, version)
+        assert str(raised.value) == str(exc)
+    else:
+        assert encode_receipt(receipt_id, version) == expected

@@ -1,6 +1,7 @@
 import pytest
 
 from stomp_core.errors import UsageError
+from stomp_core.escaping import can_carry, escape
 from stomp_core.frame import Frame
 from stomp_core.parser import FrameParser
 from stomp_core.serializer import encode_frame, encode_message, encode_receipt, serialize
@@ -99,3 +100,23 @@ def test_encode_receipt_is_encode_frame(version: str, receipt_id: str) -> None:
         assert str(raised.value) == str(exc)
     else:
         assert encode_receipt(receipt_id, version) == expected
+
+
+_TRICKY = ["", "a", "a:b", "x\ny", "x\ry", "x\x00y", "back\\slash", "é", ":", "\n", "ok"]
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+def test_encode_message_headers_match_the_header_by_header_rules(version: str) -> None:
+    """Whether the headers take the quick path (nothing to escape or leave out) or not, each is written as
+    ``escape(name):escape(value)`` when the version can carry it, in order, and left out otherwise."""
+    for name in _TRICKY:
+        for value in _TRICKY:
+            headers = {"first": "1", name: value, "last": "2"}
+            expected = "".join(
+                f"{escape(n, version)}:{escape(v, version)}\n"
+                for n, v in headers.items()
+                if n not in ("destination", "subscription", "message-id", "ack", "content-length")
+                and can_carry(n, v, version)
+            )
+            wire = encode_message("/q", "s", "m", None, headers, b"", version)
+            assert wire == f"MESSAGE\ndestination:/q\nmessage-id:m\nsubscription:s\n{expected}content-length:0\n\n".encode() + b"\0"

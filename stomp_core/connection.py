@@ -76,12 +76,12 @@ from .events import (
     Subscribe,
     Unsubscribe,
 )
-from .frame import CLIENT_COMMANDS, SERVER_COMMANDS, Frame
+from .frame import CLIENT_COMMANDS, SERVER_COMMANDS
 from .heartbeat import HeartbeatPlan, negotiate, parse_heartbeat
 from .limits import DEFAULT_LIMITS, Limits
 from .negotiation import SUPPORTED_VERSIONS, negotiate_version
 from .parser import FrameParser
-from .serializer import encode_frame, encode_message
+from .serializer import encode_frame, encode_message, encode_receipt
 from .states import TRANSITIONS, State
 
 __all__ = ["ServerConnection", "ClientConnection"]
@@ -175,7 +175,7 @@ class ServerConnection(_Endpoint):
         self._heartbeat = HeartbeatPlan()
         self._out: list[bytes] = []
         self._parser = FrameParser(limits, commands=CLIENT_COMMANDS, frame_limit="max_frame_bytes_before_connect")
-        self._handlers: dict[str, Callable[[Frame], ServerEvent]] = {
+        self._handlers: dict[str, Callable[[Mapping[str, str], bytes], ServerEvent]] = {
             "CONNECT": self._on_connect,
             "STOMP": self._on_connect,
             "SEND": self._on_send,
@@ -198,33 +198,34 @@ class ServerConnection(_Endpoint):
         parser = self._parser
         parser.append(data)
         events: list[ServerEvent] = []
+        handlers = self._handlers
         while True:
             try:
-                frame = parser.next_frame()
+                parts = parser.next_parts()
             except ProtocolError as exc:
                 events.append(self._violation(exc))
                 return events
-            if frame is None:
+            if parts is None:
                 return events
+            command, headers, body = parts
             try:
-                events.append(self._handle(frame))
+                new = TRANSITIONS.get((self._state, command))
+                if new is None:
+                    raise self._out_of_order(command)
+                events.append(handlers[command](headers, body))
+                self._state = new
             except ProtocolError as exc:
-                exc.receipt_id = frame.headers.get("receipt")
+                exc.receipt_id = headers.get("receipt")
                 events.append(self._violation(exc))
                 return events
-            if self._state is State.CLOSING:
+            if new is State.CLOSING:
                 return events
 
-    def _handle(self, frame: Frame) -> ServerEvent:
-        command = frame.command
-        new = TRANSITIONS.get((self._state, command))
-        if new is None:
-            if command == "CONNECT" or command == "STOMP":
-                raise ProtocolError("Invalid frame order", f"Received {command} on a connection that is already connected")
-            raise ProtocolError("Invalid frame order", f"Received {command} before CONNECT")
-        event = self._handlers[command](frame)
-        self._state = new
-        return event
+    @staticmethod
+    def _out_of_order(command: str) -> ProtocolError:
+        if command == "CONNECT" or command == "STOMP":
+            return ProtocolError("Invalid frame order", f"Received {command} on a connection that is already connected")
+        return ProtocolError("Invalid frame order", f"Received {command} before CONNECT")
 
     def _violation(self, exc: ProtocolError) -> ProtocolViolation:
         self._state = State.FAILING
@@ -232,10 +233,9 @@ class ServerConnection(_Endpoint):
             exc.message, exc.detail, isinstance(exc, LimitExceeded), exc.receipt_id, tuple(exc.headers.items())
         )
 
-    def _on_connect(self, frame: Frame) -> ConnectRequested:
-        headers = frame.headers
+    def _on_connect(self, headers: Mapping[str, str], body: bytes) -> ConnectRequested:
         version = negotiate_version(headers.get("accept-version"), self._versions)
-        if not _only_eols(frame.body):
+        if not _only_eols(body):
             raise ProtocolError("Bad CONNECT", "A CONNECT frame carries no body")
         heartbeat = (0, 0) if version == "1.0" else parse_heartbeat(headers.get("heart-beat"))
         self._version = self._parser.version = version
@@ -247,18 +247,16 @@ class ServerConnection(_Endpoint):
             version, headers.get("host"), headers.get("login"), headers.get("passcode"), heartbeat, headers
         )
 
-    def _on_send(self, frame: Frame) -> Send:
-        headers = frame.headers
+    def _on_send(self, headers: Mapping[str, str], body: bytes) -> Send:
         return Send(
             _require(headers, "destination", "SEND"),
             headers,
-            frame.body,
+            body,
             headers.get("transaction"),
             headers.get("receipt"),
         )
 
-    def _on_subscribe(self, frame: Frame) -> Subscribe:
-        headers = frame.headers
+    def _on_subscribe(self, headers: Mapping[str, str], _: bytes) -> Subscribe:
         destination = _require(headers, "destination", "SUBSCRIBE")
         sub_id = headers.get("id")
         if sub_id is None:
@@ -269,8 +267,7 @@ class ServerConnection(_Endpoint):
             raise ProtocolError("Invalid header", f"ack must be auto, client or client-individual, not {ack[:32]!r}")
         return Subscribe(destination, sub_id, mode, headers, headers.get("receipt"))
 
-    def _on_unsubscribe(self, frame: Frame) -> Unsubscribe:
-        headers = frame.headers
+    def _on_unsubscribe(self, headers: Mapping[str, str], _: bytes) -> Unsubscribe:
         sub_id = headers.get("id")
         if sub_id is None and self._version == "1.0":
             sub_id = headers.get("destination")
@@ -286,14 +283,12 @@ class ServerConnection(_Endpoint):
             _require(headers, "subscription", command)
         return ack_id
 
-    def _on_ack(self, frame: Frame) -> Ack:
-        headers = frame.headers
+    def _on_ack(self, headers: Mapping[str, str], _: bytes) -> Ack:
         ack_id = self._ack_id(headers, "ACK")
         return Ack(ack_id, headers.get("subscription"), headers.get("transaction"), headers.get("receipt"))
 
-    def _on_nack(self, frame: Frame) -> Nack:
+    def _on_nack(self, headers: Mapping[str, str], _: bytes) -> Nack:
         # NACK is not part of STOMP 1.0, but 1.0 clients send it (RabbitMQ accepts it): by message-id, as a 1.0 ACK.
-        headers = frame.headers
         ack_id = self._ack_id(headers, "NACK")
         requeue = headers.get("requeue")
         return Nack(
@@ -304,17 +299,17 @@ class ServerConnection(_Endpoint):
             requeue is None or requeue.lower() != "false",  # Python clients write the boolean as "False"
         )
 
-    def _on_begin(self, frame: Frame) -> Begin:
-        return Begin(_require(frame.headers, "transaction", "BEGIN"), frame.headers.get("receipt"))
+    def _on_begin(self, headers: Mapping[str, str], _: bytes) -> Begin:
+        return Begin(_require(headers, "transaction", "BEGIN"), headers.get("receipt"))
 
-    def _on_commit(self, frame: Frame) -> Commit:
-        return Commit(_require(frame.headers, "transaction", "COMMIT"), frame.headers.get("receipt"))
+    def _on_commit(self, headers: Mapping[str, str], _: bytes) -> Commit:
+        return Commit(_require(headers, "transaction", "COMMIT"), headers.get("receipt"))
 
-    def _on_abort(self, frame: Frame) -> Abort:
-        return Abort(_require(frame.headers, "transaction", "ABORT"), frame.headers.get("receipt"))
+    def _on_abort(self, headers: Mapping[str, str], _: bytes) -> Abort:
+        return Abort(_require(headers, "transaction", "ABORT"), headers.get("receipt"))
 
-    def _on_disconnect(self, frame: Frame) -> Disconnect:
-        return Disconnect(frame.headers.get("receipt"))
+    def _on_disconnect(self, headers: Mapping[str, str], _: bytes) -> Disconnect:
+        return Disconnect(headers.get("receipt"))
 
     # ---- sending ----
 
@@ -361,8 +356,8 @@ class ServerConnection(_Endpoint):
             self._queue_out(encode_message(destination, subscription, message_id, ack, headers, body, self._version))
 
     def send_receipt(self, receipt_id: str) -> None:
-        if self._may_send("RECEIPT"):
-            self._queue_out(encode_frame("RECEIPT", (("receipt-id", receipt_id),), b"", self._version))
+        if self._state is State.OPEN or self._may_send("RECEIPT"):
+            self._queue_out(encode_receipt(receipt_id, self._version))
 
     def send_violation(self, violation: ProtocolViolation) -> None:
         """Queue the ERROR for a ``ProtocolViolation`` this connection reported, and close."""
@@ -542,18 +537,16 @@ class ClientConnection(_Endpoint):
         events: list[ClientEvent] = []
         while self._state is not State.CLOSED:
             try:
-                frame = parser.next_frame()
-                if frame is None:
+                parts = parser.next_parts()
+                if parts is None:
                     break
-                events.append(self._handle(frame))
+                events.append(self._handle(*parts))
             except ProtocolError as exc:
                 self._state = State.CLOSED
                 events.append(ProtocolViolation(exc.message, exc.detail, isinstance(exc, LimitExceeded)))
         return events
 
-    def _handle(self, frame: Frame) -> ClientEvent:
-        command = frame.command
-        headers = frame.headers
+    def _handle(self, command: str, headers: Mapping[str, str], body: bytes) -> ClientEvent:
         new = TRANSITIONS.get((self._state, command))
         if new is None:
             raise ProtocolError("Invalid frame order", f"Received {command} while {self._state.value}")
@@ -565,12 +558,12 @@ class ClientConnection(_Endpoint):
                 _require(headers, "message-id", command),
                 headers.get("ack"),
                 headers,
-                frame.body,
+                body,
             )
         elif command == "RECEIPT":
             event = ReceiptReceived(_require(headers, "receipt-id", command))
         elif command == "ERROR":
-            event = ErrorReceived(headers.get("message", ""), headers, frame.body)
+            event = ErrorReceived(headers.get("message", ""), headers, body)
         else:  # CONNECTED
             version = headers.get("version", "1.0")
             if version not in SUPPORTED_VERSIONS:

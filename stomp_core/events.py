@@ -6,6 +6,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from ._fastinit import fast_init
+
 __all__ = [
     "AckMode",
     "ConnectRequested",
@@ -34,6 +36,7 @@ AckMode = Literal["auto", "client", "client-individual"]
 # ---- events a server connection produces (frames from a client) ----
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ConnectRequested:
     """CONNECT or STOMP. The version is already negotiated; the app authenticates, then calls ``accept`` or
@@ -47,6 +50,7 @@ class ConnectRequested:
     headers: Mapping[str, str]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Send:
     destination: str
@@ -56,6 +60,7 @@ class Send:
     receipt: str | None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Subscribe:
     destination: str
@@ -65,6 +70,7 @@ class Subscribe:
     receipt: str | None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Unsubscribe:
     """``id`` is the ``id`` header; in 1.0 a missing id defaults to the ``destination`` (as for SUBSCRIBE), and then
@@ -75,6 +81,7 @@ class Unsubscribe:
     headers: Mapping[str, str]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Ack:
     """``ack_id`` is the 1.2 ``id`` header, or the 1.0/1.1 ``message-id``; ``subscription`` is set when sent."""
@@ -85,6 +92,7 @@ class Ack:
     receipt: str | None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Nack:
     ack_id: str
@@ -94,24 +102,28 @@ class Nack:
     requeue: bool  # ``requeue:false`` dead-letters at once; anything else requeues
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Begin:
     transaction: str
     receipt: str | None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Commit:
     transaction: str
     receipt: str | None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Abort:
     transaction: str
     receipt: str | None
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Disconnect:
     receipt: str | None
@@ -141,6 +153,7 @@ ServerEvent = (
 # ---- events a client connection produces (frames from a server) ----
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class Connected:
     version: str
@@ -150,6 +163,7 @@ class Connected:
     headers: Mapping[str, str]
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class MessageReceived:
     destination: str
@@ -160,11 +174,13 @@ class MessageReceived:
     body: bytes
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ReceiptReceived:
     receipt_id: str
 
 
+@fast_init
 @dataclass(frozen=True, slots=True)
 class ErrorReceived:
     message: str

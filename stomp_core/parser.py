@@ -27,11 +27,12 @@ from .escaping import RAW_COMMANDS, unescape
 from .frame import CLIENT_COMMANDS, SERVER_COMMANDS, Frame
 from .limits import DEFAULT_LIMITS, Limits
 
-__all__ = ["FrameParser", "ALL_COMMANDS"]
+__all__ = ["FrameParser", "ALL_COMMANDS", "Parts"]
 
 ALL_COMMANDS = CLIENT_COMMANDS | SERVER_COMMANDS
 
 _Pending = tuple[str, dict[str, str], int, int]  # command, headers, body offset from frame start, length or -1
+Parts = tuple[str, dict[str, str], bytes]  # a frame's command, headers and body, before they become a Frame
 
 
 class FrameParser:
@@ -132,6 +133,11 @@ class FrameParser:
 
     def next_frame(self) -> Frame | None:
         """The next complete frame, or None when more bytes are needed. Raises :class:`ProtocolError`."""
+        parts = self.next_parts()
+        return None if parts is None else Frame(*parts)
+
+    def next_parts(self) -> Parts | None:
+        """:meth:`next_frame` as a (command, headers, body) tuple: the connections' hot path builds no Frame."""
         if self._failed is not None:
             return None
         try:
@@ -173,7 +179,7 @@ class FrameParser:
             f"lines of at most {limits.max_header_line_bytes} bytes",
         )
 
-    def _next(self) -> Frame | None:
+    def _next(self) -> Parts | None:
         buf = self._buf
         pos = self._pos
         end = len(buf)
@@ -228,7 +234,7 @@ class FrameParser:
         self._pos = stop + 1
         self._pending = None
         self._scan = 0
-        return Frame(command, headers, bytes(buf[body_start:stop]))
+        return command, headers, bytes(buf[body_start:stop])
 
     def _parse_head(self, buf: bytes | bytearray, pos: int, end: int) -> _Pending | None:
         start = pos + self._scan

@@ -12,7 +12,7 @@ from .errors import UsageError
 from .escaping import RAW_COMMANDS, can_carry, escape
 from .frame import Frame
 
-__all__ = ["serialize", "encode_frame", "encode_message"]
+__all__ = ["serialize", "encode_frame", "encode_message", "encode_receipt"]
 
 _BODY_COMMANDS = frozenset({"SEND", "MESSAGE", "ERROR"})
 _MESSAGE_RESERVED = frozenset({"destination", "subscription", "message-id", "ack", "content-length"})
@@ -54,6 +54,12 @@ def serialize(frame: Frame, version: str = "1.2") -> bytes:
     return encode_frame(frame.command, frame.headers.items(), frame.body, version)
 
 
+def encode_receipt(receipt_id: str, version: str) -> bytes:
+    """The RECEIPT hot path: the bytes of ``encode_frame("RECEIPT", (("receipt-id", receipt_id),), b"", version)``
+    (one per SEND that asks for it), without the general loop."""
+    return f"RECEIPT\nreceipt-id:{escape(receipt_id, version)}\n\n\0".encode()
+
+
 def encode_message(
     destination: str,
     subscription: str,
@@ -72,11 +78,23 @@ def encode_message(
     if ack is not None and version == "1.2":
         head += f"ack:{escape(ack, version)}\n"
     if headers:
-        extra = []
+        lines = []
         for name, value in headers.items():
-            # A header this connection's version cannot carry is left out of this MESSAGE (other consumers still
-            # get it): one producer's header must never stop a delivery.
-            if name not in _MESSAGE_RESERVED and can_carry(name, value, version):
-                extra.append(f"{escape(name, version)}:{escape(value, version)}\n")
-        head += "".join(extra)
+            if name not in _MESSAGE_RESERVED:
+                lines.append(f"{name}:{value}\n")
+        plain = "".join(lines)
+        count = len(lines)
+        # The usual case, checked on the whole text at once: no name or value holds ':', LF, CR, '\\' or NUL, so
+        # every version carries them as they are (one ':' and one LF per line are the separators).
+        quick = plain.count(":") == count and plain.count("\n") == count
+        if quick and "\\" not in plain and "\r" not in plain and "\0" not in plain:
+            head += plain
+        else:
+            extra = []
+            for name, value in headers.items():
+                # A header this connection's version cannot carry is left out of this MESSAGE (other consumers
+                # still get it): one producer's header must never stop a delivery.
+                if name not in _MESSAGE_RESERVED and can_carry(name, value, version):
+                    extra.append(f"{escape(name, version)}:{escape(value, version)}\n")
+            head += "".join(extra)
     return f"{head}content-length:{len(body)}\n\n".encode() + body + b"\0"

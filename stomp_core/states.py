@@ -20,6 +20,10 @@ class State(Enum):
     FAILING = "failing"  # a protocol violation seen: RECEIPTs for the frames before it, then the ERROR
     CLOSED = "closed"  # after ERROR or close(): nothing more
 
+    # Enum's own __hash__ is Python code (hash of the name); the connections look a (state, command) pair up in
+    # TRANSITIONS for every frame. Members are singletons compared by identity, so the identity hash is right.
+    __hash__ = object.__hash__
+
 
 _WORK = ("SEND", "SUBSCRIBE", "UNSUBSCRIBE", "ACK", "NACK", "BEGIN", "COMMIT", "ABORT")
 

@@ -76,7 +76,10 @@ def new_message(
         if expiration < 0:
             raise HeaderError(f"header 'expiration' must not be negative, got {expiration}")
         deadlines.append(min(now_ms + expiration, MAX_TIME_MS))
-    kept = {k: v for k, v in headers.items() if k not in DROPPED_HEADERS}
+    kept = {}  # a loop, not a comprehension: Python 3.11 builds a function object for every comprehension
+    for name, value in headers.items():
+        if name not in DROPPED_HEADERS:
+            kept[name] = value
     return NewMessage(
         message_id=message_id,
         destination=destination,

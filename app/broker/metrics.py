@@ -94,13 +94,18 @@ class BrokerMetrics:
         return slot
 
     def published(self, kind: str, destinations: list[str]) -> None:
+        """Count a group of stored messages: one increment per destination in the group (each takes a lock), not
+        one per message. Destinations get their slots in the order first seen, as one message at a time would."""
         self._child(self.messages_published, kind).inc(len(destinations))
-        now = self.clock()
+        counts: dict[str, int] = {}
         for destination in destinations:
+            counts[destination] = counts.get(destination, 0) + 1
+        now = self.clock()
+        for destination, count in counts.items():
             slot = self._slot(destination, now)
             if slot.published is None:
                 slot.published = self.destination_published.labels(slot.label)
-            slot.published.inc()
+            slot.published.inc(count)
 
     def delivered(self, destination: str, count: int) -> None:
         if count:

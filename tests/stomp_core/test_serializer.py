@@ -1,9 +1,10 @@
 import pytest
 
 from stomp_core.errors import UsageError
+from stomp_core.escaping import can_carry, escape
 from stomp_core.frame import Frame
 from stomp_core.parser import FrameParser
-from stomp_core.serializer import encode_frame, encode_message, serialize
+from stomp_core.serializer import encode_frame, encode_message, encode_receipt, serialize
 
 
 def test_send_always_has_content_length() -> None:
@@ -85,3 +86,37 @@ def test_escape_refuses_a_nul_in_every_version() -> None:
     for version in ("1.0", "1.1", "1.2"):
         with pytest.raises(UsageError):
             encode_frame("RECEIPT", [("receipt-id", "a\x00b")], b"", version)
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+@pytest.mark.parametrize("receipt_id", ["r-1", "", "a:b", "back\\slash", "é", "line\nbreak", "cr\rhere", "nul\0"])
+def test_encode_receipt_is_encode_frame(version: str, receipt_id: str) -> None:
+    """The RECEIPT fast path writes the same bytes as the general one, and refuses what it refuses."""
+    try:
+        expected = encode_frame("RECEIPT", (("receipt-id", receipt_id),), b"", version)
+    except UsageError as exc:
+        with pytest.raises(UsageError) as raised:
+            encode_receipt(receipt_id, version)
+        assert str(raised.value) == str(exc)
+    else:
+        assert encode_receipt(receipt_id, version) == expected
+
+
+_TRICKY = ["", "a", "a:b", "x\ny", "x\ry", "x\x00y", "back\\slash", "é", ":", "\n", "ok"]
+
+
+@pytest.mark.parametrize("version", ["1.0", "1.1", "1.2"])
+def test_encode_message_headers_match_the_header_by_header_rules(version: str) -> None:
+    """Whether the headers take the quick path (nothing to escape or leave out) or not, each is written as
+    ``escape(name):escape(value)`` when the version can carry it, in order, and left out otherwise."""
+    for name in _TRICKY:
+        for value in _TRICKY:
+            headers = {"first": "1", name: value, "last": "2"}
+            expected = "".join(
+                f"{escape(n, version)}:{escape(v, version)}\n"
+                for n, v in headers.items()
+                if n not in ("destination", "subscription", "message-id", "ack", "content-length")
+                and can_carry(n, v, version)
+            )
+            wire = encode_message("/q", "s", "m", None, headers, b"", version)
+            assert wire == f"MESSAGE\ndestination:/q\nmessage-id:m\nsubscription:s\n{expected}content-length:0\n\n".encode() + b"\0"

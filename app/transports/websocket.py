@@ -229,7 +229,8 @@ class StompWebSocketProtocol(asyncio.Protocol):
                     self._text = None
             self._deliver(bytes(data))
         elif opcode is Opcode.PONG:
-            if self._ping is not None and bytes(frame.data) == self._ping:
+            # (while closing, the timer is the close handshake's deadline: a late pong must not cancel it)
+            if self._ping is not None and not self._closing and bytes(frame.data) == self._ping:
                 self._ping = None
                 self._cancel_timer()
                 self._schedule_ping()

@@ -69,7 +69,11 @@ class SqlitePollQueue(PollQueue):
         )
         self._sql_put_body = f"INSERT INTO {store.bodies} (seq, body) VALUES (?, ?)"
         # the message's columns with its body from the bodies table when it is there (an empty body in the row)
-        side_body = f"coalesce((SELECT b.body FROM {store.bodies} b WHERE b.seq = {m}.seq), {m}.body)"
+        # (length() of a blob reads only its size; the lookup runs only for rows whose body is empty)
+        side_body = (
+            f"CASE WHEN length({m}.body) > 0 THEN {m}.body "
+            f"ELSE coalesce((SELECT b.body FROM {store.bodies} b WHERE b.seq = {m}.seq), {m}.body) END"
+        )
         columns = ", ".join(side_body if c == "body" else c for c in MESSAGE_COLUMNS)
         # Claimable, given that a claim first requeues its destination's lapsed leases (``_requeue_lapsed``): then
         # ``state = 0`` is the whole first half of the rule, and the claim index (destination, state, ...) serves it.

@@ -234,7 +234,8 @@ class FrameParser:
         self._pos = stop + 1
         self._pending = None
         self._scan = 0
-        return command, headers, bytes(buf[body_start:stop])
+        # one copy: slicing a bytearray would copy the body once into a bytearray and again into the bytes
+        return command, headers, bytes(memoryview(buf)[body_start:stop])
 
     def _parse_head(self, buf: bytes | bytearray, pos: int, end: int) -> _Pending | None:
         start = pos + self._scan

@@ -12,7 +12,7 @@ from .errors import UsageError
 from .escaping import RAW_COMMANDS, can_carry, escape
 from .frame import Frame
 
-__all__ = ["serialize", "encode_frame", "encode_message", "encode_receipt"]
+__all__ = ["serialize", "encode_frame", "encode_message", "encode_message_head", "encode_receipt"]
 
 _BODY_COMMANDS = frozenset({"SEND", "MESSAGE", "ERROR"})
 _MESSAGE_RESERVED = frozenset({"destination", "subscription", "message-id", "ack", "content-length"})
@@ -71,6 +71,20 @@ def encode_message(
 ) -> bytes:
     """The MESSAGE hot path. ``ack`` is written only when given and the version is 1.2; extra ``headers`` never
     override the core ones, and those the version cannot carry (:func:`~stomp_core.escaping.can_carry`) are left out."""
+    return b"".join((encode_message_head(destination, subscription, message_id, ack, headers, len(body), version), body, b"\0"))
+
+
+def encode_message_head(
+    destination: str,
+    subscription: str,
+    message_id: str,
+    ack: str | None,
+    headers: Mapping[str, str],
+    body_length: int,
+    version: str,
+) -> bytes:
+    """A MESSAGE up to its body (through the blank line); the body and a NUL follow. Lets a large body be written
+    as it is, never copied into a frame."""
     head = (
         f"MESSAGE\ndestination:{escape(destination, version)}\nmessage-id:{escape(message_id, version)}\n"
         f"subscription:{escape(subscription, version)}\n"
@@ -97,4 +111,4 @@ def encode_message(
                 if name not in _MESSAGE_RESERVED and can_carry(name, value, version):
                     extra.append(f"{escape(name, version)}:{escape(value, version)}\n")
             head += "".join(extra)
-    return f"{head}content-length:{len(body)}\n\n".encode() + body + b"\0"
+    return f"{head}content-length:{body_length}\n\n".encode()

@@ -209,7 +209,9 @@ def _print_text(summary: dict[str, Any]) -> None:
     typer.echo(
         f"{cfg['kind']} {cfg['destination']} on {where}: "
         f"{cfg['producers']} producers, "
-        f"{cfg['consumers']} consumers, {cfg['body_size']} B bodies, receipts {'on' if cfg['receipts'] else 'off'}, "
+        f"{cfg['consumers']} consumers, {cfg['body_size']} B bodies"
+        + (f" (1 in {cfg['large_every']}: {cfg['large_body_size']} B)" if cfg.get("large_body_size") else "")
+        + f", receipts {'on' if cfg['receipts'] else 'off'}, "
         f"ack {cfg['ack']}, STOMP {cfg['version']}, {cfg['processes']} process(es)"
     )
     typer.echo(f"sent              {_fmt(summary['sent'])}")
@@ -256,6 +258,10 @@ def bench(
     messages: int = typer.Option(100_000, "--messages", min=1, help="Messages to send in total, split over the producers."),
     duration: Optional[float] = typer.Option(None, "--duration", min=0.1, help="Send for this many seconds instead of a fixed --messages count."),
     body_size: int = typer.Option(256, "--body-size", min=16, help="Body size in bytes (producer id and sequence number, padded)."),
+    large_body_size: Optional[int] = typer.Option(
+        None, "--large-body-size", min=16, help="A mix: every --large-every'th message of each producer has this body size instead of --body-size."
+    ),
+    large_every: int = typer.Option(10, "--large-every", min=1, help="With --large-body-size: which share of the messages is large (1 in N)."),
     receipts: bool = typer.Option(True, "--receipts/--no-receipts", help="Ask for a RECEIPT on every SEND (producers pipeline up to --window unreceipted SENDs)."),
     rate: Optional[float] = typer.Option(
         None, "--rate", min=0.1, max=10_000_000, help="Send this many messages per second in all (spread over the producers, one "
@@ -386,7 +392,7 @@ def bench(
                 host=host, port=port, kind=kind.value, destination=_destination(kind.value, destination),
                 producers=producers, consumers=consumers, messages=None if duration is not None else messages,
                 duration=duration, body_size=body_size, receipts=receipts, window=window, ack=ack.value,
-                prefetch=prefetch, version=version.value, vhost=vhost, login=login, passcode=passcode,
+                large_body_size=large_body_size, large_every=large_every, prefetch=prefetch, version=version.value, vhost=vhost, login=login, passcode=passcode,
                 processes=processes, drain_timeout=drain_timeout, connect_timeout=connect_timeout, loop=loop.value,
                 extra_endpoints=tuple(
                     (g.host, g.http_port if websocket_path is not None else g.stomp_port) for g in spawned[1:]

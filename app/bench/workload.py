@@ -68,6 +68,10 @@ class BenchConfig:
     # ``--rate``: messages per second over all producers, sent one at a time on a schedule (latency at a given load
     # instead of at saturation); None sends as fast as the window allows
     rate: float | None = None
+    # ``--large-body-size`` / ``--large-every``: every Nth message of each producer has this body size instead (a mix of
+    # small and large messages); None sends only ``body_size``
+    large_body_size: int | None = None
+    large_every: int = 10
 
     def endpoint(self, index: int) -> tuple[str, int]:
         endpoints = ((self.host, self.port), *self.extra_endpoints)
@@ -183,7 +187,10 @@ class Producer:
                 if limit is not None:
                     batch = min(batch, limit - seq)
                 for _ in range(batch):
-                    body = f"{prefix}{seq}:".encode().ljust(size, b"x")
+                    length = size
+                    if cfg.large_body_size is not None and seq % cfg.large_every == cfg.large_every - 1:
+                        length = cfg.large_body_size
+                    body = f"{prefix}{seq}:".encode().ljust(length, b"x")
                     headers = {TS_HEADER: str(time.time_ns())}
                     if persistent:
                         headers["persistent"] = "true"

@@ -63,6 +63,9 @@ class Transport(Protocol):
 
     def write(self, data: bytes) -> None: ...
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        """Write the chunks in order, as one ``write`` of their concatenation would (a large body is not copied)."""
+
     def close(self) -> None: ...
 
     def pause_reading(self) -> None: ...
@@ -174,11 +177,14 @@ class Session:
             self.conn.data_to_send()
             self._fail("Slow consumer", f"more than max_session_buffer={limit} bytes are waiting to be read", None)
             return
-        data = self.conn.data_to_send()
-        if data:
+        chunks = self.conn.chunks_to_send()
+        if chunks:
             self.last_sent = time.monotonic()
-            self.transport.write(data)
-            self.broker.metrics.bytes_out(self.kind, len(data))
+            if len(chunks) == 1:
+                self.transport.write(chunks[0])
+            else:  # a large MESSAGE body among them, written without being copied into the frame
+                self.transport.writelines(chunks)
+            self.broker.metrics.bytes_out(self.kind, sum(map(len, chunks)))
         if self.conn.closed and not self.finished:
             self.finished = True
             self.transport.close()

@@ -72,6 +72,10 @@ class StompProtocol(asyncio.Protocol):
         if self.transport is not None and not self._closed and not self._lingering:
             self.transport.write(data)
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        if self.transport is not None and not self._closed and not self._lingering:
+            self.transport.writelines(chunks)
+
     def close(self) -> None:
         """Close after what is buffered (an ERROR) reached the client. Closing a socket with unread input makes the
         kernel send RST, which can destroy the ERROR still in flight to the client (rabbitmq-server#6737), so we

@@ -61,6 +61,16 @@ def choose_subprotocol(offered: Sequence[str]) -> str | None:
 _FIN_TEXT, _FIN_BINARY, _FIN_PONG = 0x81, 0x82, 0x8A
 
 
+def _is_utf8(data: bytes) -> bool:
+    if data.isascii():
+        return True
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 def _frame_head(first: int, length: int) -> bytes:
     """A server frame's header (servers do not mask): FIN and opcode, then the payload length, RFC 6455 5.2."""
     if length < 126:
@@ -206,7 +216,7 @@ class StompWebSocketProtocol(asyncio.Protocol):
         address = str(peer[0]) if isinstance(peer, tuple) else None
         self.session = broker.open_session(self, peer=peer_text, kind="websocket", address=address)
         if self.session is None:
-            self._send(refusal_frame(broker.refusal(address)))
+            self._send([refusal_frame(broker.refusal(address))])
             self._close_with(CLOSE_TRY_AGAIN_LATER)
             return False
         self._schedule_ping()
@@ -277,7 +287,11 @@ class StompWebSocketProtocol(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         if not data:
             return
-        self._send(data)
+        self._send([data])
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        if any(chunks):
+            self._send(chunks)
 
     def close(self) -> None:
         """The session is done (an ERROR, or a DISCONNECT's RECEIPT): close 1000 after what was written."""
@@ -302,20 +316,15 @@ class StompWebSocketProtocol(asyncio.Protocol):
 
     # ---- helpers ----
 
-    def _send(self, data: bytes) -> None:
-        """One chunk as one message: TEXT when it is UTF-8 (browsers' STOMP clients read TEXT), BINARY otherwise.
-        The header is made here and written beside the chunk, so the chunk is not copied into a frame."""
+    def _send(self, chunks: list[bytes]) -> None:
+        """The chunks as one message: TEXT when they are UTF-8 (browsers' STOMP clients read TEXT), BINARY otherwise.
+        The header is made here and written beside the chunks, so they are not copied into a frame. (Chunks end
+        where a frame's head, body or NUL ends, never inside a character, so each can be checked alone.)"""
         transport = self.transport
         if transport is None or self._closing or self._closed:
             return
-        text = data.isascii()
-        if not text:
-            try:
-                data.decode("utf-8")
-                text = True
-            except UnicodeDecodeError:
-                pass
-        transport.writelines((_frame_head(_FIN_TEXT if text else _FIN_BINARY, len(data)), data))
+        text = all(map(_is_utf8, chunks))
+        transport.writelines((_frame_head(_FIN_TEXT if text else _FIN_BINARY, sum(map(len, chunks))), *chunks))
 
     def _close_with(self, code: int, reason: str = "") -> None:
         if self._closing or self._closed or self.transport is None:

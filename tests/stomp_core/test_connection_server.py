@@ -358,6 +358,41 @@ def test_send_message_per_version() -> None:
         assert ("ack" in frame.headers) is has_ack
 
 
+def test_a_large_message_body_is_queued_as_it_is_not_copied_into_the_frame() -> None:
+    """A body of at least SEPARATE_BODY_MIN bytes is its own chunk (the very object given), with the frames around it
+    joined; data_to_send still gives the same bytes in one piece."""
+    from stomp_core.connection import SEPARATE_BODY_MIN
+
+    conn = connected()
+    assert conn.chunks_to_send() == []
+    conn.send_receipt("r1")
+    assert conn.chunks_to_send() == [b"RECEIPT\nreceipt-id:r1\n\n\x00"]  # small frames only: one joined chunk
+    large = bytes(range(256)) * (SEPARATE_BODY_MIN // 256)
+    conn.send_receipt("before")
+    conn.send_message(destination="/q", subscription="s", message_id="m1", ack="a1", headers={"k": "v"}, body=large)
+    conn.send_message(destination="/q", subscription="s", message_id="m2", ack="a2", headers={}, body=large)
+    conn.send_message(destination="/q", subscription="s", message_id="m3", ack="a3", headers={}, body=b"small")
+    assert conn.bytes_to_send > 2 * len(large)
+    chunks = conn.chunks_to_send()
+    assert conn.bytes_to_send == 0 and conn.chunks_to_send() == []
+    assert [c is large for c in chunks] == [False, True, False, True, False]
+    assert chunks[0].startswith(b"RECEIPT\nreceipt-id:before\n\n\x00MESSAGE\n")
+    frames = parse(b"".join(chunks))
+    assert [(f.command, f.headers.get("message-id"), f.body) for f in frames] == [
+        ("RECEIPT", None, b""),
+        ("MESSAGE", "m1", large),
+        ("MESSAGE", "m2", large),
+        ("MESSAGE", "m3", b"small"),
+    ]
+    assert frames[1].headers["k"] == "v" and frames[1].headers["content-length"] == str(len(large))
+    conn.send_message(destination="/q", subscription="s", message_id="m4", ack=None, headers={}, body=large)
+    wire = conn.data_to_send()  # the same frame, joined
+    (frame,) = parse(wire)
+    assert frame.body == large
+    conn.send_receipt("after")
+    assert conn.chunks_to_send() == [b"RECEIPT\nreceipt-id:after\n\n\x00"]  # data_to_send forgot the large chunk
+
+
 def test_sending_before_connected_is_a_usage_error() -> None:
     conn = ServerConnection()
     with pytest.raises(UsageError):

@@ -27,8 +27,11 @@ Topics: ``topic_log`` holds at least ``topic_retention`` messages; the writer tr
 Followers read backlogs from the database in batches, then follow an in-memory tail of recently committed messages.
 Options used: ``topic_retention``, ``sqlite_synchronous``, ``namespace`` (table name prefix). Others are ignored.
 
-Modules: ``store`` (connections, schema, group commit), ``rows`` (the message row), ``queues``, ``topics``; this one
-joins them into a ``Datasource`` and makes a COMMIT one writer step.
+Large queue bodies (``FILE_BODY_MIN``, 64 KiB, and more) are files in ``<database>-bodies/``, written and synced
+before the commit that names them (``body_files`` says why and how); topic messages keep their bodies in the log.
+
+Modules: ``store`` (connections, schema, group commit), ``rows`` (the message row), ``body_files``, ``queues``,
+``topics``; this one joins them into a ``Datasource`` and makes a COMMIT one writer step.
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ class SqliteDatasource(Datasource):
         """A COMMIT's puts, publishes, ACKs and releases as one step of the writer, so in one SQLite transaction:
         all stored, or (the step raised, the transaction rolled back) none. Wake-ups follow the commit."""
         writes: list[Write[Any]] = []
+        files = await self._queues.write_bodies(changes.queue) if changes.queue else None
         if changes.queue:
-            writes.append(self._queues.put_write(changes.queue))
+            writes.append(self._queues.put_write(changes.queue, files))
         if changes.topic:
             writes.append(self._topics.publish_write(changes.topic))
         if changes.acks:
@@ -84,7 +88,12 @@ class SqliteDatasource(Datasource):
                 if follow_up is not None:
                     follow_up(result)
 
-        await self.store.write(run, after)
+        try:
+            await self.store.write(run, after)
+        except Exception:
+            if files is not None:  # rolled back: no row names them
+                self.store.body_files.discard(files)
+            raise
 
     async def ping(self) -> None:
         await self.store.read(lambda conn: conn.execute("SELECT 1").fetchone())

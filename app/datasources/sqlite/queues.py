@@ -29,6 +29,7 @@ from app.datasources.interface import (
     SCAN_BUDGET,
 )
 from app.datasources.scanning import ScanBook, scan_in_order
+from app.datasources.sqlite.body_files import FILE_BODY_MIN, BodyFiles
 from app.datasources.sqlite.rows import (
     IN_CHUNK,
     MESSAGE_COLUMNS,
@@ -124,24 +125,39 @@ class SqlitePollQueue(PollQueue):
     # -- PollQueue ----------------------------------------------------------------------------------------------
     async def put(self, messages: Sequence[NewMessage]) -> None:
         if messages:
-            await self._store.write(*self.put_write(messages))
+            files = await self.write_bodies(messages)
+            try:
+                await self._store.write(*self.put_write(messages, files))
+            except Exception:
+                if files is not None:  # not stored: nothing names them (a cancelled caller's put may still commit)
+                    self._store.body_files.discard(files)
+                raise
 
-    def put_write(self, messages: Sequence[NewMessage]) -> Write[None]:
-        """The writer-thread step and the event-loop follow-up of a put (``SqliteDatasource.apply`` joins several)."""
+    async def write_bodies(self, messages: Sequence[NewMessage]) -> list[str | None] | None:
+        """Write the bodies that go to files (``body_files``) before the put that names them; one name per message
+        (None: stored in SQLite), or None when no body is that large."""
+        if not BodyFiles.wanted(messages):
+            return None
+        large = [i for i, m in enumerate(messages) if len(m.body) >= FILE_BODY_MIN]
+        names = await self._store.write_bodies([messages[i].body for i in large])
+        files: list[str | None] = [None] * len(messages)
+        for i, name in zip(large, names):
+            files[i] = name
+        return files
+
+    def put_write(self, messages: Sequence[NewMessage], files: Sequence[str | None] | None = None) -> Write[None]:
+        """The writer-thread step and the event-loop follow-up of a put (``SqliteDatasource.apply`` joins several).
+        ``files``: what ``write_bodies`` returned for these messages."""
+        bodies: Sequence[bytes | str] = (
+            [m.body for m in messages] if files is None else [f or m.body for m, f in zip(messages, files)]
+        )
         rows = [
-            (
-                m.message_id,
-                m.destination,
-                m.priority,
-                m.expires_at,
-                m.published_at,
-                headers_text(m.headers),
-                m.body,
-            )
-            for m in messages
+            (m.message_id, m.destination, m.priority, m.expires_at, m.published_at, headers_text(m.headers), body)
+            for m, body in zip(messages, bodies)
         ]
         sql, sql_body = self._sql_put, self._sql_put_body
-        side = any(len(row[6]) > SIDE_BODY_MIN for row in rows)
+        # a file's name (str) also goes to the bodies table: that is where a claim looks for a body not in its row
+        side = files is not None or any(len(body) > SIDE_BODY_MIN for body in bodies)
 
         scans = self._scans
 
@@ -151,7 +167,7 @@ class SqlitePollQueue(PollQueue):
             else:  # one at a time, in order (seq is the FIFO order); long bodies into the bodies table
                 for row in rows:
                     body = row[6]
-                    if len(body) > SIDE_BODY_MIN:
+                    if isinstance(body, str) or len(body) > SIDE_BODY_MIN:
                         seq = conn.execute(sql, (*row[:6], b"")).lastrowid
                         conn.execute(sql_body, (seq, body))
                     else:
@@ -199,7 +215,10 @@ class SqlitePollQueue(PollQueue):
             out.sort(key=lambda s: (-s.priority, s.seq))  # RETURNING gives no order
             return out
 
-        return await store.write(run, early=True)
+        claimed = await store.write(run, early=True)
+        if any(isinstance(m.body, str) for m in claimed):  # bodies kept as files: read beside the writer
+            claimed = await store.read_bodies(claimed)
+        return claimed
 
     def _claim_matching(
         self,
@@ -361,11 +380,12 @@ class SqlitePollQueue(PollQueue):
         self, destination: str, *, limit: int, offset: int = 0, now_ms: int, selector: HeaderFilter | None = None
     ) -> list[StoredMessage]:
         sql = self._sql_peek
+        files = self._store.body_files
 
         def run(conn: sqlite3.Connection) -> list[StoredMessage]:
             if selector is None:
                 rows = conn.execute(sql + " LIMIT ? OFFSET ?", (destination, now_ms, now_ms, limit, offset))
-                return [message_from_row(row) for row in rows]
+                return files.load_if_present([message_from_row(row) for row in rows])
             out: list[StoredMessage] = []
             skip = offset
             cursor = conn.execute(sql + " LIMIT ?", (destination, now_ms, now_ms, PEEK_SCAN_LIMIT))
@@ -380,7 +400,8 @@ class SqlitePollQueue(PollQueue):
                     if skip:
                         skip -= 1
                         continue
-                    out.append(message)
+                    if files.load_if_present([message]):
+                        out.append(message)
                     if len(out) == limit:
                         break
             cursor.close()

@@ -26,6 +26,9 @@ class Transport:
         if b"receipt-id:end" in self.out:
             self.receipted.set()
 
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.write(b"".join(chunks))
+
     def close(self) -> None: ...
 
     def pause_reading(self) -> None: ...

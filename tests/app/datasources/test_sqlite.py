@@ -230,7 +230,7 @@ async def test_closed_datasource_refuses_work(tmp_path: Path) -> None:
 
 CHILD = textwrap.dedent(
     """
-    import asyncio, sys
+    import asyncio, random, sys
     from app.datasources.interface import DatasourceOptions, NewMessage
     from app.datasources.registry import open_datasource
 
@@ -239,11 +239,15 @@ CHILD = textwrap.dedent(
         async def producer(p: int) -> None:
             n = 0
             while True:
-                batch = [NewMessage(f"p{p}-{n + i}", "/queue/k", {}, b"y" * 256) for i in range(1 + n % 3)]
+                size = int(sys.argv[3]) if (n // 3) % 2 else 256  # large ones (files, with sys.argv[3]) and small
+                batch = [NewMessage(f"p{p}-{n + i}", "/queue/k", {}, str(n + i).encode().ljust(size, b"y")) for i in range(1 + n % 3)]
                 n += len(batch)
                 await ds.queues.put(batch)
                 sys.stdout.write("".join(m.message_id + "\\n" for m in batch))
                 sys.stdout.flush()
+                # producers out of step, so that the kill lands anywhere in the others' puts, not always just
+                # after a group commit answered all of them at once
+                await asyncio.sleep(random.random() / 500)
         await asyncio.gather(*(producer(p) for p in range(8)))
 
     asyncio.run(main())
@@ -251,11 +255,13 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("synchronous", ["FULL", "NORMAL"])
-async def test_nothing_acknowledged_is_lost_after_kill_9(tmp_path: Path, synchronous: str) -> None:
+@pytest.mark.parametrize(("synchronous", "large"), [("FULL", 256), ("NORMAL", 256), ("FULL", 100_000)])
+async def test_nothing_acknowledged_is_lost_after_kill_9(tmp_path: Path, synchronous: str, large: int) -> None:
+    """With ``large`` over FILE_BODY_MIN, every other batch's bodies are files: each acknowledged message's body is
+    read back whole, and no file is left that no message names."""
     db = tmp_path / "k.db"
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, f"sqlite:///{db}", synchronous],
+        [sys.executable, "-c", CHILD, f"sqlite:///{db}", synchronous, str(large)],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -282,6 +288,15 @@ async def test_nothing_acknowledged_is_lost_after_kill_9(tmp_path: Path, synchro
     ds = await open_db(db)  # and the database opens cleanly afterwards
     try:
         assert (await ds.queues.stats("/queue/k", now_ms=NOW)).ready == len(stored)
+        claimed = await ds.queues.claim("/queue/k", owner="o", limit=len(stored), lease_ms=30_000, now_ms=NOW)
+        assert len(claimed) == len(stored)
+        for message in claimed:
+            n = int(message.message_id.split("-")[1])
+            assert message.body == str(n).encode().ljust(len(message.body), b"y")
+            assert len(message.body) in (256, large)
+        named = _rows(db, "SELECT body FROM stompgate_messages_bodies WHERE typeof(body) = 'text'")
+        assert {row[0] for row in named} == set(os.listdir(f"{db}-bodies"))  # orphans removed at open
+        assert (large > 256) == bool(named)
     finally:
         await ds.close()
 

@@ -178,6 +178,37 @@ async def test_binary_body_travels_in_a_binary_frame(clients: object) -> None:
     assert not message.binary
 
 
+async def test_large_bodies_arrive_whole_in_one_message_of_the_right_kind(clients: object) -> None:
+    """A body of SEPARATE_BODY_MIN bytes or more is written beside its frame's head instead of copied into it; the
+    WebSocket message still holds the whole frame (head, body, NUL), TEXT when all of it is UTF-8."""
+    from stomp_core.connection import SEPARATE_BODY_MIN
+
+    queue = unique("/queue")
+    consumer = await clients()  # type: ignore[operator]
+    producer = await clients()  # type: ignore[operator]
+    await consumer.connect()
+    await producer.connect()
+    await consumer.frame("SUBSCRIBE", {"id": "s", "destination": queue, "ack": "client-individual"})
+    text = ("é✓ text " * (SEPARATE_BODY_MIN // 8)).encode()
+    binary = bytes(range(256)) * (SEPARATE_BODY_MIN // 256 + 1)
+    for body in (text, binary):
+        await producer.frame("SEND", {"destination": queue, "receipt": "r", "content-length": str(len(body))}, body)
+        assert (await producer.read()).headers["receipt-id"] == "r"
+        received = len(consumer.messages)
+        message = await consumer.read(timeout=10)
+        assert message.body == body, (message.command, message.headers)
+        assert message.binary is (body is binary)
+        [whole] = consumer.messages[received:]  # the frame in one WebSocket message
+        assert (whole.encode() if isinstance(whole, str) else whole) == frame_bytes_of(message)
+        await consumer.frame("ACK", {"id": message.headers["ack"]})
+
+
+def frame_bytes_of(message: object) -> bytes:
+    """The MESSAGE as the gateway wrote it: its head (headers in order), the blank line, the body and the NUL."""
+    headers = "".join(f"{k}:{v}\n" for k, v in message.headers.items())  # type: ignore[attr-defined]
+    return f"{message.command}\n{headers}\n".encode() + message.body + b"\x00"  # type: ignore[attr-defined]
+
+
 async def test_tcp_producer_reaches_websocket_subscriber(gateway: LiveApp, clients: object) -> None:
     topic = unique("/topic")
     consumer = await clients()  # type: ignore[operator]

@@ -27,7 +27,7 @@ Topics: ``topic_log`` holds at least ``topic_retention`` messages; the writer tr
 Followers read backlogs from the database in batches, then follow an in-memory tail of recently committed messages.
 Options used: ``topic_retention``, ``sqlite_synchronous``, ``namespace`` (table name prefix). Others are ignored.
 
-Large queue bodies (``FILE_BODY_MIN``, 64 KiB, and more) are files in ``<database>-bodies/``, written and synced
+Large queue bodies (``FILE_BODY_MIN``, 128 KiB, and more) are files in ``<database>-bodies/``, written and synced
 before the commit that names them (``body_files`` says why and how); topic messages keep their bodies in the log.
 
 Modules: ``store`` (connections, schema, group commit), ``rows`` (the message row), ``body_files``, ``queues``,

@@ -16,6 +16,7 @@ import pytest
 from app.datasources.interface import Datasource, DatasourceError, DatasourceOptions, NewMessage, Release, ScanMark
 from app.datasources.registry import open_datasource
 from app.datasources.sqlite import SqliteDatasource, database_path
+from app.datasources.sqlite.body_files import FILE_BODY_MIN
 
 ROOT = Path(__file__).resolve().parents[3]
 NOW = 1_700_000_000_000
@@ -116,7 +117,8 @@ async def test_an_ack_does_not_write_the_body_again_as_zeros(tmp_path: Path) -> 
     wal = Path(f"{db}-wal")
     ds = await open_db(db)
     try:
-        body = os.urandom(256 * 1024)  # 64 pages: well under the WAL's automatic checkpoint (1,000 pages)
+        body = os.urandom(96 * 1024)  # 24 pages, under the WAL's checkpoint (1,000); under FILE_BODY_MIN: in SQLite
+        assert len(body) < FILE_BODY_MIN
         await ds.queues.put([NewMessage("big", Q, {}, body, 4, None, NOW)])
         [got] = await ds.queues.claim(Q, owner="o", limit=1, lease_ms=30_000, now_ms=NOW)
         await ds.store.write(lambda conn: None)  # the claim is answered before its commit: wait for that commit
@@ -134,7 +136,8 @@ async def test_a_claim_does_not_write_a_long_body_again(tmp_path: Path) -> None:
     wal = Path(f"{db}-wal")
     ds = await open_db(db)
     try:
-        body = os.urandom(256 * 1024)
+        body = os.urandom(96 * 1024)  # under FILE_BODY_MIN: in SQLite's bodies table
+        assert len(body) < FILE_BODY_MIN
         await ds.queues.put([NewMessage("big", Q, {}, body, 4, None, NOW)])
         before = wal.stat().st_size
         [got] = await ds.queues.claim(Q, owner="o", limit=1, lease_ms=30_000, now_ms=NOW)
@@ -255,7 +258,7 @@ CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize(("synchronous", "large"), [("FULL", 256), ("NORMAL", 256), ("FULL", 100_000)])
+@pytest.mark.parametrize(("synchronous", "large"), [("FULL", 256), ("NORMAL", 256), ("FULL", FILE_BODY_MIN + 100)])
 async def test_nothing_acknowledged_is_lost_after_kill_9(tmp_path: Path, synchronous: str, large: int) -> None:
     """With ``large`` over FILE_BODY_MIN, every other batch's bodies are files: each acknowledged message's body is
     read back whole, and no file is left that no message names."""

@@ -124,7 +124,7 @@ async def test_an_ack_does_not_write_the_body_again_as_zeros(tmp_path: Path) -> 
         await ds.store.write(lambda conn: None)  # the claim is answered before its commit: wait for that commit
         before = wal.stat().st_size
         await ds.queues.ack([got.message_id], [got.lease])
-        assert wal.stat().st_size - before < len(body) // 4
+        assert wal.stat().st_size - before < len(body) // 2  # zeroed, the body alone would be 24 pages more
     finally:
         await ds.close()
 

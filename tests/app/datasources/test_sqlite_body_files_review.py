@@ -1,0 +1,57 @@
+"""Review of the SQLite body files (app/datasources/sqlite/body_files.py): failure, cancellation and shutdown paths."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from app.datasources.interface import DatasourceError, DatasourceOptions, DatasourceUnavailable, NewMessage
+from app.datasources.registry import open_datasource
+from app.datasources.sqlite import SqliteDatasource
+from app.datasources.sqlite.body_files import FILE_BODY_MIN, BodyFiles
+
+NOW = 1_700_000_000_000
+Q = "/queue/large"
+
+
+async def open_db(path: Path) -> SqliteDatasource:
+    ds = await open_datasource(f"sqlite:///{path}", DatasourceOptions())
+    assert isinstance(ds, SqliteDatasource)
+    return ds
+
+
+def files(db: Path) -> set[str]:
+    return set(os.listdir(f"{db}-bodies"))
+
+
+def large(n: int) -> bytes:
+    return os.urandom(FILE_BODY_MIN) + str(n).encode()
+
+
+async def test_a_claim_whose_body_cannot_be_read_gives_its_messages_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The claim is made (and answered) in the writer before its files are read. If a read fails (EIO, EMFILE...),
+    the claim raises, and the messages it leased were handed to nobody: the gateway renews every lease it holds
+    (Broker._renew_leases), so they must not stay leased, or they are stuck until the gateway restarts."""
+    db = tmp_path / "d.db"
+    ds = await open_db(db)
+    try:
+        await ds.queues.put([NewMessage("small", Q, {}, b"s", 4, None, NOW), NewMessage("big", Q, {}, large(1), 4, None, NOW)])
+        real = BodyFiles._read
+
+        def failing(self: BodyFiles, name: str) -> bytes:
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        monkeypatch.setattr(BodyFiles, "_read", failing)
+        with pytest.raises(DatasourceError):
+            await ds.queues.claim(Q, owner="gw", limit=5, lease_ms=30_000, now_ms=NOW)
+        monkeypatch.setattr(BodyFiles, "_read", real)
+        await ds.queues.renew("gw", lease_ms=30_000, now_ms=NOW + 20_000)  # the gateway's periodic renewal
+        got = await ds.queues.claim(Q, owner="gw", limit=5, lease_ms=30_000, now_ms=NOW + 40_000)
+        assert [g.message_id for g in got] == ["small", "big"]
+    finally:
+        await ds.close()

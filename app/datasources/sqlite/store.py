@@ -4,6 +4,7 @@ commit every write goes through. Shared by the queue and topic halves; see the p
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import sqlite3
@@ -71,8 +72,8 @@ class _Op(Generic[T]):
 Write = tuple[Callable[[sqlite3.Connection], T], Callable[[T], None] | None]
 
 
-def _discard_written(files: BodyFiles) -> Callable[[asyncio.Future[str]], None]:
-    def discard(write: asyncio.Future[str]) -> None:
+def _discard_written(files: BodyFiles) -> Callable[[concurrent.futures.Future[str]], None]:
+    def discard(write: concurrent.futures.Future[str]) -> None:
         if not write.cancelled() and write.exception() is None:
             files.discard([write.result()])
 
@@ -269,11 +270,14 @@ class Store:
             raise DatasourceUnavailable("the SQLite datasource is closed")
         loop = asyncio.get_running_loop()
         files = self.body_files
-        writes = [loop.run_in_executor(self._body_pool, files.write_one, body) for body in bodies]
+        # The pool's own futures: cancelling an asyncio wrapper of a write already running marks the wrapper
+        # cancelled while the thread goes on and creates the file, which only the pool's future then reports.
+        in_pool = [self._body_pool.submit(files.write_one, body) for body in bodies]
+        writes = [asyncio.wrap_future(write, loop=loop) for write in in_pool]
         try:
             results = await asyncio.gather(*writes, return_exceptions=True)
         except asyncio.CancelledError:  # the writes go on in their threads: their files go once they are written
-            for write in writes:
+            for write in in_pool:
                 write.add_done_callback(_discard_written(files))
             raise
         names = [name for name in results if isinstance(name, str)]

@@ -55,3 +55,29 @@ async def test_a_claim_whose_body_cannot_be_read_gives_its_messages_back(tmp_pat
         assert [g.message_id for g in got] == ["small", "big"]
     finally:
         await ds.close()
+
+
+async def test_a_cancelled_put_leaves_no_file_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A put cancelled while a body thread writes its file: the file must go once written (write_bodies says so)."""
+    db = tmp_path / "d.db"
+    ds = await open_db(db)
+    started, go = threading.Event(), threading.Event()
+    real = BodyFiles.write_one
+
+    def slow(self: BodyFiles, body: bytes) -> str:
+        started.set()
+        go.wait(10)
+        return real(self, body)
+
+    monkeypatch.setattr(BodyFiles, "write_one", slow)
+    try:
+        put = asyncio.ensure_future(ds.queues.put([NewMessage("big", Q, {}, large(1), 4, None, NOW)]))
+        while not started.is_set():
+            await asyncio.sleep(0.01)
+        put.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await put
+        go.set()
+    finally:
+        await ds.close()  # waits for the body threads
+    assert files(db) == set()

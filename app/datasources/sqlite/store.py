@@ -285,7 +285,7 @@ class Store:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
-            await loop.run_in_executor(self._body_pool, files.sync_directory)
+            await self._in_body_thread(files.sync_directory)
         except BaseException:
             files.discard(names)
             raise
@@ -294,7 +294,13 @@ class Store:
     async def read_bodies(self, messages: list[StoredMessage]) -> list[StoredMessage]:
         """Read the bodies a claim returned as file names, on the body threads (not in the writer, which every
         other claim and write waits for); see ``BodyFiles.load_if_present`` for a file deleted meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self._body_pool, self.body_files.load_if_present, messages)
+        return await self._in_body_thread(self.body_files.load_if_present, messages)
+
+    def _in_body_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._body_pool, fn, *args)
+        except RuntimeError as exc:  # the pool was shut down: close() ran while the caller waited
+            raise DatasourceUnavailable("the SQLite datasource is closed") from exc
 
     # -- writes: the group commit ----------------------------------------------------------------------------------
     def write(

@@ -81,3 +81,26 @@ async def test_a_cancelled_put_leaves_no_file_behind(tmp_path: Path, monkeypatch
     finally:
         await ds.close()  # waits for the body threads
     assert files(db) == set()
+
+
+async def test_a_put_caught_by_close_is_a_datasource_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() while a put's files are being written: the put fails as the datasource's failures do (the broker
+    reports those as "Not stored"), not with the thread pool's RuntimeError, and leaves no file."""
+    db = tmp_path / "d.db"
+    ds = await open_db(db)
+    started = threading.Event()
+    real = BodyFiles.write_one
+
+    def slow(self: BodyFiles, body: bytes) -> str:
+        started.set()
+        threading.Event().wait(0.3)
+        return real(self, body)
+
+    monkeypatch.setattr(BodyFiles, "write_one", slow)
+    put = asyncio.ensure_future(ds.queues.put([NewMessage("big", Q, {}, large(1), 4, None, NOW)]))
+    while not started.is_set():
+        await asyncio.sleep(0.01)
+    await ds.close()
+    with pytest.raises(DatasourceUnavailable):
+        await put
+    assert files(db) == set()

@@ -104,3 +104,23 @@ async def test_a_put_caught_by_close_is_a_datasource_error(tmp_path: Path, monke
     with pytest.raises(DatasourceUnavailable):
         await put
     assert files(db) == set()
+
+
+async def test_a_new_bodies_directory_is_itself_made_durable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bodies directory is created at open; its name lives in its parent directory's data, which must be synced
+    before a RECEIPT relies on a file in it (with sqlite_synchronous FULL, a RECEIPT survives power loss)."""
+    db = tmp_path / "d.db"
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ds = await open_db(db)
+    try:
+        await ds.queues.put([NewMessage("big", Q, {}, large(1), 4, None, NOW)])  # RECEIPT from here
+    finally:
+        await ds.close()
+    assert str(tmp_path) in synced

@@ -100,11 +100,7 @@ class BodyFiles:
     def sync_directory(self) -> None:
         """Make the names of the files written so far durable (a new file's name is in its directory's data)."""
         try:
-            fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _sync_directory(self.directory)
         except OSError as exc:
             raise DatasourceUnavailable(f"cannot sync the bodies directory {self.directory}: {exc.strerror or exc}") from exc
 
@@ -152,7 +148,10 @@ class BodyFiles:
         """At open (writer thread): create the directory and remove files no row names: written for a put that never
         committed, or of a message deleted just before a crash."""
         try:
-            os.makedirs(self.directory, mode=0o700, exist_ok=True)
+            if not os.path.isdir(self.directory):
+                os.makedirs(self.directory, mode=0o700, exist_ok=True)
+                # its name is in its parent's data: synced, or a power loss may take it and the synced files in it
+                _sync_directory(os.path.dirname(self.directory))
             present = set(os.listdir(self.directory))
         except OSError as exc:
             raise DatasourceError(f"cannot use the bodies directory {self.directory}: {exc.strerror or exc}") from exc
@@ -163,6 +162,14 @@ class BodyFiles:
             log.info("removing %d body file(s) no stored message names, in %s", len(orphans), self.directory)
             self.discard(sorted(orphans))
         self.in_use = bool(named)
+
+
+def _sync_directory(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: str) -> None:

@@ -217,7 +217,16 @@ class SqlitePollQueue(PollQueue):
 
         claimed = await store.write(run, early=True)
         if any(isinstance(m.body, str) for m in claimed):  # bodies kept as files: read beside the writer
-            claimed = await store.read_bodies(claimed)
+            try:
+                claimed = await store.read_bodies(claimed)
+            except Exception:
+                # The claim leased them to ``owner`` and hands them to nobody; the gateway renews every lease it
+                # holds, so they would stay leased until it restarts: give them back (fenced by their leases).
+                try:
+                    await self.release([m.message_id for m in claimed], Release.REQUEUE, [m.lease for m in claimed])
+                except Exception:  # the store failed twice: they stay leased, as they did before this
+                    pass
+                raise
         return claimed
 
     def _claim_matching(

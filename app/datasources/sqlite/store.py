@@ -4,6 +4,7 @@ commit every write goes through. Shared by the queue and topic halves; see the p
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import sqlite3
@@ -71,8 +72,8 @@ class _Op(Generic[T]):
 Write = tuple[Callable[[sqlite3.Connection], T], Callable[[T], None] | None]
 
 
-def _discard_written(files: BodyFiles) -> Callable[[asyncio.Future[str]], None]:
-    def discard(write: asyncio.Future[str]) -> None:
+def _discard_written(files: BodyFiles) -> Callable[[concurrent.futures.Future[str]], None]:
+    def discard(write: concurrent.futures.Future[str]) -> None:
         if not write.cancelled() and write.exception() is None:
             files.discard([write.result()])
 
@@ -269,11 +270,14 @@ class Store:
             raise DatasourceUnavailable("the SQLite datasource is closed")
         loop = asyncio.get_running_loop()
         files = self.body_files
-        writes = [loop.run_in_executor(self._body_pool, files.write_one, body) for body in bodies]
+        # The pool's own futures: cancelling an asyncio wrapper of a write already running marks the wrapper
+        # cancelled while the thread goes on and creates the file, which only the pool's future then reports.
+        in_pool = [self._body_pool.submit(files.write_one, body) for body in bodies]
+        writes = [asyncio.wrap_future(write, loop=loop) for write in in_pool]
         try:
             results = await asyncio.gather(*writes, return_exceptions=True)
         except asyncio.CancelledError:  # the writes go on in their threads: their files go once they are written
-            for write in writes:
+            for write in in_pool:
                 write.add_done_callback(_discard_written(files))
             raise
         names = [name for name in results if isinstance(name, str)]
@@ -281,7 +285,7 @@ class Store:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
-            await loop.run_in_executor(self._body_pool, files.sync_directory)
+            await self._in_body_thread(files.sync_directory)
         except BaseException:
             files.discard(names)
             raise
@@ -290,7 +294,13 @@ class Store:
     async def read_bodies(self, messages: list[StoredMessage]) -> list[StoredMessage]:
         """Read the bodies a claim returned as file names, on the body threads (not in the writer, which every
         other claim and write waits for); see ``BodyFiles.load_if_present`` for a file deleted meanwhile."""
-        return await asyncio.get_running_loop().run_in_executor(self._body_pool, self.body_files.load_if_present, messages)
+        return await self._in_body_thread(self.body_files.load_if_present, messages)
+
+    def _in_body_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        try:
+            return asyncio.get_running_loop().run_in_executor(self._body_pool, fn, *args)
+        except RuntimeError as exc:  # the pool was shut down: close() ran while the caller waited
+            raise DatasourceUnavailable("the SQLite datasource is closed") from exc
 
     # -- writes: the group commit ----------------------------------------------------------------------------------
     def write(

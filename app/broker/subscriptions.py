@@ -28,9 +28,6 @@ WRITE_BUDGET = 1024 * 1024
 # high-water mark: with 1 MiB bodies a budget of 1 MiB claimed one message at a time, and each claim's round trip
 # through the writer then came between two deliveries (1 MiB queue, 2/2: 136-174 -> 159-194 msgs/s).
 CLAIM_BUDGET = 4 * WRITE_BUDGET
-# What a claim assumes a message weighs before it has seen any: small, so the first claim is not a batch of 4 MiB
-# bodies; the estimate then follows the largest body of the last claim.
-INITIAL_SIZE_ESTIMATE = 64 * 1024
 # What a topic message waiting for ACK room is counted as beyond its body and its headers (the bookkeeping), so that
 # a flood of empty messages is bounded too: at most max_session_buffer / 512 of them wait per connection.
 WAITING_OVERHEAD = 512
@@ -157,7 +154,9 @@ class QueueSubscription(Subscription):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._held: list[StoredMessage] = []  # claimed, not yet handed to the connection (no room yet)
         self._auto_in_flight: list[Held] = []  # auto mode: handed to the connection, acked once it took them
-        self._size_estimate = INITIAL_SIZE_ESTIMATE
+        # What a claim assumes a message weighs before it has seen any: the largest body a client may send, so the
+        # first claim is one message, not CLAIM_BUDGET / 64 KiB of 4 MiB bodies; then the largest body of the last claim.
+        self._size_estimate = self.session.broker.config.limits.max_frame_bytes
         self._backoff = 0.05  # seconds before retrying a claim the database refused; doubles up to 2 s
         self._scan = ScanMark()  # where a selector's scan of the backlog goes on from (used with a Python selector)
 

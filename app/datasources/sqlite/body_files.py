@@ -122,7 +122,7 @@ class BodyFiles:
                 try:
                     message.body = self._read(name)
                 except FileNotFoundError:
-                    log.info("message %s was deleted while its body was read; not delivered", message.message_id)
+                    log.warning("message %s: its body file is gone (deleted meanwhile?); not delivered", message.message_id)
                     continue
                 except OSError as exc:
                     raise DatasourceError(f"cannot read a message body in {self.directory}: {exc.strerror or exc}") from exc

@@ -6,6 +6,7 @@ its description as help, so the CLI, the environment (``STOMPGATE_...``) and the
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import gc
 import inspect
@@ -29,6 +30,12 @@ __all__ = ["main", "cli"]
 # Allocations (less deallocations) of container objects between two collections of the youngest generation; Python's
 # default is 700, a pass every ~1.4 ms of the gateway's work under load (see tune_gc).
 GC_GEN0_THRESHOLD = 10_000
+
+# glibc's allocator (see tune_malloc): blocks up to MALLOC_MMAP_THRESHOLD come from its heaps, not a mapping of their
+# own, and up to MALLOC_TRIM_THRESHOLD bytes freed at the top of a heap stay there for the next allocation.
+MALLOC_MMAP_THRESHOLD = 8 * 1024 * 1024
+MALLOC_TRIM_THRESHOLD = 64 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
 
 # bcrypt hashes at most 72 bytes of secret (bcrypt 5 refuses longer ones with a ValueError instead of truncating).
 BCRYPT_MAX_SECRET_BYTES = 72
@@ -143,6 +150,7 @@ def serve_with(settings: Settings) -> None:
     )
     server = uvicorn.Server(config)
     tune_gc()
+    tune_malloc()
     server.run()
     if not server.started:
         raise StartupError("the gateway did not start; the log above says why")
@@ -158,6 +166,22 @@ def tune_gc() -> None:
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, GC_GEN0_THRESHOLD), gen1, gen2)
+
+
+def tune_malloc() -> bool:
+    """Keep freed buffers of large messages for reuse (glibc only; elsewhere nothing changes, and False is returned).
+    By default glibc maps a block over 128 KiB of its own and unmaps it when freed, and gives a heap's free top back
+    to the system past twice that; every 1 MiB body, socket read and file read then took fresh pages, each one a page
+    fault that the kernel zeroes. Those faults were about 12 % of the gateway's CPU on 1 MiB messages (perf); with
+    these settings its CPU per message fell 5-12 % (1 MiB queue, three alternating pairs). What may stay unreturned
+    is bounded: MALLOC_TRIM_THRESHOLD per heap."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the interpreter runs on
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt), or no dynamic linking
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def server_options(settings: Settings) -> dict[str, Any]:

@@ -17,7 +17,10 @@ Rules (any split of the input gives the same frames):
   ``max_body_bytes`` in every state.
 
 The parser scans whole frames with ``bytes.find``; when a chunk holds complete frames it slices them straight out of
-the received ``bytes`` without copying into the buffer.
+the received ``bytes`` without copying into the buffer. A body of ``gather_min`` bytes or more whose
+``content-length`` is known is gathered instead: the chunks that hold it are kept as received and joined once, when
+the last one arrives, so it is copied once, not once into the buffer per chunk (with its reallocations) and again
+out of it.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ ALL_COMMANDS = CLIENT_COMMANDS | SERVER_COMMANDS
 
 _Pending = tuple[str, dict[str, str], int, int]  # command, headers, body offset from frame start, length or -1
 Parts = tuple[str, dict[str, str], bytes]  # a frame's command, headers and body, before they become a Frame
+
+GATHER_MIN = 64 * 1024  # the default ``FrameParser.gather_min``
 
 
 class FrameParser:
@@ -56,6 +61,9 @@ class FrameParser:
         "_scan",
         "_pending",
         "_failed",
+        "gather_min",
+        "_parts",
+        "_gathered",
     )
 
     def __init__(
@@ -81,6 +89,11 @@ class FrameParser:
         self._scan = 0  # offset from _pos where the next search for a terminator resumes
         self._pending: _Pending | None = None
         self._failed: ProtocolError | None = None
+        # A large body being gathered (``_pending`` is its frame then): the received chunks from its first byte on,
+        # as received, and how many bytes they hold.
+        self.gather_min = GATHER_MIN
+        self._parts: list[bytes | memoryview] | None = None
+        self._gathered = 0
 
     def use_frame_limit(self, name: str) -> None:
         """Switch the frame-size limit to another field of :class:`Limits` (``max_frame_bytes`` after login, which
@@ -98,10 +111,14 @@ class FrameParser:
     @property
     def buffered(self) -> int:
         """Bytes received and not yet returned as frames."""
-        return len(self._buf) - self._pos
+        return len(self._buf) - self._pos + self._gathered
 
     def append(self, data: bytes) -> None:
         if not data or self._failed is not None:
+            return
+        if self._parts is not None:  # kept as it is: ``bytes`` cannot change under us (anything else is copied once)
+            self._parts.append(data if type(data) is bytes else bytes(data))
+            self._gathered += len(data)
             return
         buf = self._buf
         pos = self._pos
@@ -180,6 +197,8 @@ class FrameParser:
         )
 
     def _next(self) -> Parts | None:
+        if self._parts is not None:
+            return self._gathered_frame()
         buf = self._buf
         pos = self._pos
         end = len(buf)
@@ -210,6 +229,13 @@ class FrameParser:
             stop = body_start + length
             if stop >= end:
                 self._pending = pending
+                if length >= self.gather_min:  # the rest comes in later chunks: gather them, see _gathered_frame
+                    # (a view of received bytes costs nothing; what a bytearray holds is copied, as it will change)
+                    view = memoryview(buf)[body_start:end]
+                    self._parts = [view if type(buf) is bytes else bytes(view)]
+                    self._gathered = end - body_start
+                    self._buf = b""
+                    self._pos = 0
                 return None
             if buf[stop] != 0:
                 raise ProtocolError(
@@ -236,6 +262,34 @@ class FrameParser:
         self._scan = 0
         # one copy: slicing a bytearray would copy the body once into a bytearray and again into the bytes
         return command, headers, bytes(memoryview(buf)[body_start:stop])
+
+    def _gathered_frame(self) -> Parts | None:
+        """The gathered frame once its body and the NUL after it arrived; what followed them is the new buffer."""
+        parts = self._parts
+        pending = self._pending
+        assert parts is not None and pending is not None
+        command, headers, _, length = pending
+        if self._gathered <= length:
+            return None
+        i, need = 0, length  # the part that holds the body's last byte (or, for a body that ends a part, the NUL)
+        while need >= len(parts[i]):
+            need -= len(parts[i])
+            i += 1
+        last = memoryview(parts[i])
+        if last[need] != 0:
+            raise ProtocolError(
+                "Invalid frame", f"content-length {length} is not followed by a NUL", receipt_id=headers.get("receipt")
+            )
+        pieces = [*parts[:i], last[:need]]
+        rest = b"".join([last[need + 1 :], *parts[i + 1 :]])
+        body = b"".join(pieces)
+        self._parts = None
+        self._gathered = 0
+        self._pending = None
+        self._scan = 0
+        self._buf = rest
+        self._pos = 0
+        return command, headers, body
 
     def _parse_head(self, buf: bytes | bytearray, pos: int, end: int) -> _Pending | None:
         start = pos + self._scan

@@ -264,3 +264,37 @@ def test_switching_the_frame_limit() -> None:
     parser = FrameParser(limits, frame_limit="max_frame_bytes_before_connect")
     exc = parser.feed(SEND)[0]
     assert isinstance(exc, LimitExceeded) and exc.message == "Frame too large: limit max_frame_bytes_before_connect=10"
+
+
+def test_a_large_body_is_gathered_from_its_chunks_and_copied_once() -> None:
+    """A body of gather_min bytes or more, with its content-length, is kept as the chunks that bring it and joined
+    once; the bytes after its NUL (here the next frame) go on as usual. Same frames as one chunk gives."""
+    from stomp_core.parser import GATHER_MIN
+
+    body = bytes(range(256)) * (GATHER_MIN // 256) + b"\x00tail"
+    wire = b"SEND\ndestination:/q\ncontent-length:%d\n\n" % len(body) + body + b"\x00\nSEND\ndestination:/r\n\nnext\x00"
+    parser = FrameParser(version="1.2")
+    third = len(wire) // 3
+    assert parser.feed(wire[:third]) == []
+    assert parser.buffered == third - wire.index(b"\n\n") - 2  # the head is parsed; the body's start is held
+    assert parser.feed(bytearray(wire[third : 2 * third])) == []  # a mutable chunk is copied, not kept
+    assert parser.buffered == 2 * third - wire.index(b"\n\n") - 2
+    frames = parser.feed(wire[2 * third :])
+    assert frames == [
+        Frame("SEND", {"destination": "/q", "content-length": str(len(body))}, body),
+        Frame("SEND", {"destination": "/r"}, b"next"),
+    ]
+    assert parser.buffered == 0
+    assert FrameParser(version="1.2").feed(wire) == frames
+
+
+def test_a_gathered_body_not_followed_by_a_nul_is_an_error() -> None:
+    from stomp_core.parser import GATHER_MIN
+
+    wire = b"SEND\ndestination:/q\nreceipt:r\ncontent-length:%d\n\n" % GATHER_MIN + b"x" * GATHER_MIN + b"y\x00"
+    parser = FrameParser(version="1.2")
+    assert parser.feed(wire[:100]) == []
+    (error,) = parser.feed(wire[100:])
+    assert isinstance(error, ProtocolError) and error.receipt_id == "r"
+    assert error.detail == f"content-length {GATHER_MIN} is not followed by a NUL"
+    assert parser.feed(b"\n") == [] and parser.failed is error

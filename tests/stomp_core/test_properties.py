@@ -7,6 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from stomp_core import Frame, FrameParser, ProtocolError, ProtocolViolation, ServerConnection, serialize
+from stomp_core.parser import GATHER_MIN
 from stomp_core.escaping import RAW_COMMANDS
 from stomp_core.frame import CLIENT_COMMANDS, SERVER_COMMANDS
 
@@ -112,17 +113,26 @@ def test_serialize_then_parse_is_identity(data: st.DataObject, version: str) -> 
     noise=st.lists(st.sampled_from([b"", b"\n", b"\r\n", b"\x00\n"]), min_size=1, max_size=6),
     tail=st.binary(max_size=20),
     cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=12),
+    gather_min=st.sampled_from([GATHER_MIN, 0, 1, 7]),
+    mutable=st.booleans(),
 )
 def test_chunking_does_not_change_the_result(
-    data: st.DataObject, version: str, noise: list[bytes], tail: bytes, cuts: list[int]
+    data: st.DataObject, version: str, noise: list[bytes], tail: bytes, cuts: list[int], gather_min: int, mutable: bool
 ) -> None:
+    """Also with large bodies gathered (``gather_min`` lowered so that the drawn bodies are large), and with chunks
+    given as bytearrays the caller then overwrites."""
     stream = b"".join(serialize(data.draw(frames(version)), version) + n for n in noise) + tail
     whole = FrameParser(version=version).feed(stream)
     parser = FrameParser(version=version)
+    parser.gather_min = gather_min
     pieces: list[Frame | ProtocolError] = []
     bounds = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     for start, stop in zip(bounds, bounds[1:]):
-        pieces += parser.feed(stream[start:stop])
+        chunk = bytearray(stream[start:stop]) if mutable else stream[start:stop]
+        pieces += parser.feed(chunk)  # type: ignore[arg-type]
+        if mutable:
+            chunk[:] = b"\xff" * len(chunk)
+        assert parser.buffered <= len(stream)
 
     def key(items: list[Frame | ProtocolError]) -> list[object]:
         return [(x.message, x.detail) if isinstance(x, ProtocolError) else x for x in items]

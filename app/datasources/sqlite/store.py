@@ -156,7 +156,6 @@ class Store:
         self._loop = loop
         self._task = loop.create_task(self._writer_loop(), name="sqlite-writer")
 
-
     def call_on_loop(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the event loop (from the writer thread)."""
         self._loop.call_soon_threadsafe(callback)
@@ -222,7 +221,6 @@ class Store:
                 """
             )
             self.body_files.sweep(conn)
-
             conn.execute("BEGIN IMMEDIATE")  # check and change in one transaction: two openers cannot both add it
             columns = {row[1] for row in conn.execute(f"PRAGMA table_info({m})")}
             if "lease" not in columns:  # a database made before leases were fenced
@@ -261,7 +259,6 @@ class Store:
         self._writer_pool.shutdown(wait=True)
         self._reader_pool.shutdown(wait=True)
         self._body_pool.shutdown(wait=True)
-
 
     async def write_bodies(self, bodies: list[bytes]) -> list[str]:
         """Store large bodies as synced files on the body threads, and then their names; returns the names. On

@@ -21,6 +21,7 @@ import time
 import traceback
 from array import array
 from dataclasses import asdict, dataclass
+from collections.abc import Awaitable, Iterable
 from typing import Any
 
 from app.bench.client import BenchClient, BenchClientError, open_client, run_loop
@@ -361,8 +362,8 @@ async def _worker(cfg: BenchConfig, index: int, shared: Shared) -> dict[str, Any
 
     try:
         try:
-            await asyncio.gather(*(c.start() for c in consumers))
-            await asyncio.gather(*(p.connect() for p in producers))
+            await _every(c.start() for c in consumers)
+            await _every(p.connect() for p in producers)
         except (OSError, asyncio.TimeoutError, BenchClientError) as exc:
             errors.append(f"connect/subscribe failed: {exc!r}")
             shared.failed.value = 1
@@ -391,6 +392,15 @@ async def _worker(cfg: BenchConfig, index: int, shared: Shared) -> dict[str, Any
         "consumers": [c.result() for c in consumers],
         "errors": errors,
     }
+
+
+async def _every(steps: Iterable[Awaitable[None]]) -> None:
+    """Run the steps together and raise the first failure once all ended. (A bare gather raises the first failure at
+    once and leaves the others running: when a gateway refused two connections, the second refusal was never
+    retrieved and asyncio.run printed it as an unhandled exception at shutdown.)"""
+    for result in await asyncio.gather(*steps, return_exceptions=True):
+        if isinstance(result, BaseException):
+            raise result
 
 
 def _worker_process(cfg: BenchConfig, index: int, shared: Shared, results: Any) -> None:

@@ -43,7 +43,7 @@ log = logging.getLogger("stompgate.sqlite")
 # 128 KiB 878, 916 / 755, 721; 256 KiB 560, 465 / 388, 364. Below about 100 KiB a file's own cost (create,
 # fdatasync, directory sync, unlink) is more than SQLite's pages cost; Artemis draws its line at 100 KiB too.
 FILE_BODY_MIN = 128 * 1024
-_NAME = re.compile(r"[0-9a-f]{32}")  # what ``_write_one`` names files; anything else in a row is refused, not opened
+_NAME = re.compile(r"[0-9a-f]{32}")  # what ``write_one`` names files; anything else in a row is refused, not opened
 
 
 class BodyFiles:

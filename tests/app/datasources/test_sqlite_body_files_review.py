@@ -10,27 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from app.datasources.interface import DatasourceError, DatasourceOptions, DatasourceUnavailable, NewMessage
-from app.datasources.registry import open_datasource
-from app.datasources.sqlite import SqliteDatasource
-from app.datasources.sqlite.body_files import FILE_BODY_MIN, BodyFiles
-
-NOW = 1_700_000_000_000
-Q = "/queue/large"
-
-
-async def open_db(path: Path) -> SqliteDatasource:
-    ds = await open_datasource(f"sqlite:///{path}", DatasourceOptions())
-    assert isinstance(ds, SqliteDatasource)
-    return ds
-
-
-def files(db: Path) -> set[str]:
-    return set(os.listdir(f"{db}-bodies"))
-
-
-def large(n: int) -> bytes:
-    return os.urandom(FILE_BODY_MIN) + str(n).encode()
+from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage
+from app.datasources.sqlite.body_files import BodyFiles
+from tests.app.datasources.test_sqlite_body_files import NOW, Q, files, large, open_db
 
 
 async def test_a_claim_whose_body_cannot_be_read_gives_its_messages_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -88,12 +88,7 @@ class SqliteDatasource(Datasource):
                 if follow_up is not None:
                     follow_up(result)
 
-        try:
-            await self.store.write(run, after)
-        except Exception:
-            if files is not None:  # rolled back: no row names them
-                self.store.body_files.discard(files)
-            raise
+        await self.store.write_naming(files, run, after)
 
     async def ping(self) -> None:
         await self.store.read(lambda conn: conn.execute("SELECT 1").fetchone())

@@ -32,7 +32,7 @@ import secrets
 import sqlite3
 from collections.abc import Sequence
 
-from app.datasources.interface import DatasourceError, DatasourceUnavailable, NewMessage, StoredMessage
+from app.datasources.interface import DatasourceError, DatasourceUnavailable, StoredMessage
 
 __all__ = ["BodyFiles", "FILE_BODY_MIN"]
 
@@ -70,10 +70,6 @@ class BodyFiles:
         """
 
     # -- writing (body threads) ------------------------------------------------------------------------------------
-    @staticmethod
-    def wanted(messages: Sequence[NewMessage]) -> bool:
-        return any(len(m.body) >= FILE_BODY_MIN for m in messages)
-
     def write_one(self, body: bytes) -> str:
         """Write one body to a new file and sync it; return its name. The caller then syncs the directory
         (``sync_directory``) once for all the files of a put. On failure nothing is left behind and

@@ -29,7 +29,7 @@ from app.datasources.interface import (
     SCAN_BUDGET,
 )
 from app.datasources.scanning import ScanBook, scan_in_order
-from app.datasources.sqlite.body_files import FILE_BODY_MIN, BodyFiles
+from app.datasources.sqlite.body_files import FILE_BODY_MIN
 from app.datasources.sqlite.rows import (
     IN_CHUNK,
     MESSAGE_COLUMNS,
@@ -126,19 +126,14 @@ class SqlitePollQueue(PollQueue):
     async def put(self, messages: Sequence[NewMessage]) -> None:
         if messages:
             files = await self.write_bodies(messages)
-            try:
-                await self._store.write(*self.put_write(messages, files))
-            except Exception:
-                if files is not None:  # not stored: nothing names them (a cancelled caller's put may still commit)
-                    self._store.body_files.discard(files)
-                raise
+            await self._store.write_naming(files, *self.put_write(messages, files))
 
     async def write_bodies(self, messages: Sequence[NewMessage]) -> list[str | None] | None:
         """Write the bodies that go to files (``body_files``) before the put that names them; one name per message
         (None: stored in SQLite), or None when no body is that large."""
-        if not BodyFiles.wanted(messages):
-            return None
         large = [i for i, m in enumerate(messages) if len(m.body) >= FILE_BODY_MIN]
+        if not large:
+            return None
         names = await self._store.write_bodies([messages[i].body for i in large])
         files: list[str | None] = [None] * len(messages)
         for i, name in zip(large, names):

@@ -9,7 +9,7 @@ import os
 import re
 import sqlite3
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
@@ -287,6 +287,18 @@ class Store:
             files.discard(names)
             raise
         return names
+
+    async def write_naming(
+        self, files: Sequence[str | None] | None, run: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None
+    ) -> T:
+        """``write`` a step that names body ``files`` (``write_bodies``'s): if it fails, it rolled back and nothing
+        names them, so they go. (A cancelled caller's write may still commit: its files stay.)"""
+        try:
+            return await self.write(run, after)
+        except Exception:
+            if files is not None:
+                self.body_files.discard(files)
+            raise
 
     async def read_bodies(self, messages: list[StoredMessage]) -> list[StoredMessage]:
         """Read the bodies a claim returned as file names, on the body threads (not in the writer, which every

@@ -76,6 +76,17 @@ class StompSocket:
             self.events.extend(self.conn.receive_data(data))
         return self.events.pop(0)
 
+    @classmethod
+    async def subscribed_to_queue(cls, port: int) -> StompSocket:
+        """Connected, with a client-individual subscription (id 1) to /queue/q sent."""
+        client = cls(*await asyncio.open_connection("127.0.0.1", port))
+        client.conn.connect(host="/", login="me")
+        await client.flush()
+        assert isinstance(await client.next(), Connected)
+        client.conn.subscribe("/queue/q", "1", ack="client-individual")
+        await client.flush()
+        return client
+
 
 
 async def test_a_durable_acks_receipt_waits_until_the_position_is_saved(memory: Datasource) -> None:
@@ -144,12 +155,7 @@ async def test_a_subscription_closed_while_its_claim_is_in_flight_gives_the_clai
     memory.queues.claim = slow_answer  # type: ignore[method-assign]
     try:
         await broker.publish("/queue/q", {}, b"hello")
-        client = StompSocket(*await asyncio.open_connection("127.0.0.1", port))
-        client.conn.connect(host="/", login="me")
-        await client.flush()
-        assert isinstance(await client.next(), Connected)
-        client.conn.subscribe("/queue/q", "1", ack="client-individual")
-        await client.flush()
+        client = await StompSocket.subscribed_to_queue(port)
         await asyncio.wait_for(claimed.wait(), 5)
         client.conn.unsubscribe("1", receipt="gone")
         await client.flush()
@@ -205,12 +211,7 @@ async def test_a_subscription_cancelled_just_after_its_claim_answered_gives_the_
     client: StompSocket | None = None
     try:
         await broker.publish("/queue/q", {}, b"hello")
-        client = StompSocket(*await asyncio.open_connection("127.0.0.1", port))
-        client.conn.connect(host="/", login="me")
-        await client.flush()
-        assert isinstance(await client.next(), Connected)
-        client.conn.subscribe("/queue/q", "1", ack="client-individual")
-        await client.flush()
+        client = await StompSocket.subscribed_to_queue(port)
         await asyncio.wait_for(cancelled.wait(), 5)
         await asyncio.wait_for(released.wait(), 5)  # the release is a task of its own
         assert (await memory.queues.stats("/queue/q", now_ms=broker.now_ms())).ready == 1

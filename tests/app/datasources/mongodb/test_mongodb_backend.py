@@ -161,11 +161,12 @@ def _claimer_process(url: str, namespace: str, out: multiprocessing.Queue) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)  # a hang guard: 95-105 s on this session's machine, at 450322d as now; 120 s was too close
 async def test_two_processes_claim_each_message_exactly_once(mongodb_url: str) -> None:
-    """Two gateway processes on one server, four consumers spread over both, 5,000 messages: each delivered exactly
-    once, none lost."""
-    total = 5_000
+    """Two processes claiming from one server through the datasource, two claimers in each, 1,500 messages: each
+    claimed exactly once, none lost. (The issue's 5,000 messages run through two gateways and four STOMP consumers in
+    tests/integration/test_mongodb_gateways.py; here, below the gateway, the claims race without one. Here the time
+    grows faster than the backlog: 5,000 messages took 80 s on each server, 1,500 take 11 s.)"""
+    total = 1_500
     namespace = f"t{uuid.uuid4().hex[:12]}"
     ds = await open_datasource(mongodb_url, DatasourceOptions(namespace=namespace))
     try:

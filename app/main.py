@@ -65,6 +65,7 @@ def broker_config(settings: Settings) -> BrokerConfig:
         metrics_max_destinations=settings.metrics_max_destinations,
         metrics_idle_seconds=settings.metrics_idle_seconds,
         max_inflight_per_session=settings.max_inflight_per_session,
+        max_inflight_bytes_per_session=settings.max_inflight_bytes_per_session,
         max_session_buffer=settings.max_session_buffer,
         claim_batch=settings.claim_batch,
         shutdown_grace=settings.shutdown_grace,

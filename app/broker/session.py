@@ -117,6 +117,7 @@ class Session:
         self.finished = False
         self._failing = False  # an ERROR is due once the frames before the bad one are done: read and deliver no more
         self._paused = False
+        self._inflight_bytes = 0  # bodies of this connection's SENDs handed to the broker and not yet stored
         self._completions = Completions(self._maybe_resume)
         self._ending: asyncio.Task[None] | None = None
         self._flush_scheduled = False
@@ -153,7 +154,11 @@ class Session:
                 return
         self._submit_sends()
         self.flush()
-        if len(self._completions) > self.broker.config.max_inflight_per_session and not self._paused:
+        config = self.broker.config
+        if not self._paused and (
+            len(self._completions) > config.max_inflight_per_session
+            or self._inflight_bytes > config.max_inflight_bytes_per_session
+        ):
             self._paused = True
             self.transport.pause_reading()
 
@@ -378,7 +383,14 @@ class Session:
             return
         groups, self._pending_sends = self._pending_sends, {}
         for kind, (messages, placeholder) in groups.items():
+            size = sum(len(m.body) for m in messages)
+            self._inflight_bytes += size
+            placeholder.add_done_callback(partial(self._stored, size))
             self._order.write(partial(self.broker.publish_nowait, messages, kind), placeholder)
+
+    def _stored(self, size: int, _: object) -> None:
+        self._inflight_bytes -= size
+        self._maybe_resume()
 
     def _find_unacked(self, ack_id: str, subscription_id: str | None) -> tuple[Subscription, list[str]]:
         """The subscription holding the unacknowledged message ``ack_id`` names, and the ids the ACK/NACK covers.
@@ -427,7 +439,7 @@ class Session:
             return sub.save_position()  # the RECEIPT waits until the moved position is stored
         if not isinstance(sub, QueueSubscription):
             return None  # live topic deliveries have nothing to delete
-        held = [(d.message.message_id, d.message.lease) for d in settled]
+        held = [(d.message_id, d.lease) for d in settled]
         if not held:
             return None
         if how is None:
@@ -605,7 +617,12 @@ class Session:
         self._completions.push(future, done)
 
     def _maybe_resume(self) -> None:
-        if self._paused and len(self._completions) < self.broker.config.max_inflight_per_session // 2:
+        config = self.broker.config
+        if (
+            self._paused
+            and len(self._completions) < config.max_inflight_per_session // 2
+            and self._inflight_bytes <= config.max_inflight_bytes_per_session // 2
+        ):
             self._paused = False
             self.transport.resume_reading()
 

@@ -41,7 +41,11 @@ def _waiting_cost(message: StoredMessage) -> int:
 
 @dataclass(slots=True)
 class Delivery:
-    message: StoredMessage
+    """A message handed to the client and not yet acknowledged: what settling it needs, never its body or headers
+    (a client that reads and never acks would otherwise make the gateway hold prefetch x body bytes)."""
+
+    message_id: str
+    lease: int  # the lease token it was claimed under (queues; 0 for topics)
     position: int  # topic position (0 for queues)
 
 
@@ -135,7 +139,7 @@ class Subscription:
             return False
         self.delivered += 1
         if self.needs_ack:
-            self.unacked[message.message_id] = Delivery(message, position)
+            self.unacked[message.message_id] = Delivery(message.message_id, message.lease, position)
         return True
 
 
@@ -309,7 +313,7 @@ class QueueSubscription(Subscription):
         await self._stop(self._task)
         # Unacked, held (claimed, never handed over) and auto deliveries the connection may not have taken: all go
         # back to the queue. An auto message already written to the socket may so be delivered twice, never lost.
-        released = [(d.message.message_id, d.message.lease) for d in self.unacked.values()]
+        released = [(d.message_id, d.lease) for d in self.unacked.values()]
         released += [(m.message_id, m.lease) for m in self._held] + self._auto_in_flight
         self.unacked.clear()
         self._held.clear()

@@ -39,7 +39,7 @@ class Transaction:
         released: dict[Release, list[Held]] = {Release.REQUEUE: [], Release.DEAD_LETTER: []}
         for sub, message_ids, how in self.settlements:
             if isinstance(sub, QueueSubscription):
-                held = [(d.message.message_id, d.message.lease) for i in message_ids if (d := sub.unacked.get(i))]
+                held = [(d.message_id, d.lease) for i in message_ids if (d := sub.unacked.get(i))]
                 (acks if how is None else released[how]).extend(held)
         return Changes(
             queue=[m for m in self.sends if m.destination.startswith("/queue/")],

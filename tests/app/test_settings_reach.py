@@ -40,6 +40,7 @@ NEW_VALUES: dict[str, tuple[Any, str]] = {
     "namespace": ("tenant_b", "datasource"),
     "claim_batch": (17, "broker"),
     "max_inflight_per_session": (321, "broker"),
+    "max_inflight_bytes_per_session": (1_048_576, "broker"),
     "max_session_buffer": (2_097_152, "broker"),
     "shutdown_grace": (1.5, "broker"),
     "server_name": ("gateway-eu", "broker"),

@@ -353,6 +353,8 @@ class Store:
                     raise
             gone, self._gone = self._gone, []
             self._finish(batch, results, gone)
+            # Not kept while the loop waits for the next batch: a claim's results hold the bodies it read.
+            del batch, results
 
     def _finish(self, batch: list[_Op[Any]], results: list[tuple[bool, Any]], gone: list[str]) -> None:
         """A batch committed: run its follow-ups, answer its callers, unlink the files its deletions left."""

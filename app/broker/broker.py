@@ -412,7 +412,7 @@ class Broker:
             if now - session.opened_at > self.config.login_timeout:
                 session.close_with_error("Login timeout", f"no CONNECT within login_timeout={self.config.login_timeout}s")
             return
-        if plan.peer_dead(session.last_received, now):
+        if plan.peer_dead(session.last_received, now) and not session.reading_paused:
             self.metrics.error("heart-beat timeout")
             session.close_with_error("Heart-beat timeout", "no frame or heart-beat received in time")
         elif plan.send_due(session.last_sent, now):

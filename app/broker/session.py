@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from collections.abc import Coroutine, Mapping
 from typing import Any, Literal, Protocol
@@ -52,6 +53,15 @@ from stomp_core import (
 __all__ = ["Session", "SessionBroker", "Transport"]
 
 log = logging.getLogger("stompgate.session")
+
+
+@dataclass(slots=True)
+class _SendGroup:
+    """The SENDs of one read to one kind of destination: one group write, the future it completes, and their bytes."""
+
+    messages: list[NewMessage]
+    stored: asyncio.Future[None]
+    size: int = 0
 
 # Queued MESSAGE bytes at which a delivery flushes at once rather than at the end of the event-loop turn: small
 # messages still share one socket write, and a burst of large ones never sits twice in memory.
@@ -117,11 +127,12 @@ class Session:
         self.finished = False
         self._failing = False  # an ERROR is due once the frames before the bad one are done: read and deliver no more
         self._paused = False
+        self._quiesced = False  # a graceful shutdown stopped reading: nothing resumes it
         self._inflight_bytes = 0  # bodies of this connection's SENDs handed to the broker and not yet stored
         self._completions = Completions(self._maybe_resume)
         self._ending: asyncio.Task[None] | None = None
         self._flush_scheduled = False
-        self._pending_sends: dict[Literal["queue", "topic"], tuple[list[NewMessage], asyncio.Future[None]]] = {}
+        self._pending_sends: dict[Literal["queue", "topic"], _SendGroup] = {}
         self._pending_acks: tuple[list[Held], asyncio.Future[None]] | None = None
         self._order = WriteOrder()  # the database sees this connection's SENDs, ACKs and COMMITs in the order sent
         self._destinations: dict[str, Destination] = {}  # parsed destination names, per connection
@@ -161,6 +172,12 @@ class Session:
         ):
             self._paused = True
             self.transport.pause_reading()
+
+    @property
+    def reading_paused(self) -> bool:
+        """The gateway stopped reading this client until its work in flight is done (``_maybe_resume``): the
+        client's frames and heart-beats wait unread, so its silence says nothing about it."""
+        return self._paused
 
     def connection_lost(self) -> None:
         """The peer went away (or we closed): release what it held. Safe to call more than once."""
@@ -249,6 +266,7 @@ class Session:
     async def quiesce(self) -> None:
         """Stop reading from the client and let the work it already sent finish, RECEIPTs included."""
         if not self.finished:
+            self._quiesced = True
             self.transport.pause_reading()
             self._submit_sends()
             await self._completions.idle()
@@ -352,22 +370,25 @@ class Session:
             message = self.broker.build_message(event.destination, event.headers, event.body)
         except HeaderError as exc:
             raise SessionError("Invalid header", str(exc)) from None
+        # What the SEND costs us until it is stored: its body and its headers (the frame limit counts the body only)
+        size = len(event.body) + sum(len(k) + len(v) for k, v in event.headers.items())
         if event.transaction is not None:
             tx = self.transactions.get(event.transaction)
-            self.transactions.hold(tx, len(event.body) + sum(len(k) + len(v) for k, v in event.headers.items()))
+            self.transactions.hold(tx, size)
             tx.sends.append(message)
             self._receipt_after(None, event.receipt)
             return
-        self._receipt_after(self._batched_send(message, destination.kind), event.receipt)
+        self._receipt_after(self._batched_send(message, destination.kind, size), event.receipt)
 
-    def _batched_send(self, message: NewMessage, kind: Literal["queue", "topic"]) -> asyncio.Future[None]:
+    def _batched_send(self, message: NewMessage, kind: Literal["queue", "topic"], size: int) -> asyncio.Future[None]:
         """Collect the SENDs of one read into one group write: one future (and one callback chain) per read, not
         per frame. ``_submit_sends`` hands the group to the broker at the end of ``receive``."""
-        pending = self._pending_sends.get(kind)
-        if pending is None:
-            pending = self._pending_sends[kind] = ([], asyncio.get_running_loop().create_future())
-        pending[0].append(message)
-        return pending[1]
+        group = self._pending_sends.get(kind)
+        if group is None:
+            group = self._pending_sends[kind] = _SendGroup([], asyncio.get_running_loop().create_future())
+        group.messages.append(message)
+        group.size += size
+        return group.stored
 
     def _batched_ack(self, held: list[Held]) -> asyncio.Future[None]:
         if self._pending_acks is None:
@@ -382,11 +403,14 @@ class Session:
         if not self._pending_sends:
             return
         groups, self._pending_sends = self._pending_sends, {}
-        for kind, (messages, placeholder) in groups.items():
-            size = sum(len(m.body) for m in messages)
-            self._inflight_bytes += size
-            placeholder.add_done_callback(partial(self._stored, size))
-            self._order.write(partial(self.broker.publish_nowait, messages, kind), placeholder)
+        for kind, group in groups.items():
+            self._count_until_stored(group.stored, group.size)
+            self._order.write(partial(self.broker.publish_nowait, group.messages, kind), group.stored)
+
+    def _count_until_stored(self, stored: asyncio.Future[None], size: int) -> None:
+        """Count ``size`` bytes against max_inflight_bytes_per_session until ``stored`` is done (stored or not)."""
+        self._inflight_bytes += size
+        stored.add_done_callback(partial(self._stored, size))
 
     def _stored(self, size: int, _: object) -> None:
         self._inflight_bytes -= size
@@ -571,6 +595,8 @@ class Session:
         self._submit_sends()  # SENDs before this COMMIT are written before the transaction's
         changes = tx.changes()
         stored: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if tx.size:  # its SENDs left the transaction limits at the COMMIT: until stored, they count here
+            self._count_until_stored(stored, tx.size)
         self._order.commit(lambda: self.broker.commit_nowait(changes), stored)
         done = asyncio.ensure_future(self._settle_after(stored, tx.settlements)) if tx.settlements else stored
         self._receipt_after(done, event.receipt)
@@ -620,10 +646,12 @@ class Session:
         config = self.broker.config
         if (
             self._paused
+            and not self._quiesced
             and len(self._completions) < config.max_inflight_per_session // 2
             and self._inflight_bytes <= config.max_inflight_bytes_per_session // 2
         ):
             self._paused = False
+            self.last_received = time.monotonic()  # its heart-beats waited unread: the silence was ours
             self.transport.resume_reading()
 
     def _fail_after_earlier_frames(

@@ -113,6 +113,7 @@ class StompWebSocketProtocol(asyncio.Protocol):
         self._writable: asyncio.Future[None] | None = None  # set while the socket's write buffer is over HIGH
         self._timer: asyncio.TimerHandle | None = None  # the next keepalive ping, or the close handshake's deadline
         self._ping: bytes | None = None  # the payload of the ping awaiting its pong
+        self._reading_paused = False  # the session stopped reading (work in flight): a pong would wait unread
         # Another path's protocol (uvicorn's): every event goes on to it. uvicorn's HTTP protocol sets this object as
         # the transport's protocol after our data_received returns, undoing our set_protocol, so we forward.
         self._other: asyncio.Protocol | None = None
@@ -299,10 +300,12 @@ class StompWebSocketProtocol(asyncio.Protocol):
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self._closed and not self._closing:
+            self._reading_paused = True
             self.transport.pause_reading()
 
     def resume_reading(self) -> None:
         if self.transport is not None and not self._closed:
+            self._reading_paused = False
             self.transport.resume_reading()
 
     def write_backlog(self) -> int:
@@ -388,6 +391,10 @@ class StompWebSocketProtocol(asyncio.Protocol):
 
     def _ping_timed_out(self) -> None:
         self._timer = None
+        if self._reading_paused:  # its pong may be waiting unread behind frames we chose not to read yet: ask again
+            self._ping = None
+            self._schedule_ping()
+            return
         if self._ping is not None and self.transport is not None and not self._closed:
             log.debug("websocket keepalive ping timeout")
             self._closing = True

@@ -459,3 +459,40 @@ def test_pings_from_a_client_that_never_reads_do_not_grow_the_write_buffer(tmp_p
             assert backlog < 4 * 1024 * 1024, f"{backlog:,} bytes of pongs held for a client that does not read"
         finally:
             sock.close()
+
+
+def test_a_keepalive_ping_does_not_time_out_while_the_gateway_is_not_reading() -> None:
+    """The session pauses reading while a connection's SENDs wait for the store (max_inflight_bytes_per_session):
+    the client's pong then waits unread in the socket, and a store slower than ws_ping_timeout must not get a
+    healthy connection aborted. Once reading resumes, a missing pong ends the connection as before."""
+    from types import SimpleNamespace
+
+    from app.transports.websocket import StompWebSocketProtocol
+
+    class FakeTransport:
+        aborted = False
+
+        def pause_reading(self) -> None: ...
+
+        def resume_reading(self) -> None: ...
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    async def scenario() -> None:
+        config = SimpleNamespace(ws_max_size=1 << 20, ws_ping_interval=3600.0, ws_ping_timeout=3600.0)
+        protocol = StompWebSocketProtocol(config, SimpleNamespace(), {})
+        transport = FakeTransport()
+        protocol.transport = transport  # type: ignore[assignment]
+        protocol.pause_reading()
+        protocol._ping = b"ping"
+        protocol._ping_timed_out()
+        assert not transport.aborted
+        protocol.resume_reading()
+        protocol._ping = b"ping"
+        protocol._ping_timed_out()
+        assert transport.aborted
+        if protocol._timer is not None:
+            protocol._timer.cancel()
+
+    asyncio.run(scenario())

@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     max_inflight_bytes_per_session: int = Field(
         8 * 1024 * 1024,
         ge=64 * 1024,
-        description="Bytes of SEND bodies one connection may have waiting for the datasource before the gateway stops "
-        "reading it (the SEND that crosses the bound is still taken).",
+        description="Bytes of SENDs (bodies and headers, a COMMIT's included) one connection may have waiting for the "
+        "datasource before the gateway stops reading it (the SEND that crosses the bound is still taken).",
     )
     max_session_buffer: int = Field(
         16 * 1024 * 1024, ge=64 * 1024, description="Bytes queued for a slow client before it is disconnected with an ERROR."

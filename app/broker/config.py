@@ -38,8 +38,9 @@ class BrokerConfig:
     poll_interval: float = 0.25  # seconds: the longest another gateway's new work waits before a consumer sees it
     # Receipted work a single connection may have in flight before we stop reading from it (back-pressure).
     max_inflight_per_session: int = 2_000
-    # Bytes of SENDs one connection may have waiting for the datasource before the gateway stops reading it (the count
-    # above alone let a producer of 4 MiB bodies park 2,000 of them in memory). The SEND that crosses it is still taken.
+    # Bytes of SENDs (bodies and headers, a COMMIT's too) one connection may have waiting for the datasource before the
+    # gateway stops reading it (the count above alone let a producer of 4 MiB bodies park 2,000 of them in memory).
+    # The SEND that crosses it is still taken.
     max_inflight_bytes_per_session: int = 8 * 1024 * 1024
     # Bytes queued for a slow client before it is disconnected with an ERROR naming the limit.
     max_session_buffer: int = 16 * 1024 * 1024

@@ -14,6 +14,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, Literal, Protocol
 
 from app.broker.auth import Authorizer
+from app.broker.claim_budget import ClaimBudget
 from app.broker.config import BrokerConfig
 from app.broker.metrics import BrokerMetrics
 from app.datasources.interface import Changes, Datasource, Held, NewMessage, Release, StoredMessage
@@ -91,6 +92,8 @@ class SessionPort(Protocol):
     # Bytes of topic messages waiting for ACK room (prefetch-count) over all this connection's topic subscriptions,
     # bounded by max_session_buffer (TopicSubscription).
     topic_waiting_bytes: int
+    # Bytes its queue subscriptions claimed (or are claiming) and have not handed over: one CLAIM_BUDGET for them all.
+    claim_budget: ClaimBudget
 
     @property
     def broker(self) -> BrokerPort: ...  # the subscription reaches the broker through its session

@@ -16,6 +16,7 @@ from collections.abc import Coroutine, Mapping
 from typing import Any, Literal, Protocol
 
 from app.broker.auth import ANONYMOUS, Principal
+from app.broker.claim_budget import ClaimBudget
 from app.broker.completions import Completions
 from app.broker.errors import SessionError
 from app.broker.ordering import WriteOrder
@@ -116,6 +117,7 @@ class Session:
         self.client_id: str | None = None
         self.subscriptions: dict[str, Subscription] = {}
         self.topic_waiting_bytes = 0  # topic messages waiting for ACK room (see TopicSubscription)
+        self.claim_budget = ClaimBudget()  # what the queue subscriptions claimed and hold (see QueueSubscription)
         self.transactions = Transactions(broker.transaction_memory, broker.config, self.address)
         self.heartbeat: HeartbeatPlan | None = None
         now = time.monotonic()

@@ -157,6 +157,7 @@ class QueueSubscription(Subscription):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._held: list[StoredMessage] = []  # claimed, not yet handed to the connection (no room yet)
+        self._reserved = 0  # this subscription's part of the connection's claim budget (see _reserve)
         self._auto_in_flight: list[Held] = []  # auto mode: handed to the connection, acked once it took them
         # What a claim assumes a message weighs before it has seen any: the largest body a client may send, so the
         # first claim is one message, not CLAIM_BUDGET / 64 KiB of 4 MiB bodies; then the largest body of the last claim.
@@ -176,6 +177,7 @@ class QueueSubscription(Subscription):
                 log.exception("queue subscription %s on %s failed; releasing what it held", self.id, self.destination_text)
                 held = [(m.message_id, m.lease) for m in self._held]
                 self._held.clear()
+                self._reserve(0)
                 if held:
                     broker.spawn(broker.release(held, Release.REQUEUE))
                 await asyncio.sleep(0.5)
@@ -204,15 +206,31 @@ class QueueSubscription(Subscription):
         if room < 0:  # past the claim budget (and so the transports' high-water mark): drained() waits for the reader
             await self.session.drained()
             return
+        budget = self.session.claim_budget
+        room -= budget.reserved
+        if room <= 0:  # the connection's other queue subscriptions are claiming or hold the rest: wait for them
+            await budget.freed()
+            return
         limit = min(credit, config.claim_batch, max(1, room // self._size_estimate))
-        messages = await self._claim(limit)
+        self._reserve(limit * self._size_estimate)
+        try:
+            messages = await self._claim(limit)
+        finally:
+            self._reserve(0)
         if messages is None or self.closed:
             if messages:
                 await broker.release([(m.message_id, m.lease) for m in messages], Release.REQUEUE)
             return
         self._size_estimate = max(max(len(m.body) for m in messages), 256)
         self._held.extend(self._dead_lettered(messages))
+        self._reserve(sum(len(m.body) for m in self._held))
         self._deliver_held()
+
+    def _reserve(self, size: int) -> None:
+        """Hold ``size`` bytes of the connection's claim budget (claims in flight, then messages claimed and not
+        handed over), in place of what this subscription held before."""
+        self.session.claim_budget.change(size - self._reserved)
+        self._reserved = size
 
     async def _claim(self, limit: int) -> list[StoredMessage] | None:
         """Claim up to ``limit`` messages; None after waiting for work (nothing was ready) or a database hiccup."""
@@ -285,16 +303,18 @@ class QueueSubscription(Subscription):
         """Hand held messages to the connection while it has room below the write budget (at least one per call)."""
         session = self.session
         held = self._held
-        count = 0
+        count = handed = 0
         while count < len(held) and (count == 0 or session.write_backlog() < CLAIM_BUDGET):
             message = held[count]
             if not self._deliver(message):
                 break  # the connection is failing or closed: what is still held is released on close
             count += 1
+            handed += len(message.body)
             if not self.needs_ack:
                 self._auto_in_flight.append((message.message_id, message.lease))
         if count:
             del held[:count]
+            self._reserve(self._reserved - handed)
             session.flush()
             session.broker.metrics_delivered(self.destination_text, count)
 
@@ -317,6 +337,7 @@ class QueueSubscription(Subscription):
         released += [(m.message_id, m.lease) for m in self._held] + self._auto_in_flight
         self.unacked.clear()
         self._held.clear()
+        self._reserve(0)
         self._auto_in_flight = []
         return released
 

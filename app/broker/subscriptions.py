@@ -207,10 +207,12 @@ class QueueSubscription(Subscription):
             await self.session.drained()
             return
         budget = self.session.claim_budget
-        room -= budget.reserved
-        if room <= 0:  # the connection's other queue subscriptions are claiming or hold the rest: wait for them
-            await budget.freed()
+        if budget.reserved and room - budget.reserved <= 0:
+            await budget.freed()  # the connection's other queue subscriptions are claiming or hold the rest
             return
+        if await budget.let_waiters_go_first():
+            return  # they may have taken the room: look again
+        room -= budget.reserved
         limit = min(credit, config.claim_batch, max(1, room // self._size_estimate))
         self._reserve(limit * self._size_estimate)
         try:
@@ -265,12 +267,14 @@ class QueueSubscription(Subscription):
                     broker.spawn(broker.release(held, Release.REQUEUE))
             raise
         except DatasourceUnavailable as exc:
+            self._reserve(0)  # nothing claimed: the pause below holds none of the connection's budget
             log.warning("claim on %s failed, retrying: %s", self.destination_text, exc)
             await asyncio.sleep(self._backoff)
             self._backoff = min(self._backoff * 2, 2.0)
             return None
         self._backoff = 0.05
         if not messages:
+            self._reserve(0)  # nothing claimed: waiting for work holds none of the connection's budget
             if predicate is not None and self._scan.more:
                 await asyncio.sleep(0)  # the scan stopped at its budget: let others run, then go on scanning
             else:

@@ -158,6 +158,7 @@ class QueueSubscription(Subscription):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self._held: list[StoredMessage] = []  # claimed, not yet handed to the connection (no room yet)
         self._reserved = 0  # this subscription's part of the connection's claim budget (see _reserve)
+        self._woken = False  # it waited for the budget and was let go: it must not take the others' turn (handoff)
         self._auto_in_flight: list[Held] = []  # auto mode: handed to the connection, acked once it took them
         # What a claim assumes a message weighs before it has seen any: the largest body a client may send, so the
         # first claim is one message, not CLAIM_BUDGET / 64 KiB of 4 MiB bodies; then the largest body of the last claim.
@@ -209,8 +210,11 @@ class QueueSubscription(Subscription):
         budget = self.session.claim_budget
         if budget.reserved and room - budget.reserved <= 0:
             await budget.freed()  # the connection's other queue subscriptions are claiming or hold the rest
+            self._woken = True
             return
-        if await budget.let_waiters_go_first():
+        if self._woken:  # one of the woken: its turn is now, whatever other waiters were woken with it
+            self._woken = False
+        elif await budget.let_waiters_go_first():
             return  # they may have taken the room: look again
         room -= budget.reserved
         limit = min(credit, config.claim_batch, max(1, room // self._size_estimate))

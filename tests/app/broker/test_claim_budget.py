@@ -1,4 +1,4 @@
-"""One claim budget per connection (ClaimBudget), without starving anyone: an idle, failing or busy queue subscription does not keep the others of its connection from claiming, and a client that reads is always served. (From the review of the first version, which starved them.)"""
+"""One claim budget per connection (ClaimBudget), without starving anyone: an idle, failing, scanning or busy queue subscription does not keep the others of its connection from claiming, and a client that reads is always served. (From two reviews of the first versions, which starved them.)"""
 
 from __future__ import annotations
 
@@ -204,3 +204,66 @@ async def test_a_claim_retrying_after_datasource_unavailable_does_not_starve_the
     finally:
         await broker.stop()
         await ds.close()
+
+
+async def test_a_busy_auto_subscription_lets_another_of_its_connection_claim(tmp_path: Path) -> None:
+    """As test_a_busy_client_ack_subscription_lets_another_of_its_connection_claim, in auto mode: /queue/a never goes
+    idle during the check (100 x 1 MiB): b's one message should still go out long before a's 50th."""
+    ds = await open_datasource(f"sqlite:///{tmp_path}/c.db", DatasourceOptions())
+    broker = Broker(ds)
+    await broker.start()
+    body = b"x" * (1024 * 1024)
+    try:
+        await ds.queues.put([NewMessage(f"a{i}", "/queue/a", {}, body) for i in range(100)])
+        await ds.queues.put([NewMessage("b0", "/queue/b", {}, b"small")])
+        transport = Reader()
+        session = broker.open_session(transport, peer="127.0.0.1:1", kind="tcp")
+        assert session is not None
+        session.receive(frame("CONNECT", {"accept-version": "1.2", "host": "/"}))
+        session.receive(frame("SUBSCRIBE", {"id": "a", "destination": "/queue/a", "ack": "auto"}))
+        session.receive(frame("SUBSCRIBE", {"id": "b", "destination": "/queue/b", "ack": "auto"}))
+        await _until(lambda: transport.delivered_on("b") == 1 or transport.delivered_on("a") >= 50, 10)
+        assert transport.delivered_on("b") == 1, (transport.delivered_on("a"), transport.delivered_on("b"))
+        session.connection_lost()
+        await session.wait_ended()
+    finally:
+        await broker.stop()
+        await ds.close()
+
+
+async def test_a_selector_scanning_a_deep_backlog_does_not_starve_the_others_of_its_connection(tmp_path: Path) -> None:
+    """/queue/a holds 20 000 messages a's selector does not match: a scans them SCAN_BUDGET at a time, each claim
+    reserving its size estimate (max_frame_bytes = CLAIM_BUDGET, as it never claimed anything). b's one message on
+    /queue/b should not wait for the whole scan (about 40 claims)."""
+    ds = await open_datasource(f"sqlite:///{tmp_path}/c.db", DatasourceOptions())
+    broker = Broker(ds)
+    await broker.start()
+    try:
+        await ds.queues.put([NewMessage(f"a{i}", "/queue/a", {"color": "red"}, b"x") for i in range(20_000)])
+        await ds.queues.put([NewMessage("b0", "/queue/b", {}, b"small")])
+        claims = {"/queue/a": 0, "/queue/b": 0}
+        a_claims_before_b: list[int] = []
+        claim = ds.queues.claim
+
+        async def counting_claim(destination: str, **kwargs: object) -> object:
+            claims[destination] += 1
+            if destination == "/queue/b" and not a_claims_before_b:
+                a_claims_before_b.append(claims["/queue/a"])
+            return await claim(destination, **kwargs)  # type: ignore[arg-type]
+
+        ds.queues.claim = counting_claim  # type: ignore[method-assign,assignment]
+        transport = Reader()
+        session = broker.open_session(transport, peer="127.0.0.1:1", kind="tcp")
+        assert session is not None
+        session.receive(frame("CONNECT", {"accept-version": "1.2", "host": "/"}))
+        session.receive(frame("SUBSCRIBE", {"id": "a", "destination": "/queue/a", "ack": "client-individual", "selector": "color = 'blue'"}))
+        session.receive(frame("SUBSCRIBE", {"id": "b", "destination": "/queue/b", "ack": "client-individual"}))
+        await _until(lambda: transport.delivered_on("b") == 1, 20)
+        assert transport.delivered_on("b") == 1
+        assert a_claims_before_b[0] <= 3, (a_claims_before_b, claims)
+        session.connection_lost()
+        await session.wait_ended()
+    finally:
+        await broker.stop()
+        await ds.close()
+

@@ -11,16 +11,17 @@ from pathlib import Path
 from app.broker.broker import Broker
 from app.datasources.interface import DatasourceOptions, NewMessage
 from app.datasources.registry import open_datasource
-from tests.app.broker.test_ordering import frame
+from tests.app.broker.test_ordering import Transport, frame
 
 BODY = 1024 * 1024
 COUNT = 24
 
 
-class Reader:
+class Reader(Transport):
     """A client that reads every byte at once (nothing stays in a write buffer) and keeps none of it."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.messages = 0
         self.all_read = asyncio.Event()
 
@@ -32,17 +33,6 @@ class Reader:
     def writelines(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
             self.write(bytes(chunk[:8]))  # a frame's head is its first chunk
-
-    def close(self) -> None: ...
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-    def write_backlog(self) -> int:
-        return 0
-
-    async def drained(self) -> None: ...
 
 
 async def test_unacknowledged_deliveries_do_not_keep_their_bodies(tmp_path: Path) -> None:

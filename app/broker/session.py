@@ -64,6 +64,7 @@ class _SendGroup:
     stored: asyncio.Future[None]
     size: int = 0
 
+
 # Queued MESSAGE bytes at which a delivery flushes at once rather than at the end of the event-loop turn: small
 # messages still share one socket write, and a burst of large ones never sits twice in memory.
 FLUSH_EARLY_BYTES = 256 * 1024
@@ -130,7 +131,7 @@ class Session:
         self._failing = False  # an ERROR is due once the frames before the bad one are done: read and deliver no more
         self._paused = False
         self._quiesced = False  # a graceful shutdown stopped reading: nothing resumes it
-        self._inflight_bytes = 0  # bodies of this connection's SENDs handed to the broker and not yet stored
+        self._inflight_bytes = 0  # this connection's SENDs (bodies, headers; a COMMIT's too) not yet stored
         self._completions = Completions(self._maybe_resume)
         self._ending: asyncio.Task[None] | None = None
         self._flush_scheduled = False

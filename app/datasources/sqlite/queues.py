@@ -194,8 +194,10 @@ class SqlitePollQueue(PollQueue):
             return []
         lease_until = rules.lease_until(now_ms, lease_ms)
         store = self._store
+        guard = store.body_files.guard()  # no file this claim may name is reused before it is read
 
         def run(conn: sqlite3.Connection) -> list[StoredMessage]:
+            guard.enter()
             self._requeue_lapsed(conn, destination, now_ms)
             self._sweep_expired(conn, destination, now_ms)
             if selector is None:
@@ -210,18 +212,23 @@ class SqlitePollQueue(PollQueue):
             out.sort(key=lambda s: (-s.priority, s.seq))  # RETURNING gives no order
             return out
 
-        claimed = await store.write(run, early=True)
-        if any(isinstance(m.body, str) for m in claimed):  # bodies kept as files: read beside the writer
-            try:
-                claimed = await store.read_bodies(claimed)
-            except Exception:
-                # The claim leased them to ``owner`` and hands them to nobody; the gateway renews every lease it
-                # holds, so they would stay leased until it restarts: give them back (fenced by their leases).
+        try:
+            claimed = await store.write(run, early=True)
+            if any(isinstance(m.body, str) for m in claimed):  # bodies kept as files: read beside the writer
+                store.body_files.recall(claimed)  # (those just written are still in memory)
+            if any(isinstance(m.body, str) for m in claimed):
                 try:
-                    await self.release([m.message_id for m in claimed], Release.REQUEUE, [m.lease for m in claimed])
-                except Exception:  # the store failed twice: they stay leased, as they did before this
-                    pass
-                raise
+                    claimed = await store.read_bodies(claimed)
+                except Exception:
+                    # The claim leased them to ``owner`` and hands them to nobody; the gateway renews every lease it
+                    # holds, so they would stay leased until it restarts: give them back (fenced by their leases).
+                    try:
+                        await self.release([m.message_id for m in claimed], Release.REQUEUE, [m.lease for m in claimed])
+                    except Exception:  # the store failed twice: they stay leased, as they did before this
+                        pass
+                    raise
+        finally:
+            guard.exit()
         return claimed
 
     def _claim_matching(
@@ -387,6 +394,14 @@ class SqlitePollQueue(PollQueue):
         files = self._store.body_files
 
         def run(conn: sqlite3.Connection) -> list[StoredMessage]:
+            guard = files.guard()  # no file this peek may name is reused before it is read
+            guard.enter()
+            try:
+                return scan(conn)
+            finally:
+                guard.exit()
+
+        def scan(conn: sqlite3.Connection) -> list[StoredMessage]:
             if selector is None:
                 rows = conn.execute(sql + " LIMIT ? OFFSET ?", (destination, now_ms, now_ms, limit, offset))
                 return files.load_if_present([message_from_row(row) for row in rows])

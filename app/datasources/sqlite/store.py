@@ -25,6 +25,8 @@ MIN_SQLITE = (3, 35, 0)  # UPDATE ... RETURNING
 BODY_THREADS = 4  # threads writing body files (store.body_files)
 MAX_BATCH_OPS = 2_000  # operations grouped into one transaction at most (bounds one commit's latency)
 _SYNCHRONOUS = {"OFF", "NORMAL", "FULL", "EXTRA", "0", "1", "2", "3"}
+# Settings under which a COMMIT is on disk when it returns (FULL, EXTRA): body files are reused only then.
+_DURABLE_COMMITS = {"FULL", "EXTRA", "2", "3"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -72,10 +74,10 @@ class _Op(Generic[T]):
 Write = tuple[Callable[[sqlite3.Connection], T], Callable[[T], None] | None]
 
 
-def _discard_written(files: BodyFiles) -> Callable[[concurrent.futures.Future[str]], None]:
-    def discard(write: concurrent.futures.Future[str]) -> None:
+def _discard_written(files: BodyFiles) -> Callable[[concurrent.futures.Future[tuple[str, bool]]], None]:
+    def discard(write: concurrent.futures.Future[tuple[str, bool]]) -> None:
         if not write.cancelled() and write.exception() is None:
-            files.discard([write.result()])
+            files.discard([write.result()[0]], named_durably=False)
 
     return discard
 
@@ -110,7 +112,7 @@ class Store:
         # Large bodies are written to files by threads of their own, so the writer goes on with claims and ACKs
         # meanwhile; several, because concurrent fdatasyncs share the file system's journal commits (64 files of
         # 1 MiB: 2.4 ms each one after the other, 1.2 ms each from four threads).
-        self.body_files = BodyFiles(path, self.messages)
+        self.body_files = BodyFiles(path, self.messages, reuse=synchronous in _DURABLE_COMMITS)
         self._body_pool = ThreadPoolExecutor(max_workers=BODY_THREADS, thread_name_prefix="sqlite-bodies")
         self._writer: sqlite3.Connection | None = None
         self._reader: sqlite3.Connection | None = None
@@ -245,6 +247,7 @@ class Store:
             await self._task  # drains everything already queued
         await self._close_connections()
         self._shutdown_pools()
+        self.body_files.drop_spares()
 
     async def _close_connections(self) -> None:
         loop = asyncio.get_running_loop()
@@ -277,14 +280,16 @@ class Store:
             for write in in_pool:
                 write.add_done_callback(_discard_written(files))
             raise
-        names = [name for name in results if isinstance(name, str)]
+        written = [result for result in results if isinstance(result, tuple)]
+        names = [name for name, _ in written]
         try:
             for result in results:
                 if isinstance(result, BaseException):
                     raise result
-            await self._in_body_thread(files.sync_directory)
+            if any(created for _, created in written):  # a reused file's name is durable already
+                await self._in_body_thread(files.sync_directory)
         except BaseException:
-            files.discard(names)
+            files.discard(names, named_durably=False)
             raise
         return names
 

@@ -229,7 +229,9 @@ class BodyFiles:
         return out
 
     def _enter(self, guard: ReadGuard) -> None:
-        if not (self.reuse and self.in_use):  # no file is named yet: nothing a reader could see can be reused
+        # (Not skipped while no file body exists yet: a peek's statement runs after its guard, beside the writer, and
+        # may see the first one.)
+        if not self.reuse:
             return
         with self._lock:
             if not guard.done and guard.epoch is None:

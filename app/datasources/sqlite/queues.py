@@ -396,18 +396,22 @@ class SqlitePollQueue(PollQueue):
         def run(conn: sqlite3.Connection) -> list[StoredMessage]:
             guard = files.guard()  # no file this peek may name is reused before it is read
             guard.enter()
+            cursor = conn.cursor()
             try:
-                return scan(conn)
+                return scan(cursor)
             finally:
+                # Reset the statement whatever happened: one left open (in a kept traceback) would hold the reader
+                # on its snapshot, and a later peek, guarded from now, would see names freed since.
+                cursor.close()
                 guard.exit()
 
-        def scan(conn: sqlite3.Connection) -> list[StoredMessage]:
+        def scan(cursor: sqlite3.Cursor) -> list[StoredMessage]:
             if selector is None:
-                rows = conn.execute(sql + " LIMIT ? OFFSET ?", (destination, now_ms, now_ms, limit, offset))
+                rows = cursor.execute(sql + " LIMIT ? OFFSET ?", (destination, now_ms, now_ms, limit, offset))
                 return files.load_if_present([message_from_row(row) for row in rows])
             out: list[StoredMessage] = []
             skip = offset
-            cursor = conn.execute(sql + " LIMIT ?", (destination, now_ms, now_ms, PEEK_SCAN_LIMIT))
+            cursor.execute(sql + " LIMIT ?", (destination, now_ms, now_ms, PEEK_SCAN_LIMIT))
             while len(out) < limit:
                 batch = cursor.fetchmany(SCAN_BATCH)
                 if not batch:
@@ -423,7 +427,6 @@ class SqlitePollQueue(PollQueue):
                         out.append(message)
                     if len(out) == limit:
                         break
-            cursor.close()
             return out
 
         return await self._store.read(run)

@@ -297,11 +297,20 @@ class Store:
         self, files: Sequence[str | None] | None, run: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None
     ) -> T:
         """``write`` a step that names body ``files`` (``write_bodies``'s): if it fails, it rolled back and nothing
-        names them, so they go. (A cancelled caller's write may still commit: its files stay.)"""
+        names them, so they go. (A cancelled caller's write may still commit: its files stay. So do those of a write
+        that committed and then failed in its ``after`` hook: its rows name them.)"""
+        committed = False
+
+        def after_commit(result: T) -> None:
+            nonlocal committed
+            committed = True
+            if after is not None:
+                after(result)
+
         try:
-            return await self.write(run, after)
+            return await self.write(run, after_commit)
         except Exception:
-            if files is not None:
+            if files is not None and not committed:
                 self.body_files.discard(files)
             raise
 

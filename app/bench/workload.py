@@ -30,6 +30,11 @@ from stomp_core import MessageReceived
 __all__ = ["BenchConfig", "run_workload", "summarize"]
 
 SEND_BATCH = 64  # SEND frames queued per write (and per window check)
+# Body bytes queued per write at most: with large bodies a batch is fewer frames, and the producer waits for the
+# socket to take them before it builds more, as a real client does (stomp.py blocks in send). Without it, a window of
+# 500 SENDs of 1 MiB put 500 MiB into the producer's write buffer at once, and the load generator stalled for most
+# of a second building it (docs/benchmarks.md, "The load generator stalled itself").
+SEND_BATCH_BYTES = 1024 * 1024
 TS_HEADER = "bench-ts"
 
 
@@ -172,7 +177,7 @@ class Producer:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                batch = SEND_BATCH
+                batch = max(1, min(SEND_BATCH, SEND_BATCH_BYTES // max(size, cfg.large_body_size or 0)))
                 if interval is not None:  # paced: one message, at its time
                     batch = 1
                     delay = started + seq * interval - time.monotonic()
@@ -206,8 +211,8 @@ class Producer:
                 client.flush()
                 if client.closed:
                     break
+                await client.drained()  # the socket took what the last batches queued (at once for small ones)
                 if not receipts:
-                    await client.drained()
                     await asyncio.sleep(0)  # let consumers in this process read
             self.last_send = time.time_ns()
             # wait for the outstanding receipts

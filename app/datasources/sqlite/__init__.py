@@ -66,29 +66,33 @@ class SqliteDatasource(Datasource):
     async def apply(self, changes: Changes) -> None:
         """A COMMIT's puts, publishes, ACKs and releases as one step of the writer, so in one SQLite transaction:
         all stored, or (the step raised, the transaction rolled back) none. Wake-ups follow the commit."""
-        writes: list[Write[Any]] = []
-        files = await self._queues.write_bodies(changes.queue) if changes.queue else None
-        if changes.queue:
-            writes.append(self._queues.put_write(changes.queue, files))
-        if changes.topic:
-            writes.append(self._topics.publish_write(changes.topic))
-        if changes.acks:
-            writes.append(self._queues.ack_write([i for i, _ in changes.acks], [lease for _, lease in changes.acks]))
-        for held, how in ((changes.requeue, Release.REQUEUE), (changes.dead_letter, Release.DEAD_LETTER)):
-            if held:
-                writes.append(self._queues.release_write([i for i, _ in held], how, [lease for _, lease in held]))
-        if not writes:
+        if not (changes.queue or changes.topic or changes.acks or changes.requeue or changes.dead_letter):
             return
+        files = await self._queues.write_bodies(changes.queue) if changes.queue else None
 
-        def run(conn: sqlite3.Connection) -> list[Any]:
-            return [step(conn) for step, _ in writes]
+        def build() -> Write[list[Any]]:
+            writes: list[Write[Any]] = []
+            if changes.queue:
+                writes.append(self._queues.put_write(changes.queue, files))
+            if changes.topic:
+                writes.append(self._topics.publish_write(changes.topic))
+            if changes.acks:
+                writes.append(self._queues.ack_write([i for i, _ in changes.acks], [lease for _, lease in changes.acks]))
+            for held, how in ((changes.requeue, Release.REQUEUE), (changes.dead_letter, Release.DEAD_LETTER)):
+                if held:
+                    writes.append(self._queues.release_write([i for i, _ in held], how, [lease for _, lease in held]))
 
-        def after(results: list[Any]) -> None:
-            for (_, follow_up), result in zip(writes, results):
-                if follow_up is not None:
-                    follow_up(result)
+            def run(conn: sqlite3.Connection) -> list[Any]:
+                return [step(conn) for step, _ in writes]
 
-        await self.store.write_naming(files, run, after)
+            def after(results: list[Any]) -> None:
+                for (_, follow_up), result in zip(writes, results):
+                    if follow_up is not None:
+                        follow_up(result)
+
+            return run, after
+
+        await self.store.write_naming(files, build)
 
     async def ping(self) -> None:
         await self.store.read(lambda conn: conn.execute("SELECT 1").fetchone())

@@ -112,8 +112,8 @@ class BodyFiles:
                 self._write(spare, body, os.O_WRONLY | os.O_CLOEXEC)
                 self._remember(spare, body)
                 return spare, False
-            except OSError:  # the spare was removed or cannot be written: it is gone; try a new file once
-                pass
+            except OSError:  # the spare cannot be written (or opened, for now): let it go; try a new file once
+                _unlink(os.path.join(self.directory, spare))
         name = secrets.token_hex(16)
         try:
             self._write(name, body, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)

@@ -126,7 +126,7 @@ class SqlitePollQueue(PollQueue):
     async def put(self, messages: Sequence[NewMessage]) -> None:
         if messages:
             files = await self.write_bodies(messages)
-            await self._store.write_naming(files, *self.put_write(messages, files))
+            await self._store.write_naming(files, lambda: self.put_write(messages, files))
 
     async def write_bodies(self, messages: Sequence[NewMessage]) -> list[str | None] | None:
         """Write the bodies that go to files (``body_files``) before the put that names them; one name per message

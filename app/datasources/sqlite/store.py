@@ -5,17 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import re
 import sqlite3
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any, Generic, TypeVar
 from urllib.parse import unquote, urlsplit
 
 from app.datasources.interface import DatasourceError, DatasourceOptions, DatasourceUnavailable, StoredMessage
 from app.datasources.sqlite.body_files import BodyFiles
+
+log = logging.getLogger("stompgate.sqlite")
 
 __all__ = ["Store", "Write", "database_path", "MIN_SQLITE"]
 
@@ -48,9 +52,10 @@ def database_path(url: str) -> str:
 
 class _Op(Generic[T]):
     """One queued write: ``run`` executes in the writer thread inside the batch transaction; ``after`` runs on the
-    event loop once the commit succeeded."""
+    event loop once the commit succeeded, ``undone`` once it is known that this write did not commit (whether or not
+    its caller still waits for it)."""
 
-    __slots__ = ("run", "future", "after", "early", "answered")
+    __slots__ = ("run", "future", "after", "undone", "early", "answered")
 
     def __init__(
         self,
@@ -58,10 +63,12 @@ class _Op(Generic[T]):
         future: asyncio.Future[T],
         after: Callable[[T], None] | None,
         early: bool = False,
+        undone: Callable[[], None] | None = None,
     ) -> None:
         self.run = run
         self.future = future
         self.after = after
+        self.undone = undone
         # An early op is answered as soon as it ran, before the COMMIT: used for claims, whose result need not be
         # durable (leases are reset on open, so a claim lost in a crash only means a redelivery) and whose latency
         # would otherwise include the group commit's fsync.
@@ -293,26 +300,19 @@ class Store:
             raise
         return names
 
-    async def write_naming(
-        self, files: Sequence[str | None] | None, run: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None
-    ) -> T:
-        """``write`` a step that names body ``files`` (``write_bodies``'s): if it fails, it rolled back and nothing
-        names them, so they go. (A cancelled caller's write may still commit: its files stay. So do those of a write
-        that committed and then failed in its ``after`` hook: its rows name them.)"""
-        committed = False
-
-        def after_commit(result: T) -> None:
-            nonlocal committed
-            committed = True
-            if after is not None:
-                after(result)
-
+    def write_naming(self, files: Sequence[str | None] | None, build: Callable[[], Write[T]]) -> asyncio.Future[T]:
+        """``write`` the step ``build`` makes, which names body ``files`` (``write_bodies``'s). If building it fails,
+        or it does not commit, nothing names the files, so they go; that is known in the writer, not from the caller,
+        whose wait may have been cancelled while the write still runs. A write that committed keeps them, even if its
+        ``after`` hook then failed: its rows name them."""
         try:
-            return await self.write(run, after_commit)
-        except Exception:
-            if files is not None and not committed:
+            run, after = build()
+        except BaseException:
+            if files is not None:
                 self.body_files.discard(files)
             raise
+        undone = None if files is None else partial(self.body_files.discard, files)
+        return self.write(run, after, undone=undone)
 
     async def read_bodies(self, messages: list[StoredMessage]) -> list[StoredMessage]:
         """Read the bodies a claim returned as file names, on the body threads (not in the writer, which every
@@ -327,12 +327,17 @@ class Store:
 
     # -- writes: the group commit ----------------------------------------------------------------------------------
     def write(
-        self, run: Callable[[sqlite3.Connection], T], after: Callable[[T], None] | None = None, *, early: bool = False
+        self,
+        run: Callable[[sqlite3.Connection], T],
+        after: Callable[[T], None] | None = None,
+        *,
+        early: bool = False,
+        undone: Callable[[], None] | None = None,
     ) -> asyncio.Future[T]:
         if self._closing:
             raise DatasourceUnavailable("the SQLite datasource is closed")
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Op(run, future, after, early))
+        self._pending.append(_Op(run, future, after, early, undone))
         self._wakeup.set()
         return future
 
@@ -373,6 +378,11 @@ class Store:
     def _finish(self, batch: list[_Op[Any]], results: list[tuple[bool, Any]], gone: list[str]) -> None:
         """A batch committed: run its follow-ups, answer its callers, unlink the files its deletions left."""
         for op, (ok, value) in zip(batch, results):
+            if not ok and op.undone is not None:
+                try:
+                    op.undone()
+                except Exception:  # (a bug in a hook must not stop the writer)
+                    log.exception("cleaning up after a write that did not commit failed")
             if ok and op.after is not None:
                 try:
                     op.after(value)

@@ -305,14 +305,14 @@ class Store:
         or it does not commit, nothing names the files, so they go; that is known in the writer, not from the caller,
         whose wait may have been cancelled while the write still runs. A write that committed keeps them, even if its
         ``after`` hook then failed: its rows name them."""
+        undone = None if files is None else partial(self.body_files.discard, files)
         try:
             run, after = build()
-        except BaseException:
-            if files is not None:
-                self.body_files.discard(files)
+            return self.write(run, after, undone=undone)
+        except BaseException:  # not queued (building it failed, or the store is closing): nothing will name them
+            if undone is not None:
+                undone()
             raise
-        undone = None if files is None else partial(self.body_files.discard, files)
-        return self.write(run, after, undone=undone)
 
     async def read_bodies(self, messages: list[StoredMessage]) -> list[StoredMessage]:
         """Read the bodies a claim returned as file names, on the body threads (not in the writer, which every

@@ -177,7 +177,7 @@ class Producer:
                     break
                 if deadline is not None and time.monotonic() >= deadline:
                     break
-                batch = max(1, min(SEND_BATCH, SEND_BATCH_BYTES // max(size, cfg.large_body_size or 0)))
+                batch = SEND_BATCH
                 if interval is not None:  # paced: one message, at its time
                     batch = 1
                     delay = started + seq * interval - time.monotonic()
@@ -192,7 +192,10 @@ class Producer:
                     batch = min(batch, free)
                 if limit is not None:
                     batch = min(batch, limit - seq)
+                queued = 0
                 for _ in range(batch):
+                    if queued >= SEND_BATCH_BYTES:  # large bodies: fewer frames per write
+                        break
                     length = size
                     if cfg.large_body_size is not None and seq % cfg.large_every == cfg.large_every - 1:
                         length = cfg.large_body_size
@@ -207,6 +210,7 @@ class Producer:
                     else:
                         conn.send(dest, body, headers=headers)
                     seq += 1
+                    queued += length
                 self.sent = seq
                 client.flush()
                 if client.closed:

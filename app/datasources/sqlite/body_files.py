@@ -138,18 +138,22 @@ class BodyFiles:
             if body is not None:
                 self._recent_bytes -= len(body)
 
-    def recall(self, messages: list[StoredMessage]) -> None:
+    def recall(self, messages: list[StoredMessage]) -> bool:
         """Fill in, from memory, the bodies a claim returned as file names that were written a moment ago; each is
-        taken out (a redelivery reads the file). The rest are left for ``load_if_present``."""
+        taken out (a redelivery reads the file). The rest are left for ``load_if_present``; True if none is left."""
+        left = False
         with self._lock:
             recent = self._recent
             for message in messages:
                 name = message.body
                 if isinstance(name, str):
                     body = recent.pop(name, None)
-                    if body is not None:
+                    if body is None:
+                        left = True
+                    else:
                         self._recent_bytes -= len(body)
                         message.body = body
+        return not left
 
     def _write(self, name: str, body: bytes, flags: int) -> None:
         path = os.path.join(self.directory, name)

@@ -215,8 +215,6 @@ class SqlitePollQueue(PollQueue):
         try:
             claimed = await store.write(run, early=True)
             if any(isinstance(m.body, str) for m in claimed):  # bodies kept as files: read beside the writer
-                store.body_files.recall(claimed)  # (those just written are still in memory)
-            if any(isinstance(m.body, str) for m in claimed):
                 try:
                     claimed = await store.read_bodies(claimed)
                 except Exception:

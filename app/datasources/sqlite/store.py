@@ -19,9 +19,9 @@ from urllib.parse import unquote, urlsplit
 from app.datasources.interface import DatasourceError, DatasourceOptions, DatasourceUnavailable, StoredMessage
 from app.datasources.sqlite.body_files import BodyFiles
 
-log = logging.getLogger("stompgate.sqlite")
-
 __all__ = ["Store", "Write", "database_path", "MIN_SQLITE"]
+
+log = logging.getLogger("stompgate.sqlite")
 
 T = TypeVar("T")
 
@@ -315,8 +315,11 @@ class Store:
             raise
 
     async def read_bodies(self, messages: list[StoredMessage]) -> list[StoredMessage]:
-        """Read the bodies a claim returned as file names, on the body threads (not in the writer, which every
-        other claim and write waits for); see ``BodyFiles.load_if_present`` for a file deleted meanwhile."""
+        """Fill in the bodies a claim returned as file names: those just written from memory, the others read on
+        the body threads (not in the writer, which every other claim and write waits for); see
+        ``BodyFiles.load_if_present`` for a file deleted meanwhile."""
+        if self.body_files.recall(messages):
+            return messages
         return await self._in_body_thread(self.body_files.load_if_present, messages)
 
     def _in_body_thread(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
